@@ -1,0 +1,243 @@
+"""Typed run configuration: dataclasses, loaded from YAML, overridden by ``key=value``.
+
+``load_config(path, ["train.batch_size=64", "loss.estimator=jsd"])`` starts from the
+defaults below (the embedded default run), applies the YAML file, then the dotted
+overrides. Unknown keys and values of the wrong type are one ``ConfigError`` that names
+the key; values are parsed as YAML scalars, so ``train.lr=3e-4`` is a float and
+``data.train_shards=[a.tar,b.tar]`` a list.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, unknown
+
+ESTIMATORS = ("jsd", "dv", "infonce")
+GLOBAL_CRITICS = ("zz", "feature", "dot", "none")
+LOCAL_CRITICS = ("concat", "dot", "none")
+
+
+def _choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise unknown(f"{section}.{name}", value, choices)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"    # any timm model name
+    pretrained: bool = False      # never downloads unless asked
+    local_layer: int = 1          # index into the backbone's feature stages (negative ok)
+    code_dim: int = 64            # size of the global code z
+    fc_dim: int = 1024            # hidden layer between backbone and (mu, logvar)
+    img_size: int = 32            # input resolution (also sizes ViT position embeddings)
+    in_chans: int = 3
+    backbone_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs
+
+
+@dataclass
+class LossConfig:
+    estimator: str = "infonce"    # jsd | dv | infonce
+    global_critic: str = "dot"    # zz | feature | dot | none
+    local_critic: str = "dot"     # concat | dot | none
+    alpha: float = 0.5            # weight of the global MI term
+    beta: float = 1.0             # weight of the mean local MI term
+    gamma: float = 0.1            # weight of E[KL(N(mu, sigma^2) || N(0, I))]
+    critic_dim: int = 256         # embedding size of dot critics
+    critic_hidden: int = 512      # hidden width of every critic MLP
+    tclip: float = 20.0           # soft score clip tclip*tanh(s/tclip); 0 disables
+    score_penalty: float = 0.0    # weight of mean(score^2) (AMDIM used 0.05)
+
+    def __post_init__(self):
+        _choice("loss", "estimator", self.estimator, ESTIMATORS)
+        _choice("loss", "global_critic", self.global_critic, GLOBAL_CRITICS)
+        _choice("loss", "local_critic", self.local_critic, LOCAL_CRITICS)
+        if self.global_critic == "none" and self.local_critic == "none":
+            raise ConfigError("loss.global_critic and loss.local_critic are both 'none': "
+                              "nothing would estimate mutual information")
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""        # brace pattern, comma list, or a prepare.py manifest;
+                                  # empty: the embedded default (digits, written on first use)
+    val_shards: str = ""          # held-out shards for the online probe
+    epoch_samples: int = 0        # samples per epoch across all ranks (0: from manifest)
+    num_workers: int = 2
+    shuffle_buffer: int = 2000
+    augment: str = "simple"       # none | simple | amdim
+    crop_scale_min: float = 0.5   # RandomResizedCrop lower area bound
+    flip: bool = True
+    color_jitter: float = 0.4     # strength; 0 disables
+    label_key: str = "cls"        # cls, or json:<field>
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    batch_size: int = 128         # per process
+    max_steps: int = 1000
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 100
+    optimizer: str = "adamw"      # adamw | lars
+    grad_clip: float = 1.0        # max grad norm; 0 disables
+    grad_accum: int = 1
+    mixed_precision: str = "no"   # no | bf16 | fp16
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 2            # checkpoints kept
+    eval_every: int = 0           # online k-NN probe period in steps (0: off)
+
+    def __post_init__(self):
+        _choice("train", "optimizer", self.optimizer, ("adamw", "lars"))
+        _choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        for name in ("batch_size", "max_steps", "grad_accum", "log_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"            # auto (online if an API key is set) | online | offline | disabled
+    project: str = "dim-pretrain"
+    entity: str = ""
+    name: str = ""
+    tags: list = field(default_factory=list)
+
+    def __post_init__(self):
+        _choice("wandb", "mode", self.mode, ("auto", "online", "offline", "disabled"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading and checking
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field's type; ints are accepted where floats are."""
+    target = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict,
+              "list": list}.get(annotation, annotation)
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if target is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if target is list and isinstance(value, str):
+        return [v for v in value.split(",") if v]
+    if isinstance(target, type) and (not isinstance(value, target) or
+                                     (target is int and isinstance(value, bool))):
+        raise ConfigError(f"{key} expects {target.__name__}, got {value!r} "
+                          f"({type(value).__name__})")
+    return value
+
+
+def _fields(obj) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _merge(section_obj, data: dict, prefix: str) -> dict:
+    """Return ``data`` checked against ``section_obj``'s dataclass (recursively)."""
+    out = {}
+    fields = _fields(section_obj)
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise unknown("config key", dotted, [f"{prefix}{k}" for k in fields])
+        current = getattr(section_obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted} is a section; give it a mapping, got {value!r}")
+            out[key] = _merge(current, value, dotted + ".")
+        else:
+            out[key] = _coerce(dotted, value, fields[key].type)
+    return out
+
+
+def _build(cls, data: dict):
+    kwargs = {}
+    for name, f in _fields(cls).items():
+        if name not in data:
+            continue
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        kwargs[name] = _build(type(sub), data[name]) if dataclasses.is_dataclass(sub) else data[name]
+    return cls(**kwargs)
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "backbone_kwargs":
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["a.b=1", "a.c=x"]`` -> ``{"a": {"b": 1, "c": "x"}}`` with YAML-typed values."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {err}") from None
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides, validated into a ``Config``."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        data = loaded
+    data = _deep_update(data, parse_overrides(overrides or []))
+    checked = _merge(Config(), data, "")
+    try:
+        return _build(Config, checked)
+    except TypeError as err:  # a dataclass rejected a value in __post_init__
+        raise ConfigError(str(err)) from None
+
+
+def describe(cfg: Config | None = None) -> str:
+    """One line per key with its default, for ``--help``."""
+    cfg = cfg or Config()
+    lines = []
+    for section, sub in dataclasses.asdict(cfg).items():
+        for key, value in sub.items():
+            lines.append(f"  {section}.{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return "\n".join(lines)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

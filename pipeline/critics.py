@@ -1,0 +1,115 @@
+"""Critics T(a, b): the discriminators whose scores feed the MI estimators.
+
+Every critic is split into a per-sample embedding of each side and a cheap combine
+step, so the same module scores aligned pairs (a_i, b_i), shuffled pairs, and all
+pairs of a batch (or of a batch gathered across devices) without recomputing the
+embeddings. ``a`` is the image side (features of x, or a second view of its code),
+``b`` is the code z. Local critics take a map (N, C, H, W) on the image side and score
+each of its H*W locations; embeddings are then (N, L, D) with L = H*W.
+
+- ``ConcatCritic``: an MLP on the concatenation [a, b] (1x1 convolutions when local).
+  Its first linear layer is split as W [a; b] = W_a a + W_b b, so all-pairs scoring adds
+  two embeddings instead of concatenating every pair.
+- ``DotCritic``: separable T(a, b) = f(a) . g(b) / sqrt(D): all pairs are one matrix
+  product, which is what makes cross-device infoNCE cheap.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["Critic", "ConcatCritic", "DotCritic", "flatten_map"]
+
+
+def flatten_map(a: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) feature map -> (N, H*W, C) location vectors."""
+    return a.flatten(2).transpose(1, 2)
+
+
+class Critic(nn.Module):
+    """Interface: ``embed_a``/``embed_b`` per sample, ``aligned``/``pairwise`` to score."""
+
+    local: bool
+
+    def embed_a(self, a: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed_b(self, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def aligned(self, ea: torch.Tensor, eb: torch.Tensor) -> torch.Tensor:
+        """T(a_i, b_i): (N,) for global critics, (N, L) for local ones."""
+        raise NotImplementedError
+
+    def pairwise(self, ea: torch.Tensor, eb: torch.Tensor) -> torch.Tensor:
+        """T(a_j, b_i) at [i, j]: (N_b, N_a), or (N_b, N_a, L) for local critics."""
+        raise NotImplementedError
+
+
+class _ResidualMLP(nn.Module):
+    """Two-layer MLP plus a linear shortcut (the DIM/AMDIM embedding block)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True),
+                                   nn.Linear(hidden, out_dim))
+        self.shortcut = nn.Linear(in_dim, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x) + self.shortcut(x)
+
+
+class DotCritic(Critic):
+    """T(a, b) = f(a) . g(b) / sqrt(dim); f and g are residual MLPs (1x1 convs if local)."""
+
+    def __init__(self, a_dim: int, b_dim: int, dim: int = 256, hidden: int = 512,
+                 local: bool = False):
+        super().__init__()
+        self.local = local
+        self.f = _ResidualMLP(a_dim, dim, hidden)
+        self.g = _ResidualMLP(b_dim, dim, hidden)
+        self.scale = 1.0 / math.sqrt(dim)
+
+    def embed_a(self, a: torch.Tensor) -> torch.Tensor:
+        return self.f(flatten_map(a) if self.local else a) * self.scale
+
+    def embed_b(self, b: torch.Tensor) -> torch.Tensor:
+        return self.g(b)
+
+    def aligned(self, ea: torch.Tensor, eb: torch.Tensor) -> torch.Tensor:
+        if self.local:
+            return torch.einsum("nld,nd->nl", ea, eb)
+        return (ea * eb).sum(-1)
+
+    def pairwise(self, ea: torch.Tensor, eb: torch.Tensor) -> torch.Tensor:
+        if self.local:
+            return torch.einsum("jld,id->ijl", ea, eb)
+        return eb @ ea.t()
+
+
+class ConcatCritic(Critic):
+    """MLP on [a, b]: Linear-ReLU-Linear-ReLU-Linear(1), applied per location if local."""
+
+    def __init__(self, a_dim: int, b_dim: int, hidden: int = 512, local: bool = False):
+        super().__init__()
+        self.local = local
+        self.first_a = nn.Linear(a_dim, hidden, bias=False)
+        self.first_b = nn.Linear(b_dim, hidden)
+        self.rest = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, 1))
+
+    def embed_a(self, a: torch.Tensor) -> torch.Tensor:
+        return self.first_a(flatten_map(a) if self.local else a)
+
+    def embed_b(self, b: torch.Tensor) -> torch.Tensor:
+        return self.first_b(b)
+
+    def aligned(self, ea: torch.Tensor, eb: torch.Tensor) -> torch.Tensor:
+        eb = eb.unsqueeze(1) if self.local else eb
+        return self.rest(ea + eb).squeeze(-1)
+
+    def pairwise(self, ea: torch.Tensor, eb: torch.Tensor) -> torch.Tensor:
+        eb = eb[:, None, None, :] if self.local else eb[:, None, :]
+        return self.rest(ea.unsqueeze(0) + eb).squeeze(-1)

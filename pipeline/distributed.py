@@ -1,0 +1,45 @@
+"""Rank helpers and the differentiable all-gather behind cross-device negatives."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+__all__ = ["is_distributed", "rank", "world_size", "gather_with_grad", "all_reduce_mean"]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather ``x`` along dim 0 in rank order, keeping the autograd graph.
+
+    The backward pass of torch's autograd all-gather sums, over all ranks, the gradient
+    that each rank's loss sends to a slice, and hands the sum to the slice's owner. So a
+    rank's features get the gradient of *every* rank's loss, as they would on one
+    process holding the whole batch. Every rank must pass the same shape.
+    Identity when not distributed.
+    """
+    if not is_distributed():
+        return x
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Average detached scalars across ranks (for logging only: no gradient flows)."""
+    if not values or not is_distributed():
+        return values
+    keys = sorted(values)
+    stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+    stacked /= world_size()
+    return dict(zip(keys, stacked.unbind(0)))

@@ -1,0 +1,31 @@
+"""DIM = encoder + critics in one module, so DDP / DeepSpeed wrap a single forward."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import Config
+from .encoder import DIMEncoder
+from .objective import DIMObjective
+
+__all__ = ["DIM", "build_model"]
+
+
+class DIM(nn.Module):
+    def __init__(self, encoder: DIMEncoder, objective: DIMObjective):
+        super().__init__()
+        self.encoder = encoder
+        self.objective = objective
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None):
+        """images -> (loss, terms); terms are detached scalars for logging."""
+        return self.objective(self.encoder(images), generator=generator)
+
+
+def build_model(cfg: Config) -> DIM:
+    m = cfg.model
+    encoder = DIMEncoder(m.backbone, code_dim=m.code_dim, fc_dim=m.fc_dim,
+                         local_layer=m.local_layer, in_chans=m.in_chans, img_size=m.img_size,
+                         pretrained=m.pretrained, backbone_kwargs=m.backbone_kwargs)
+    objective = DIMObjective(cfg.loss, encoder.local_channels, m.code_dim)
+    return DIM(encoder, objective)

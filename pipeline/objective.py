@@ -1,0 +1,140 @@
+"""The DIM objective: pairs and negatives -> critic scores -> MI estimates -> loss.
+
+    L = -alpha * I_global - beta * mean_ij I_local + gamma * E[KL(N(mu, sigma^2) || N(0, I))]
+
+Where each estimator draws its negatives (the design card fixes this):
+
+- ``jsd``: local negatives. One random derangement of the device batch pairs every
+  code with another image of the same batch; nothing crosses devices.
+- ``dv``: every other image of the device batch is a negative (all off-diagonal pairs,
+  masked exactly); the log-mean-exp wants many negatives.
+- ``infonce``: cross-device negatives. The image-side critic embeddings are gathered
+  from all ranks with gradient; each rank scores its own codes against the global
+  batch (B_local x B_global, positives at columns offset by the rank). Locally, every
+  location of every other image is a negative for each (location, code) positive.
+
+Gradient scale under DDP / DeepSpeed: each rank's loss is the mean over *its own*
+rows, so the global loss is the average of the rank losses. The gather's backward sums
+every rank's gradient into the owner's features, and DDP (or DeepSpeed) then averages
+parameter gradients over ranks: (1/P) * sum_r dL_r/dtheta, exactly the gradient of the
+single-process loss on the whole batch. Do not multiply by the world size (that is the
+right fix only for a gather whose backward keeps the local slice alone), and do not
+compute the full B_global x B_global matrix on every rank (that counts each row P times).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import estimators as est
+from .config import LossConfig
+from .critics import ConcatCritic, Critic, DotCritic
+from .distributed import gather_with_grad, rank
+from .encoder import EncoderOutput
+
+__all__ = ["mi_estimate", "build_critic", "DIMObjective"]
+
+
+def _diagonal(scores: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split pairwise scores (N, M[, L]) into positives at [i, offset + i] and the rest.
+
+    Returns positives (N[, L]) and negatives (N, M - 1[, L]); the positive is removed by
+    a boolean mask, so it never leaks into the negatives.
+    """
+    n, m = scores.shape[:2]
+    rows = torch.arange(n, device=scores.device)
+    keep = torch.ones(n, m, dtype=torch.bool, device=scores.device)
+    keep[rows, rows + offset] = False
+    pos = scores[rows, rows + offset]
+    neg = scores[keep].reshape(n, m - 1, *scores.shape[2:])
+    return pos, neg
+
+
+def mi_estimate(estimator: str, critic: Critic, a: torch.Tensor, b: torch.Tensor, *,
+                tclip: float = 0.0, generator: torch.Generator | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Estimate I(a; b) from aligned samples (a_i, b_i) of the joint.
+
+    Returns (bound, nats, penalty): the value to maximise, the MI estimate in nats
+    (for JSD, the Jensen-Shannon divergence in [0, log 2]), and mean(score^2) of the
+    raw scores for the optional score penalty.
+    """
+    ea, eb = critic.embed_a(a), critic.embed_b(b)
+    if estimator == "jsd":
+        perm = est.derangement(ea.shape[0], generator=generator, device=ea.device)
+        pos_raw, neg_raw = critic.aligned(ea, eb), critic.aligned(ea[perm], eb)
+        pos, neg = est.clip_scores(pos_raw, tclip), est.clip_scores(neg_raw, tclip)
+        bound = est.jsd(pos, neg)
+        return bound, est.jsd_to_nats(bound.detach()), (pos_raw.pow(2).mean() + neg_raw.pow(2).mean()) / 2
+    if estimator == "dv":
+        raw = critic.pairwise(ea, eb)
+        pos, neg = _diagonal(est.clip_scores(raw, tclip))
+        bound = est.dv(pos, neg)
+        return bound, bound.detach(), raw.pow(2).mean()
+    if estimator == "infonce":
+        ea_all = gather_with_grad(ea)
+        offset = rank() * ea.shape[0]
+        raw = critic.pairwise(ea_all, eb)  # (B_local, B_global[, L])
+        scores = est.clip_scores(raw, tclip)
+        if critic.local:
+            pos, neg = _diagonal(scores, offset)
+            bound = est.infonce_shared_negatives(pos, neg.flatten(1))
+        else:
+            targets = torch.arange(ea.shape[0], device=ea.device) + offset
+            bound = est.infonce(scores, targets)
+        return bound, bound.detach(), raw.pow(2).mean()
+    raise ValueError(f"unknown estimator {estimator!r}")
+
+
+def build_critic(kind: str, a_dim: int, b_dim: int, cfg: LossConfig, local: bool) -> Critic | None:
+    if kind == "none":
+        return None
+    if kind == "dot":
+        return DotCritic(a_dim, b_dim, cfg.critic_dim, cfg.critic_hidden, local=local)
+    return ConcatCritic(a_dim, b_dim, cfg.critic_hidden, local=local)
+
+
+class DIMObjective(nn.Module):
+    """Holds the critics; ``forward(encoder_output) -> (loss, terms)``.
+
+    Global critic inputs: ``zz`` pairs (mu_x', z_x), the code's mean standing in for the
+    image (the seed's weight sharing); mu rather than a second copy of z, because
+    I(z; z) is infinite while I(mu(x); z) is the I(x; z) the encoder controls.
+    ``feature`` and ``dot`` pair (pooled C(x'), z_x). Local critics pair (C_ij(x'), z_x).
+    """
+
+    def __init__(self, cfg: LossConfig, local_channels: int, code_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        a_dim = code_dim if cfg.global_critic == "zz" else local_channels
+        self.global_critic = build_critic(cfg.global_critic, a_dim, code_dim, cfg, local=False)
+        self.local_critic = build_critic(cfg.local_critic, local_channels, code_dim, cfg, local=True)
+
+    def _global_input(self, out: EncoderOutput) -> torch.Tensor:
+        return out.mu if self.cfg.global_critic == "zz" else out.local.mean(dim=(2, 3))
+
+    def forward(self, out: EncoderOutput, generator: torch.Generator | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, name = self.cfg, self.cfg.estimator
+        kl = est.gaussian_kl(out.mu.float(), out.logvar.float()).mean()
+        loss = cfg.gamma * kl
+        terms = {"kl": kl.detach(), "loss/kl": (cfg.gamma * kl).detach()}
+        penalty = torch.zeros((), device=kl.device)
+        for scope, critic, weight, a in (
+            ("global", self.global_critic, cfg.alpha, lambda: self._global_input(out)),
+            ("local", self.local_critic, cfg.beta, lambda: out.local),
+        ):
+            if critic is None:
+                continue
+            bound, nats, pen = mi_estimate(name, critic, a().float(), out.z.float(),
+                                           tclip=cfg.tclip, generator=generator)
+            loss = loss - weight * bound
+            penalty = penalty + pen
+            terms[f"mi/{scope}/{name}"] = nats
+            terms[f"loss/{scope}"] = (-weight * bound).detach()
+        if cfg.score_penalty > 0:
+            loss = loss + cfg.score_penalty * penalty
+            terms["loss/score_penalty"] = (cfg.score_penalty * penalty).detach()
+        terms["score_sq"] = penalty.detach()
+        terms["loss"] = loss.detach()
+        return loss, terms
