@@ -17,9 +17,19 @@ class DIM(nn.Module):
         self.encoder = encoder
         self.objective = objective
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None):
-        """images -> (loss, terms); terms are detached scalars for logging."""
-        return self.objective(self.encoder(images), generator=generator)
+    def forward(self, images: torch.Tensor, images2: torch.Tensor | None = None,
+                generator: torch.Generator | None = None):
+        """images (and optionally a second view of them) -> (loss, terms).
+
+        terms are detached scalars for logging. Both views go through the encoder in one
+        batch, so BatchNorm sees them together and the backbone runs once.
+        """
+        if images2 is None:
+            return self.objective(self.encoder(images), generator=generator)
+        both = self.encoder(torch.cat([images, images2]))
+        first = type(both)(*(t.chunk(2)[0] for t in both))
+        second = type(both)(*(t.chunk(2)[1] for t in both))
+        return self.objective(first, second, generator=generator)
 
 
 def build_model(cfg: Config) -> DIM:

@@ -113,16 +113,21 @@ class DIMObjective(nn.Module):
     def _global_input(self, out: EncoderOutput) -> torch.Tensor:
         return out.mu if self.cfg.global_critic == "zz" else out.local.mean(dim=(2, 3))
 
-    def forward(self, out: EncoderOutput, generator: torch.Generator | None = None,
+    def forward(self, out: EncoderOutput, other: EncoderOutput | None = None,
+                generator: torch.Generator | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and logged terms. ``other``: the encoding of a second augmented view
+        (AMDIM-style); its features then form the image side of every pair, so the code
+        of one view must predict the features of the other."""
         cfg, name = self.cfg, self.cfg.estimator
+        view = out if other is None else other
         kl = est.gaussian_kl(out.mu.float(), out.logvar.float()).mean()
         loss = cfg.gamma * kl
         terms = {"kl": kl.detach(), "loss/kl": (cfg.gamma * kl).detach()}
         penalty = torch.zeros((), device=kl.device)
         for scope, critic, weight, a in (
-            ("global", self.global_critic, cfg.alpha, lambda: self._global_input(out)),
-            ("local", self.local_critic, cfg.beta, lambda: out.local),
+            ("global", self.global_critic, cfg.alpha, lambda: self._global_input(view)),
+            ("local", self.local_critic, cfg.beta, lambda: view.local),
         ):
             if critic is None:
                 continue
