@@ -1,0 +1,94 @@
+"""Metrics sinks behind one interface: ``metrics.jsonl`` always, W&B when enabled.
+
+Only the main process should build a ``Tracker``. The W&B run id is stored in the output
+folder (``wandb_id.txt``), so a resumed run continues the same W&B run
+(``resume="allow"``). ``metrics.jsonl`` is the local ground truth: one JSON object per
+logged step; on resume, rows past the checkpoint's step are dropped first, so a step that
+was logged after the last checkpoint and is then recomputed appears exactly once.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import WandbConfig
+
+__all__ = ["Tracker", "wandb_mode", "truncate_metrics"]
+
+METRICS = "metrics.jsonl"
+WANDB_ID = "wandb_id.txt"
+
+
+def wandb_mode(mode: str) -> str:
+    """``auto`` is online where an API key is set (env or ~/.netrc), offline otherwise."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+    return "online" if has_key else "offline"
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only rows with ``step <= last_step`` (and drop a torn last line)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", -1) <= last_step:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
+class Tracker:
+    """``log(row, step)`` to metrics.jsonl and W&B; ``close()`` at the end."""
+
+    def __init__(self, output_dir: str | Path, cfg: WandbConfig, config: dict[str, Any],
+                 resume_step: int = 0):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / METRICS
+        truncate_metrics(self.path, resume_step)
+        self.file = self.path.open("a")
+        self.run = None
+        mode = wandb_mode(cfg.mode)
+        if mode != "disabled":
+            self.run = self._start_wandb(cfg, mode, config)
+
+    def _start_wandb(self, cfg: WandbConfig, mode: str, config: dict[str, Any]):
+        import wandb
+
+        id_file = self.dir / WANDB_ID
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        return wandb.init(project=cfg.project, entity=cfg.entity or None,
+                          name=cfg.name or self.dir.name, tags=list(cfg.tags) or None,
+                          config=config, dir=str(self.dir), id=run_id, resume="allow",
+                          mode=mode)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    def log(self, row: dict[str, float], step: int) -> None:
+        row = {"step": step, **{k: v for k, v in row.items() if k != "step"}}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.run is not None:
+            self.run.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    def close(self, exit_code: int = 0) -> None:
+        self.file.close()
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None

@@ -1,0 +1,283 @@
+"""The pretraining loop: ``accelerate launch pretrain.py [--config FILE] [key=value ...]``.
+
+One Accelerator drives plain DDP (CPU gloo or GPU NCCL) and DeepSpeed ZeRO 1/2 alike;
+the launch form comes from the accelerate config file (see ``launch/``). Each rank reads
+its own data stream (the loader is never passed through ``accelerator.prepare``).
+
+A "step" is one optimizer step (``train.grad_accum`` micro-batches). Once per step the
+ranks all-reduce one small vector: the stop flag (SIGTERM / SIGUSR1), the loss terms
+and the skipped-sample count, so every rank agrees on when to stop, a NaN anywhere stops
+all of them with the step and the term named, and the log holds cross-rank means.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .config import Config, describe, load_config, save_config
+from .errors import ConfigError
+
+__all__ = ["main", "train", "parse_args"]
+
+USAGE = """pretrain.py [--config FILE] [key=value ...]
+
+Deep InfoMax pretraining. Configuration: the defaults below, then FILE (YAML), then the
+dotted overrides. Launch with `accelerate launch [--config_file launch/X.yaml] pretrain.py`
+for several processes. A run resumes from the latest checkpoint in train.output_dir.
+"""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or one of its terms became NaN or infinite."""
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(prog="pretrain.py", usage=USAGE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="keys (with defaults):\n" + describe())
+    p.add_argument("--config", default=None, help="YAML file with any of the sections below")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.batch_size=64 loss.estimator=jsd")
+    args = p.parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
+# ------------------------------------------------------------------ set-up helpers
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 (SLURM preemption); acted on at the next step boundary."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+
+def make_accelerator(cfg: Config):
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cpu = not torch.cuda.is_available()
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []
+    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
+                              gradient_accumulation_steps=cfg.train.grad_accum,
+                              step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        ds = plugin.deepspeed_config
+        if int(ds.get("zero_optimization", {}).get("stage", 0)) > 2:
+            raise ConfigError("DeepSpeed ZeRO stage 3 is not supported (use stage 1 or 2)")
+        # No dataloader goes through prepare(), so accelerate cannot fill these "auto"s.
+        ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        ds["train_batch_size"] = (cfg.train.batch_size * cfg.train.grad_accum
+                                  * accelerator.num_processes)
+        if ds.get("gradient_clipping", "auto") == "auto":
+            ds["gradient_clipping"] = cfg.train.grad_clip
+    return accelerator
+
+
+def default_shards(accelerator, cfg: Config) -> str:
+    """The embedded default data: digits written as shards on first use (main first)."""
+    from .prepare import prepare_digits
+
+    folder = Path(os.environ.get("DIM_DEFAULT_DATA", "data/digits"))
+    with accelerator.main_process_first():
+        result = prepare_digits(folder)
+    return str(result)
+
+
+def export(accelerator, model, cfg: Config) -> None:
+    from .encoder import export_encoder
+
+    if accelerator.is_main_process:
+        encoder = accelerator.unwrap_model(model).encoder
+        export_encoder(encoder, cfg.train.output_dir, dataclasses.asdict(cfg.model))
+    accelerator.wait_for_everyone()
+
+
+def run_probe(model, accelerator, cfg: Config) -> dict[str, float]:
+    """The online probe (pipeline.probe), main process only, if it is available."""
+    try:
+        from .probe import online_probe
+    except ImportError:
+        return {}
+    encoder = accelerator.unwrap_model(model).encoder
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        return online_probe(encoder, cfg, accelerator.device)
+    finally:
+        encoder.train(was_training)
+
+
+def plot(output_dir: Path) -> None:
+    try:
+        from .plots import plot_metrics
+    except ImportError:
+        return
+    plot_metrics(output_dir / "metrics.jsonl", output_dir / "metrics.png")
+
+
+# ------------------------------------------------------------------ the loop
+
+def train(cfg: Config) -> int:
+    """Train (resuming if a checkpoint exists); returns the last step reached."""
+    import torch
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint
+    from .data import train_loader
+    from .model import build_model
+    from .optim import build_optimizer, build_scheduler
+    from .tracking import Tracker
+
+    stop = StopFlag()
+    accelerator = make_accelerator(cfg)
+    tc, out = cfg.train, Path(cfg.train.output_dir)
+    world, main = accelerator.num_processes, accelerator.is_main_process
+    if not cfg.data.train_shards:
+        cfg.data.train_shards = default_shards(accelerator, cfg)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_partial(out)
+        save_config(cfg, out / "config.yaml")
+    accelerator.wait_for_everyone()
+
+    set_seed(tc.seed)  # identical initial weights on every rank
+    model = build_model(cfg)
+    optimizer = build_optimizer(model, tc)
+    scheduler = build_scheduler(optimizer, tc)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    step, samples_seen = 0, 0
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        meta = load_checkpoint(accelerator, ckpt)  # restores RNG states as well
+        step, samples_seen = meta["step"], meta.get("samples_seen", 0)
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+    else:
+        set_seed(tc.seed, device_specific=True)  # per-rank noise, augmentations, negatives
+
+    tracker = Tracker(out, cfg.wandb, cfg.to_dict(), resume_step=step) if main else None
+    # A resampled stream cannot be rewound; reseeding with seed + step gives a resumed
+    # run fresh, reproducible data instead of replaying the first batches.
+    loader = train_loader(cfg.data, batch_size=tc.batch_size, img_size=cfg.model.img_size,
+                          in_chans=cfg.model.in_chans, seed=tc.seed + step,
+                          rank=accelerator.process_index, world_size=world)
+    batches = iter(loader)
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not main, dynamic_ncols=True)
+    window = {"t": time.perf_counter(), "steps": 0}
+    model.train()
+
+    def next_batch():
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:  # the end of an epoch: start the stream again
+            batches = iter(loader)
+            return next(batches)
+
+    def save(tag: str) -> None:
+        meta = {"samples_seen": samples_seen, "world_size": world, "tag": tag,
+                "wandb_id": tracker.run_id if tracker else None}
+        path = save_checkpoint(accelerator, out, step, meta, tc.keep_last)
+        accelerator.print(f"saved {path}")
+
+    while step < tc.max_steps:
+        sums: dict[str, torch.Tensor] = {}
+        skipped, grad_norm = 0, None
+        for _ in range(tc.grad_accum):
+            batch = next_batch()
+            images = batch["image"].to(accelerator.device, non_blocking=True)
+            images2 = batch.get("image2")
+            images2 = images2.to(accelerator.device, non_blocking=True) if images2 is not None else None
+            skipped = int(batch.get("skipped", 0))
+            with accelerator.accumulate(model):
+                loss, terms = model(images, images2)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(params, tc.grad_clip or math.inf)
+                optimizer.step()
+                scheduler.step() if accelerator.sync_gradients else None
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum
+        step += 1
+        samples_seen += tc.batch_size * tc.grad_accum * world
+        window["steps"] += 1
+
+        # One all-reduce per step: stop flag, terms (for NaN checks and the log), skipped.
+        keys = sorted(sums)
+        flags = torch.tensor([float(stop.raised), float(skipped)], device=accelerator.device)
+        vec = torch.cat([flags, torch.stack([sums[k].detach() for k in keys])])
+        vec = accelerator.reduce(vec, reduction="sum") if world > 1 else vec
+        flag, skipped_total, *values = vec.tolist()
+        terms_mean = {k: v / world for k, v in zip(keys, values)}
+        bad = [k for k, v in terms_mean.items() if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLoss(f"non-finite loss at step {step}: {', '.join(bad)} "
+                                f"({', '.join(f'{k}={terms_mean[k]}' for k in bad)})")
+
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            elapsed = time.perf_counter() - window["t"]
+            per_proc = tc.batch_size * tc.grad_accum * window["steps"] / max(elapsed, 1e-9)
+            row = {**terms_mean, "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                   "samples_per_s": per_proc, "samples_per_s_total": per_proc * world,
+                   "data/skipped": int(skipped_total), "samples_seen": samples_seen,
+                   "world_size": world}
+            if main and tc.eval_every > 0 and step % tc.eval_every == 0 and cfg.data.val_shards:
+                row.update(run_probe(model, accelerator, cfg))
+            if tracker:
+                tracker.log(row, step)
+                bar.set_postfix(loss=f"{row['loss']:.3f}")
+            window = {"t": time.perf_counter(), "steps": 0}
+        bar.update(1)
+
+        if flag > 0:
+            save("preempted")
+            accelerator.print(f"stop signal: saved at step {step}; run again to resume")
+            break
+        if step % tc.save_every == 0 or step == tc.max_steps:
+            save("final" if step == tc.max_steps else "periodic")
+
+    bar.close()
+    if step >= tc.max_steps:
+        export(accelerator, model, cfg)
+        if main:
+            plot(out)
+    if tracker:
+        tracker.close()
+    accelerator.end_training()
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: bad configuration exits with code 2 and one line."""
+    quiet = os.environ.get("RANK", "0") != "0"
+    try:
+        cfg = parse_args(argv)
+        train(cfg)
+    except ConfigError as err:
+        if not quiet:
+            print(f"pretrain.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLoss as err:
+        print(f"pretrain.py: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
