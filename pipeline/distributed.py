@@ -31,7 +31,25 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return torch.cat([_ContiguousGrad.apply(t) for t in dist_fn.all_gather(x)], dim=0)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous.
+
+    On gloo, the all-gather's backward scatters into ``empty_like(grad)``; for a dense but
+    permuted gradient (e.g. from the local critic's einsum) that buffer is permuted too,
+    and gloo's scatter fills it as if it were contiguous: scrambled gradients
+    (pytorch/pytorch#192920). ``tests/test_distributed.py`` catches it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
