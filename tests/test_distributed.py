@@ -37,6 +37,7 @@ from pipeline.config import LossConfig
 from pipeline.encoder import EncoderOutput
 from pipeline.objective import DIMObjective
 
+pytestmark = pytest.mark.slow  # multi-process
 WORLD = 2
 B_LOCAL = 4
 CHANNELS, CODE_DIM, IMG = 6, 5, 8
