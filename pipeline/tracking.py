@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ class Tracker:
         import wandb
 
         id_file = self.dir / WANDB_ID
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         return wandb.init(project=cfg.project, entity=cfg.entity or None,
                           name=cfg.name or self.dir.name, tags=list(cfg.tags) or None,

@@ -67,8 +67,13 @@ def make_accelerator(cfg: Config):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    cpu = not torch.cuda.is_available()
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []
+    no_gpu = not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # Without a GPU: cpu=True gives plain DDP on CPU, but it would switch DeepSpeed off,
+    # and both need gloo named explicitly, or every rank believes it is rank 0 of 1.
+    cpu = no_gpu and not deepspeed
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if no_gpu and launched else []
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
                               gradient_accumulation_steps=cfg.train.grad_accum,
                               step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
@@ -86,14 +91,21 @@ def make_accelerator(cfg: Config):
     return accelerator
 
 
-def default_shards(accelerator, cfg: Config) -> str:
-    """The embedded default data: digits written as shards on first use (main first)."""
+def use_default_data(accelerator, cfg: Config) -> None:
+    """The embedded default data: digits written as shards on first use (main first).
+
+    Goes to ``$DIM_DEFAULT_DATA`` (default ``data/digits``); fills ``data.train_shards``
+    and, when empty, ``data.val_shards`` (for the online probe).
+    """
     from .prepare import prepare_digits
 
     folder = Path(os.environ.get("DIM_DEFAULT_DATA", "data/digits"))
     with accelerator.main_process_first():
-        result = prepare_digits(folder)
-    return str(result)
+        train_manifest = prepare_digits(folder)
+    cfg.data.train_shards = str(train_manifest)
+    val_manifest = train_manifest.parent / "val.json"
+    if not cfg.data.val_shards and val_manifest.is_file():
+        cfg.data.val_shards = str(val_manifest)
 
 
 def export(accelerator, model, cfg: Config) -> None:
@@ -147,7 +159,7 @@ def train(cfg: Config) -> int:
     tc, out = cfg.train, Path(cfg.train.output_dir)
     world, main = accelerator.num_processes, accelerator.is_main_process
     if not cfg.data.train_shards:
-        cfg.data.train_shards = default_shards(accelerator, cfg)
+        use_default_data(accelerator, cfg)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         clean_partial(out)
