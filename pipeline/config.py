@@ -136,6 +136,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
               "list": list}.get(annotation, annotation)
     if target is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if target is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if target is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if target is list and isinstance(value, str):
