@@ -1,0 +1,63 @@
+"""Checkpoints: atomic saves (an interrupted save keeps the previous one), rotation, resume."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.checkpoint import (clean_partial, latest_checkpoint, list_checkpoints,
+                                 load_checkpoint, read_meta, save_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+def _prepared(accelerator):
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return accelerator.prepare(model, opt)
+
+
+def _step(model, opt):
+    model(torch.randn(8, 4)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_interrupted_save_keeps_previous(accelerator, tmp_path, monkeypatch):
+    model, opt = _prepared(accelerator)
+    _step(model, opt)
+    save_checkpoint(accelerator, tmp_path, 1, {"samples_seen": 8}, keep_last=2)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    _step(model, opt)
+
+    real = accelerator.save_state
+
+    def dies_midway(path):
+        real(path)  # the files are written...
+        raise KeyboardInterrupt("killed during save")  # ...but the save never completes
+
+    monkeypatch.setattr(accelerator, "save_state", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, tmp_path, 2, {"samples_seen": 16}, keep_last=2)
+    monkeypatch.undo()
+
+    latest = latest_checkpoint(tmp_path)
+    assert latest is not None and latest.name == "step_0000001"
+    assert load_checkpoint(accelerator, latest)["samples_seen"] == 8
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, saved[k])
+    clean_partial(tmp_path)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000001"]
+
+
+def test_keep_last_and_resave(accelerator, tmp_path):
+    model, opt = _prepared(accelerator)
+    for step in (1, 2, 3, 4, 4):
+        _step(model, opt)
+        save_checkpoint(accelerator, tmp_path, step, {"tag": f"t{step}"}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003", "step_0000004"]
+    assert read_meta(latest_checkpoint(tmp_path))["step"] == 4

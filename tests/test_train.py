@@ -1,0 +1,152 @@
+"""End-to-end pretraining runs on CPU: 1 process, 2 processes (gloo), DeepSpeed ZeRO-2.
+
+Each run is a subprocess, as a user would start it; the model is tiny (test_resnet at
+32x32, batch 8) so the whole file takes a couple of minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.train_helpers import (ACCELERATE, ROOT, TINY, env, metrics, pretrain_cmd, run,
+                                 write_shards)
+from tests.wandb_log import history, run_files
+
+MI_KEYS = ("mi/global/infonce", "mi/local/infonce")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+def _checkpoint_steps(out: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*"))
+
+
+def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        try:
+            rows = metrics(out)
+        except (FileNotFoundError, json.JSONDecodeError):
+            rows = []
+        if rows and rows[-1]["step"] >= step:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_single_process_sigterm_resume_wandb_export(shards, tmp_path):
+    """Killed by SIGTERM mid-way, resumed: every step logged exactly once, one W&B run
+    id across both parts, the loss falls, and the export reproduces the trained features."""
+    out = tmp_path / "run"
+    args = [*TINY, f"data.train_shards={shards}", f"train.output_dir={out}",
+            "train.max_steps=120", "train.log_every=1", "train.save_every=10",
+            "train.keep_last=3"]
+    proc = subprocess.Popen(pretrain_cmd(*args), cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(out, 25, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped = _checkpoint_steps(out)[-1]
+    assert 25 <= stopped < 120
+    meta = json.loads((out / "checkpoints" / f"step_{stopped:07d}" / "meta.json").read_text())
+    assert meta["tag"] == "preempted"
+    assert not (out / "encoder.safetensors").exists()  # not finished: no export yet
+
+    second = run(pretrain_cmd(*args))
+    assert second.returncode == 0
+    assert "resumed from" in second.stdout + second.stderr
+
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 121))
+    for r in rows:
+        assert all(k in r for k in (*MI_KEYS, "loss", "kl", "lr", "grad_norm",
+                                    "samples_per_s", "samples_per_s_total", "data/skipped"))
+    first, last = rows[:10], rows[-10:]
+    assert sum(r["loss"] for r in last) < sum(r["loss"] for r in first)
+    assert _checkpoint_steps(out)[-1] == 120 and len(_checkpoint_steps(out)) <= 3
+
+    # W&B (offline): both parts write the same run id, and the history has the MI keys.
+    run_id = (out / "wandb_id.txt").read_text().strip()
+    files = run_files(out)
+    assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)
+    logged = [row for f in files for row in history(f)]
+    assert all(k in logged[-1] for k in MI_KEYS)
+    assert sorted(row["_step"] for row in logged) == list(range(1, 121))
+    assert abs(logged[-1]["mi/global/infonce"] - rows[-1]["mi/global/infonce"]) < 1e-6
+
+    _check_export(out)
+
+
+def _check_export(out: Path) -> None:
+    """encoder.safetensors loads strictly into plain timm and matches the checkpoint."""
+    import timm
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.config import load_config
+    from pipeline.model import build_model
+
+    backbone = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    backbone.load_state_dict(load_file(str(out / "encoder.safetensors")), strict=True)
+    model = build_model(load_config(out / "config.yaml"))
+    model.load_state_dict(load_file(str(out / "checkpoints" / "step_0000120" / "model.safetensors")))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    backbone.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), model.encoder(x).pooled)
+    assert json.loads((out / "encoder.json").read_text())["backbone"] == "test_resnet"
+
+
+def test_two_processes_gloo(shards, tmp_path):
+    """`accelerate launch --config_file launch/cpu.yaml` runs two ranks that log together."""
+    out = tmp_path / "ddp"
+    proc = run(pretrain_cmd(*TINY, f"data.train_shards={shards}", f"train.output_dir={out}",
+                            "train.max_steps=10", "train.log_every=5", "train.save_every=5",
+                            launcher=[ACCELERATE, "launch", "--config_file", "launch/cpu.yaml"]))
+    assert proc.returncode == 0
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [5, 10]
+    assert all(r["world_size"] == 2 and r["samples_seen"] == r["step"] * 16 for r in rows)
+    assert all(k in r for r in rows for k in MI_KEYS)
+    ckpt = out / "checkpoints" / "step_0000010"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    (wandb_file,) = run_files(out)  # W&B on the main process only
+    assert all(k in history(wandb_file)[-1] for k in MI_KEYS)
+    assert (out / "encoder.safetensors").is_file()
+
+
+def test_deepspeed_zero2_runs_and_resumes(shards, tmp_path):
+    """ZeRO-2 through accelerate on 2 CPU processes; a second launch resumes from its checkpoint."""
+    out = tmp_path / "ds"
+    launcher = [ACCELERATE, "launch", "--config_file", "launch/deepspeed_zero2.yaml",
+                "--num_processes", "2"]
+    args = [*TINY, f"data.train_shards={shards}", f"train.output_dir={out}",
+            "train.log_every=1", "train.save_every=2"]
+    first = run(pretrain_cmd(*args, "train.max_steps=4", launcher=launcher), timeout=420)
+    assert first.returncode == 0
+    assert (out / "checkpoints" / "step_0000004" / "pytorch_model").is_dir()  # DeepSpeed layout
+    second = run(pretrain_cmd(*args, "train.max_steps=6", launcher=launcher))
+    assert second.returncode == 0
+    assert "resumed from" in second.stdout + second.stderr
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["world_size"] == 2 for r in rows)
+    assert (out / "encoder.safetensors").is_file()
+
+
+def test_nonfinite_loss_names_step_and_term(shards, tmp_path):
+    proc = run(pretrain_cmd(*TINY, f"data.train_shards={shards}", f"train.output_dir={tmp_path}",
+                            "train.max_steps=3", "loss.gamma=.nan"))
+    assert proc.returncode == 1
+    assert "non-finite loss at step 1" in proc.stderr and "loss/kl" in proc.stderr
+    assert "Traceback" not in proc.stderr
