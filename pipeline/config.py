@@ -69,13 +69,29 @@ class DataConfig:
                                   # empty: the embedded default (digits, written on first use)
     val_shards: str = ""          # held-out shards for the online probe
     epoch_samples: int = 0        # samples per epoch across all ranks (0: from manifest)
-    num_workers: int = 2
-    shuffle_buffer: int = 2000
-    augment: str = "simple"       # none | simple | amdim
+    num_workers: int = 2          # DataLoader workers per process (0: read in the main process)
+    shuffle_buffer: int = 2000    # samples (undecoded) in the shuffle buffer; < 2 disables
+    augment: str = "simple"       # none | simple | amdim (two independent views)
     crop_scale_min: float = 0.5   # RandomResizedCrop lower area bound
     flip: bool = True
     color_jitter: float = 0.4     # strength; 0 disables
-    label_key: str = "cls"        # cls, or json:<field>
+    label_key: str = "auto"       # auto (.cls, else .json "label") | cls | json:<field> | none
+
+    def __post_init__(self):
+        _choice("data", "augment", self.augment, ("none", "simple", "amdim"))
+        if not 0 < self.crop_scale_min <= 1:
+            raise ConfigError(f"data.crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        for name in ("epoch_samples", "num_workers", "shuffle_buffer"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        self.check_label_key(self.label_key)
+
+    @staticmethod
+    def check_label_key(label_key: str) -> str:
+        """Where labels live: ``auto``, ``cls``, ``none`` or ``json:<field>`` (dots nest)."""
+        if label_key in ("auto", "cls", "none") or (label_key.startswith("json:") and label_key[5:]):
+            return label_key
+        raise ConfigError(f"data.label_key must be auto, cls, none or json:<field>, got {label_key!r}")
 
 
 @dataclass
