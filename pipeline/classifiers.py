@@ -1,0 +1,129 @@
+"""Classifiers on frozen features: weighted k-NN and a linear probe (pure torch).
+
+Shared by the offline evaluation (``pipeline.evaluate``) and the online probe during
+pretraining (``pipeline.probe``), so both report the same quantity. No data loading,
+no model, no logging here: tensors in, predictions or accuracies out.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["knn_predict", "knn_accuracy", "standardize", "fit_linear", "LinearProbeResult",
+           "linear_probe", "accuracy", "L2_GRID"]
+
+L2_GRID: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Fraction of correct predictions, in [0, 1]."""
+    return float((pred == target).float().mean()) if target.numel() else 0.0
+
+
+def _num_classes(*labels: torch.Tensor) -> int:
+    return int(max(int(y.max()) for y in labels if y.numel())) + 1
+
+
+@torch.no_grad()
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, *,
+                k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
+                chunk: int = 1024) -> torch.Tensor:
+    """Weighted k-NN on cosine similarity (DINO-style): each of the k nearest bank items
+    votes for its class with weight exp(sim / temperature); the heaviest class wins.
+
+    Queries are processed in chunks so memory stays O(chunk * len(bank)).
+    """
+    num_classes = num_classes or _num_classes(bank_labels)
+    k = min(k, bank.shape[0])
+    bank_n = F.normalize(bank.float(), dim=1)
+    preds = []
+    for start in range(0, queries.shape[0], chunk):
+        q = F.normalize(queries[start:start + chunk].float(), dim=1)
+        sims, idx = (q @ bank_n.T).topk(k, dim=1)
+        weights = (sims / temperature).exp()
+        votes = torch.zeros(q.shape[0], num_classes, dtype=weights.dtype, device=q.device)
+        votes.scatter_add_(1, bank_labels[idx], weights)
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds) if preds else bank_labels.new_empty(0)
+
+
+def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor,
+                 query_labels: torch.Tensor, *, k: int = 20, temperature: float = 0.07) -> float:
+    """Accuracy of ``knn_predict`` on labelled queries."""
+    n = _num_classes(bank_labels, query_labels)
+    pred = knn_predict(bank, bank_labels, queries, k=k, temperature=temperature, num_classes=n)
+    return accuracy(pred, query_labels)
+
+
+def standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Zero mean, unit variance per feature, with statistics from ``train`` only
+    (constant features stay at zero instead of blowing up)."""
+    mean = train.mean(dim=0, keepdim=True)
+    std = train.std(dim=0, keepdim=True).clamp_min(1e-6)
+    return [(t.float() - mean) / std for t in (train, *others)]
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, l2: float,
+               max_iter: int = 200) -> torch.nn.Linear:
+    """Multinomial logistic regression, full-batch L-BFGS, L2 penalty on the weights.
+
+    Full batch keeps the fit deterministic and free of learning-rate tuning; the
+    objective is mean cross-entropy + l2 * ||W||^2 (the bias is not penalised).
+    """
+    x = x.float()
+    layer = torch.nn.Linear(x.shape[1], num_classes, device=x.device)
+    torch.nn.init.zeros_(layer.weight)
+    torch.nn.init.zeros_(layer.bias)
+    opt = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=max_iter,
+                            history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(layer(x), y) + l2 * layer.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return layer.requires_grad_(False)
+
+
+@dataclass
+class LinearProbeResult:
+    accuracy: float          # on the test features
+    l2: float                # the regularisation chosen on the validation split
+    val_accuracy: float      # its validation accuracy
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                 test_y: torch.Tensor, *, l2_grid: Sequence[float] = L2_GRID,
+                 val_fraction: float = 0.2, seed: int = 0, max_iter: int = 200,
+                 ) -> LinearProbeResult:
+    """Linear probe accuracy on standardised features.
+
+    A seeded ``val_fraction`` of the training features picks the L2 strength from
+    ``l2_grid`` (ties go to the stronger penalty); the probe is then refit on all
+    training features with that strength and scored once on the test features.
+    """
+    n = train_x.shape[0]
+    num_classes = _num_classes(train_y, test_y)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(train_x.device)
+    n_val = int(round(n * val_fraction)) if len(l2_grid) > 1 else 0
+    n_val = min(max(n_val, 1), n - 1) if len(l2_grid) > 1 and n > 1 else 0
+    best_l2, best_val = float(l2_grid[-1]), float("nan")
+    if n_val:
+        val_idx, fit_idx = perm[:n_val], perm[n_val:]
+        fx, vx = standardize(train_x[fit_idx], train_x[val_idx])
+        best_val = -1.0
+        for l2 in sorted(l2_grid):
+            layer = fit_linear(fx, train_y[fit_idx], num_classes, l2=l2, max_iter=max_iter)
+            acc = accuracy(layer(vx).argmax(dim=1), train_y[val_idx])
+            if acc >= best_val:
+                best_l2, best_val = float(l2), acc
+    tx, sx = standardize(train_x, test_x)
+    layer = fit_linear(tx, train_y, num_classes, l2=best_l2, max_iter=max_iter)
+    return LinearProbeResult(accuracy(layer(sx).argmax(dim=1), test_y), best_l2, best_val)

@@ -1,0 +1,185 @@
+"""Evaluate an exported encoder: frozen features -> linear probe and weighted k-NN.
+
+    python -m pipeline.evaluate --checkpoint RUN_DIR_OR_encoder.safetensors \\
+        --train-shards 'data/train-{000000..000003}.tar' --test-shards data/test.tar \\
+        [--json results.json] [--wandb]
+
+Three models share one table, so the number that matters (what pretraining bought)
+is read against its baselines: ``dim`` (the checkpoint), ``random_init`` (the same
+architecture, seeded random weights) and ``pixels`` (flattened, normalised images).
+Views ``conv``/``fc``/``y`` are described in ``pipeline.features``. The JSON is
+``{model: {view: {probe: accuracy}}}`` with accuracies as fractions in [0, 1].
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .classifiers import L2_GRID, knn_accuracy, linear_probe
+from .encoder import EXPORT_META, DIMEncoder, load_encoder
+from .errors import ConfigError
+from .features import CONV_SOURCES, extract_features
+
+__all__ = ["find_export", "random_like", "probe_all", "format_table", "evaluate", "main"]
+
+Results = dict[str, dict[str, dict[str, float]]]
+PROBES = ("linear", "knn")
+
+
+def find_export(path: str | Path) -> Path:
+    """The folder holding ``encoder.json`` for a run folder or an exported file.
+
+    A run folder may keep its export directly or in a subfolder; the newest
+    ``encoder.json`` below it wins.
+    """
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    if (path / EXPORT_META).is_file():
+        return path
+    found = sorted(path.rglob(EXPORT_META), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
+    if not found:
+        raise ConfigError(f"no exported encoder at {path}: expected {EXPORT_META} there or below "
+                          f"(pass a run's output folder or its encoder.safetensors)")
+    return found[-1].parent
+
+
+def read_meta(folder: Path) -> dict:
+    return json.loads((folder / EXPORT_META).read_text())
+
+
+def random_like(meta: dict, seed: int = 0) -> DIMEncoder:
+    """The exported architecture at a seeded random initialisation (the baseline)."""
+    torch.manual_seed(seed)
+    return DIMEncoder(meta["backbone"], code_dim=meta["code_dim"], fc_dim=meta["fc_dim"],
+                      local_layer=meta["local_layer"], in_chans=meta["in_chans"],
+                      img_size=meta["img_size"], backbone_kwargs=meta.get("backbone_kwargs"))
+
+
+def probe_all(train: dict[str, dict[str, torch.Tensor]], train_y: torch.Tensor,
+              test: dict[str, dict[str, torch.Tensor]], test_y: torch.Tensor, *,
+              k: int = 20, temperature: float = 0.07, l2_grid=L2_GRID, seed: int = 0,
+              log=print) -> Results:
+    """Linear probe and k-NN on every (model, view) pair of feature tensors."""
+    results: Results = {}
+    for model, views in train.items():
+        for view, feats in views.items():
+            t0 = time.perf_counter()
+            lin = linear_probe(feats, train_y, test[model][view], test_y, l2_grid=l2_grid, seed=seed)
+            knn = knn_accuracy(feats, train_y, test[model][view], test_y, k=k, temperature=temperature)
+            results.setdefault(model, {})[view] = {"linear": lin.accuracy, "knn": knn}
+            log(f"[evaluate] {model:>11s}/{view:<6s} dim={feats.shape[1]:5d} linear={lin.accuracy:.4f} "
+                f"(l2={lin.l2:g}, val={lin.val_accuracy:.4f}) knn={knn:.4f} "
+                f"({time.perf_counter() - t0:.1f}s)")
+    return results
+
+
+def format_table(results: Results) -> str:
+    """A plain-text table, one row per (model, view), accuracies in percent."""
+    rows = [f"{'model':<12s} {'view':<7s} {'linear':>7s} {'knn':>7s}"]
+    for model, views in results.items():
+        for view, probes in views.items():
+            cells = " ".join(f"{100 * probes[p]:6.2f}%" if p in probes else f"{'-':>7s}"
+                             for p in PROBES)
+            rows.append(f"{model:<12s} {view:<7s} {cells}")
+    return "\n".join(rows)
+
+
+def log_to_wandb(results: Results, *, start: bool = False, project: str = "dim-pretrain",
+                 name: str | None = None) -> None:
+    """Put the table in the active W&B run (or a new one when ``start``): one summary
+    key per cell, ``eval/<model>/<view>/<probe>``, and a table ``eval/table``."""
+    import wandb
+
+    run = wandb.run
+    if run is None and not start:
+        return
+    if run is None:
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        run = wandb.init(project=project, name=name, job_type="eval", mode=mode)
+    flat = {f"eval/{m}/{v}/{p}": acc for m, views in results.items()
+            for v, probes in views.items() for p, acc in probes.items()}
+    table = wandb.Table(columns=["model", "view", "probe", "accuracy"],
+                        data=[k.split("/")[1:] + [acc] for k, acc in flat.items()])
+    run.log({**flat, "eval/table": table})
+    run.summary.update(flat)
+    if start:
+        run.finish()
+
+
+def _loader(spec: str, meta: dict, batch_size: int, workers: int):
+    from .data import eval_loader  # the data side stays out of this module's import time
+
+    return eval_loader(spec, batch_size=batch_size, img_size=meta["img_size"],
+                       in_chans=meta["in_chans"], num_workers=workers)
+
+
+def evaluate(checkpoint: str | Path, train_shards: str, test_shards: str, *, batch_size: int = 256,
+             k: int = 20, temperature: float = 0.07, seed: int = 0, device: str = "cpu",
+             limit_train: int | None = None, limit_test: int | None = None,
+             conv_source: str = "pooled", num_workers: int = 0, log=print) -> Results:
+    """Features of the checkpoint, its random-init twin and the pixels -> all probes."""
+    folder = find_export(checkpoint)
+    meta = read_meta(folder)
+    encoders = {"dim": load_encoder(folder).to(device), "random_init": random_like(meta, seed).to(device)}
+    feats = {}
+    for split, spec, limit in (("train", train_shards, limit_train), ("test", test_shards, limit_test)):
+        t0 = time.perf_counter()
+        feats[split] = extract_features(encoders, _loader(spec, meta, batch_size, num_workers),
+                                        device=device, pixels=True, limit=limit,
+                                        conv_source=conv_source)
+        log(f"[evaluate] {split}: {len(feats[split][1])} samples in {time.perf_counter() - t0:.1f}s")
+    (train, train_y), (test, test_y) = feats["train"], feats["test"]
+    return probe_all(train, train_y, test, test_y, k=k, temperature=temperature, seed=seed, log=log)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dim-evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run output folder or exported encoder file")
+    p.add_argument("--train-shards", required=True, help="labelled shards: probe training set / k-NN bank")
+    p.add_argument("--test-shards", required=True, help="labelled shards: probe test set / k-NN queries")
+    p.add_argument("--json", help="write {model: {view: {probe: accuracy}}} here")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--knn-k", type=int, default=20)
+    p.add_argument("--knn-temperature", type=float, default=0.07)
+    p.add_argument("--seed", type=int, default=0, help="random-init baseline and validation split")
+    p.add_argument("--limit-train", type=int, default=None, help="use at most this many train samples")
+    p.add_argument("--limit-test", type=int, default=None, help="use at most this many test samples")
+    p.add_argument("--conv-source", choices=CONV_SOURCES, default="pooled",
+                   help="conv view: pooled last conv stage (default) or the mean-pooled local map")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--wandb", action="store_true", help="log to W&B (offline without an API key)")
+    p.add_argument("--wandb-project", default="dim-pretrain")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  table alone on stdout
+    try:
+        results = evaluate(args.checkpoint, args.train_shards, args.test_shards,
+                           batch_size=args.batch_size, k=args.knn_k,
+                           temperature=args.knn_temperature, seed=args.seed, device=args.device,
+                           limit_train=args.limit_train, limit_test=args.limit_test,
+                           conv_source=args.conv_source, num_workers=args.num_workers, log=log)
+    except ConfigError as err:
+        print(f"dim-evaluate: error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(results), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    log_to_wandb(results, start=args.wandb, project=args.wandb_project)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

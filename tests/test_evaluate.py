@@ -1,0 +1,202 @@
+"""Evaluation: probe maths, feature views, the evaluate CLI on tiny shards, online probe, plots."""
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.classifiers import knn_accuracy, knn_predict, linear_probe
+from pipeline.encoder import DIMEncoder, export_encoder
+from pipeline.features import extract_features
+
+TINY = dict(backbone="test_resnet", code_dim=8, fc_dim=32, local_layer=1, img_size=16, in_chans=3,
+            backbone_kwargs={})
+
+
+def blobs(n: int, classes: int = 4, dim: int = 16, seed: int = 0, spread: float = 4.0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, dim, generator=g) * spread
+    y = torch.randint(0, classes, (n,), generator=g)
+    return centers[y] + torch.randn(n, dim, generator=g), y
+
+
+# ------------------------------------------------------------------ probe maths
+
+def test_probes_separable_near_perfect():
+    x, y = blobs(400)
+    assert linear_probe(x[:300], y[:300], x[300:], y[300:]).accuracy >= 0.98
+    assert knn_accuracy(x[:300], y[:300], x[300:], y[300:], k=10) >= 0.98
+
+
+def test_probes_random_labels_near_chance():
+    x, _ = blobs(1000, classes=4)
+    y = torch.randint(0, 4, (1000,), generator=torch.Generator().manual_seed(1))
+    lin = linear_probe(x[:700], y[:700], x[700:], y[700:]).accuracy
+    knn = knn_accuracy(x[:700], y[:700], x[700:], y[700:], k=20)
+    # chance is 0.25; 300 test samples: a 3-sigma band is about +-0.075
+    assert abs(lin - 0.25) < 0.1 and abs(knn - 0.25) < 0.1
+
+
+def test_linear_probe_picks_l2_from_grid_and_is_deterministic():
+    x, y = blobs(200, spread=0.8)
+    a = linear_probe(x[:150], y[:150], x[150:], y[150:], l2_grid=(1e-4, 1e-1))
+    b = linear_probe(x[:150], y[:150], x[150:], y[150:], l2_grid=(1e-4, 1e-1))
+    assert a == b and a.l2 in (1e-4, 1e-1) and 0 <= a.accuracy <= 1
+
+
+def brute_force_knn(bank, bank_y, queries, k, t, classes):
+    preds = []
+    for q in queries:
+        sims = [float(q @ b / (q.norm() * b.norm())) for b in bank]
+        order = sorted(range(len(bank)), key=lambda i: -sims[i])[:k]
+        votes = [0.0] * classes
+        for i in order:
+            votes[int(bank_y[i])] += math.exp(sims[i] / t)
+        preds.append(max(range(classes), key=lambda c: votes[c]))
+    return torch.tensor(preds)
+
+
+@pytest.mark.parametrize("k,t", [(1, 0.07), (3, 0.1), (5, 1.0)])
+def test_knn_matches_brute_force(k, t):
+    g = torch.Generator().manual_seed(k)
+    bank, bank_y = torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)
+    queries = torch.randn(7, 5, generator=g)
+    got = knn_predict(bank, bank_y, queries, k=k, temperature=t, num_classes=3, chunk=3)
+    assert torch.equal(got, brute_force_knn(bank, bank_y, queries, k, t, 3))
+
+
+def test_knn_weights_votes_by_similarity():
+    # two far neighbours of class 1 lose to one very close neighbour of class 0 at low T
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
+    pred = knn_predict(bank, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.05]]), k=3, temperature=0.05)
+    assert pred.tolist() == [0]
+
+
+# ------------------------------------------------------------------ features
+
+def test_extract_features_views_shapes_limit_and_mode_restored():
+    torch.manual_seed(0)
+    enc = DIMEncoder(**TINY).train()
+    x, y = torch.randn(10, 3, 16, 16), torch.arange(10) % 3
+    batches = [{"image": x[i:i + 4], "label": y[i:i + 4]} for i in range(0, 10, 4)]
+    feats, labels = extract_features({"dim": enc}, batches, pixels=True, limit=7)
+    assert enc.training  # restored
+    assert labels.tolist() == y[:7].tolist()
+    assert set(feats) == {"dim", "pixels"}
+    assert {v: t.shape for v, t in feats["dim"].items()} == {
+        "conv": (7, enc.backbone.num_features), "fc": (7, 32), "y": (7, 8)}
+    assert feats["pixels"]["pixels"].shape == (7, 3 * 16 * 16)
+    enc.eval()
+    assert torch.allclose(feats["dim"]["y"], enc(x[:7]).mu, atol=1e-5)  # eval mode: z = mu
+    local, _ = extract_features({"dim": enc}, batches, conv_source="local")
+    assert local["dim"]["conv"].shape == (10, enc.local_channels)
+
+
+# ------------------------------------------------------------------ CLI end to end
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="png")
+    return buf.getvalue()
+
+
+def write_tiny_shards(folder, name: str, n: int, seed: int) -> str:
+    """Three classes of 16x16 RGB images: a bright square in one of three corners."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(seed)
+    pattern = str(folder / f"{name}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=max(1, n // 2), verbose=0) as sink:
+        for i in range(n):
+            label = i % 3
+            img = rng.integers(0, 60, size=(16, 16, 3), dtype=np.uint8)
+            r, c = [(0, 0), (0, 9), (9, 0)][label]
+            img[r:r + 7, c:c + 7] = 230
+            sink.write({"__key__": f"{name}{i:05d}", "png": _png(img), "cls": str(label).encode()})
+    return str(folder / f"{name}-{{000000..000001}}.tar")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval")
+    train = write_tiny_shards(folder, "train", 60, seed=0)
+    test = write_tiny_shards(folder, "test", 30, seed=1)
+    torch.manual_seed(3)
+    run = folder / "run"
+    export_encoder(DIMEncoder(**TINY), run, dict(TINY))
+    return run, train, test
+
+
+def check_structure(results: dict) -> None:
+    assert set(results) == {"dim", "random_init", "pixels"}
+    assert set(results["dim"]) == set(results["random_init"]) == {"conv", "fc", "y"}
+    assert set(results["pixels"]) == {"pixels"}
+    for views in results.values():
+        for probes in views.values():
+            assert set(probes) == {"linear", "knn"}
+            assert all(isinstance(a, float) and 0.0 <= a <= 1.0 for a in probes.values())
+
+
+def test_evaluate_cli_end_to_end(tiny_run, tmp_path, capsys):
+    from pipeline.evaluate import main
+
+    run, train, test = tiny_run
+    out = tmp_path / "res" / "eval.json"
+    # the exported file path and the run folder are both accepted
+    assert main(["--checkpoint", str(run / "encoder.safetensors"), "--train-shards", train,
+                 "--test-shards", test, "--json", str(out), "--batch-size", "16",
+                 "--knn-k", "5"]) == 0
+    results = json.loads(out.read_text())
+    check_structure(results)
+    assert results["pixels"]["pixels"]["linear"] >= 0.9  # the corner squares are easy
+    table = capsys.readouterr().out
+    assert "random_init" in table and "pixels" in table and "%" in table
+    # same data, same seed: same numbers from the run folder
+    again = tmp_path / "again.json"
+    assert main(["--checkpoint", str(run), "--train-shards", train, "--test-shards", test,
+                 "--json", str(again), "--batch-size", "16", "--knn-k", "5"]) == 0
+    assert json.loads(again.read_text()) == results
+
+
+def test_evaluate_cli_missing_checkpoint_is_one_clear_error(tmp_path, capsys):
+    from pipeline.evaluate import main
+
+    assert main(["--checkpoint", str(tmp_path), "--train-shards", "x", "--test-shards", "y"]) == 2
+    assert "no exported encoder" in capsys.readouterr().err
+
+
+def test_online_probe_returns_accuracies(tiny_run):
+    from pipeline.config import load_config
+    from pipeline.probe import online_probe
+
+    run, train, test = tiny_run
+    cfg = load_config(None, [f"data.train_shards={train}", f"data.val_shards={test}",
+                             "model.img_size=16", "model.backbone=test_resnet"])
+    enc = DIMEncoder(**TINY).train()
+    out = online_probe(enc, cfg, "cpu", k=5)
+    assert set(out) == {"probe/knn", "probe/linear"} and all(0 <= v <= 1 for v in out.values())
+    assert enc.training
+    cfg.data.val_shards = ""
+    assert online_probe(enc, cfg, "cpu") == {}
+
+
+# ------------------------------------------------------------------ plots
+
+def test_plot_metrics_writes_png(tmp_path):
+    from pipeline.plots import plot_metrics
+
+    rows = [{"step": s, "loss": -s / 10, "loss/local": -s / 20, "kl": 1.0 + s, "mi/global/infonce": s / 5,
+             "mi/local/infonce": s / 7, **({"probe/knn": 0.1 * s} if s % 2 == 0 else {})}
+            for s in range(1, 8)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn": ')
+    out = plot_metrics(path, tmp_path / "plots" / "metrics.png")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    empty = plot_metrics(tmp_path / "missing.jsonl", tmp_path / "empty.png")
+    assert empty.stat().st_size > 0
