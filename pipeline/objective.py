@@ -17,9 +17,11 @@ Gradient scale under DDP / DeepSpeed: each rank's loss is the mean over *its own
 rows, so the global loss is the average of the rank losses. The gather's backward sums
 every rank's gradient into the owner's features, and DDP (or DeepSpeed) then averages
 parameter gradients over ranks: (1/P) * sum_r dL_r/dtheta, exactly the gradient of the
-single-process loss on the whole batch. Do not multiply by the world size (that is the
-right fix only for a gather whose backward keeps the local slice alone), and do not
-compute the full B_global x B_global matrix on every rank (that counts each row P times).
+single-process loss on the whole batch. Do not multiply by the world size: nothing is
+missing (a gather whose backward kept only the local slice would lose the other ranks'
+terms, and no rescaling restores those), and do not compute the full B_global x B_global
+matrix on every rank (P times the work and B_global^2 memory for the same gradient).
+tests/test_distributed.py checks this on two real processes; docs/distributed.md derives it.
 """
 from __future__ import annotations
 

@@ -6,7 +6,9 @@ parameter gradients are then averaged across ranks as DDP does (all_reduce sum /
 For infoNCE, global and local, dot and concat/zz critics, the mean rank loss and the
 averaged gradients must equal the loss and gradients of a single process (this pytest
 process, no process group) on the concatenated batch. JSD and DV must not communicate
-at all, and each rank's gradient must equal what that rank computes alone.
+at all, and each rank's gradient must equal what that rank computes alone. Controls show
+the comparison has teeth: device-only negatives, or a gather that returns gradient to the
+local slice alone with the loss scaled by P, miss the reference by > 100x the tolerance.
 
 Why a stand-in encoder: the comparison is exact only if each sample's encoder output
 does not depend on which other samples share its device batch. The real encoder breaks
@@ -84,13 +86,13 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return images, eps
 
 
-def run_case(case, rows: slice, seed: int = 0) -> dict:
+def run_case(case, rows: slice, seed: int = 0, scale: float = 1.0) -> dict:
     """Loss, logged terms and parameter gradients for the batch rows ``rows``."""
     model = build(case)
     images, eps = global_batch()
     out = model["encoder"](images[rows], eps[rows])
     loss, terms = model["objective"](out, generator=torch.Generator().manual_seed(seed))
-    loss.backward()
+    (scale * loss).backward()
     grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
              for n, p in model.named_parameters()}
     return {"loss": loss.detach(), "terms": terms, "grads": grads}
@@ -117,15 +119,29 @@ def no_communication():
             setattr(module, name, fn)
 
 
+def _local_slice_gather(x: torch.Tensor) -> torch.Tensor:
+    """All-gather whose gradient reaches the local slice only (the common shortcut)."""
+    parts = [torch.empty_like(x) for _ in range(WORLD)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
 @contextmanager
-def gather_disabled():
-    """infoNCE with negatives from the device batch only (the wrong design, a control)."""
+def swapped_gather(gather, rank=objective.rank):
+    """Run the objective with another gather: the controls that must give other gradients."""
     saved = objective.gather_with_grad, objective.rank
-    objective.gather_with_grad, objective.rank = (lambda x: x), (lambda: 0)
+    objective.gather_with_grad, objective.rank = gather, rank
     try:
         yield
     finally:
         objective.gather_with_grad, objective.rank = saved
+
+
+CONTROLS = {  # name -> (gather, rank, loss scale)
+    "device negatives": (lambda x: x, lambda: 0, 1.0),
+    "local-slice gather x P": (_local_slice_gather, objective.rank, float(WORLD)),
+}
 
 
 # ----------------------------------------------------------------------- the workers
@@ -158,8 +174,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results = {"world_size": dist.get_world_size(), "gather": _check_gather(rank)}
         for case in GATHERING:
             results[case] = _rank_mean(run_case(case, rows))
-            with gather_disabled():
-                results[case, "control"] = _rank_mean(run_case(case, rows))
+            for name, (gather, rank_fn, scale) in CONTROLS.items():
+                with swapped_gather(gather, rank_fn):
+                    results[case, name] = _rank_mean(run_case(case, rows, scale=scale))
         for case in LOCAL_ONLY:
             with no_communication():
                 results[case] = run_case(case, rows, seed=rank)
@@ -226,12 +243,15 @@ def test_infonce_across_ranks_equals_one_process(ranks, case):
                                        msg=lambda m, key=key: f"term {key}: {m}")
 
 
+@pytest.mark.parametrize("control", CONTROLS)
 @pytest.mark.parametrize("case", GATHERING, ids="-".join)
-def test_device_only_negatives_would_be_caught(ranks, case):
-    """Control: with negatives from the device batch only, the gradients move by far more
-    than the tolerance, so the equality above has teeth."""
+def test_wrong_negatives_or_scaling_would_be_caught(ranks, case, control):
+    """Controls: negatives from the device batch only, or a gather that returns gradient
+    to the local slice alone with the loss scaled by P, move the averaged gradients by far
+    more than the tolerance, so the equality above has teeth and no rescaling can stand in
+    for the autograd gather."""
     want = run_case(case, slice(None))["grads"]
-    wrong = ranks[0][case, "control"]["grads"]
+    wrong = ranks[0][case, control]["grads"]
     assert max((wrong[n] - want[n]).abs().max() for n in want) > 100 * ATOL
 
 
