@@ -125,7 +125,8 @@ def _read_shards(sources: Iterable[dict], *, sizes: dict[str, int]) -> Iterator[
 
 
 def _short(exn: BaseException | None) -> str:
-    text = str(exn.args[0] if exn and exn.args else exn).strip().splitlines()
+    # tar readers append " @ <file object>" to messages; the warning names the shard already
+    text = str(exn.args[0] if exn and exn.args else exn).split(" @ <")[0].strip().splitlines()
     return f"{type(exn).__name__}: {text[0][:200] if text else ''}"
 
 

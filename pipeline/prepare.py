@@ -123,9 +123,10 @@ def _existing(out_dir: str | Path, overwrite: bool, names: tuple[str, str],
         return None
     info = read_manifest(path).info
     for key, value in params.items():
-        if info.get(key) != value and info.get("source", {}).get(key, value) != value:
+        recorded = info[key] if key in info else info.get("source", {}).get(key)
+        if recorded != value:
             log.warning("%s exists with %s=%r (asked %r); reusing it (overwrite=True rewrites)",
-                        path, key, info.get(key, info.get("source", {}).get(key)), value)
+                        path, key, recorded, value)
     return path
 
 

@@ -1,0 +1,76 @@
+"""Decoded + augmented images/s of the training stream with 0, 1 and 2 DataLoader workers.
+
+The data: the CIFAR-10 training images as an image folder (``train/<class>/*.jpg``, 50,000
+32x32 JPEGs), extracted to a temporary folder and written as shards by the project's own
+writer (``pipeline.prepare.prepare_folder``), then read back by ``pipeline.data.train_loader``.
+
+    .venv/bin/python benchmarks/data_throughput.py [--tar ../shared/data/cifar10-train-jpg.tar]
+        [--workers 0,1,2] [--batch-size 256] [--batches 40] [--augment simple]
+
+The first batch of each run (worker start-up, filling the shuffle buffer) is not timed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tarfile
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TAR = ROOT.parent / "shared" / "data" / "cifar10-train-jpg.tar"
+
+
+def measure(manifest: Path, workers: int, args: argparse.Namespace) -> float:
+    """Images per second over ``args.batches`` batches after one warm-up batch."""
+    from pipeline.config import DataConfig
+    from pipeline.data import train_loader
+
+    cfg = DataConfig(train_shards=str(manifest), num_workers=workers, augment=args.augment)
+    loader = train_loader(cfg, batch_size=args.batch_size, img_size=args.img_size, in_chans=3,
+                          seed=0, rank=0, world_size=1)
+    batches = iter(loader)
+    next(batches)
+    start, images = time.perf_counter(), 0
+    for batch in islice(batches, args.batches):
+        images += len(batch["label"])
+    rate = images / (time.perf_counter() - start)
+    del batches, loader  # stops the persistent workers
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tar", type=Path, default=DEFAULT_TAR, help="CIFAR-10 image-folder tar")
+    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per setting")
+    parser.add_argument("--augment", default="simple", choices=("none", "simple", "amdim"))
+    parser.add_argument("--img-size", type=int, default=32)
+    args = parser.parse_args()
+    if not args.tar.is_file():
+        raise SystemExit(f"{args.tar} not found (see ../shared/data/README.md)")
+    from pipeline.prepare import prepare_folder
+
+    with tempfile.TemporaryDirectory(prefix="dim-bench-") as tmp:
+        start = time.perf_counter()
+        with tarfile.open(args.tar) as tar:
+            tar.extractall(tmp, filter="data")
+        folder = Path(tmp) / "train"
+        n = sum(1 for _ in folder.rglob("*.jpg"))
+        print(f"extracted {n} images in {time.perf_counter() - start:.1f} s")
+        start = time.perf_counter()
+        manifest = prepare_folder(folder, Path(tmp) / "shards", val_fraction=0.0)
+        took = time.perf_counter() - start
+        print(f"wrote shards in {took:.1f} s ({n / took:,.0f} images/s): {manifest}")
+        print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}, "
+              f"batch {args.batch_size}, augment {args.augment}, img_size {args.img_size}")
+        print("workers  images/s")
+        for workers in (int(w) for w in args.workers.split(",")):
+            print(f"{workers:7d}  {measure(manifest, workers, args):8,.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
