@@ -1,0 +1,94 @@
+"""What DIM costs on top of the backbone: one training step, DIM vs the bare backbone.
+
+    python benchmarks/step_overhead.py --backbones resnet18,resnet50 --sizes 32,64 --batch 64
+
+DIM step: encoder (backbone intermediates + fc -> mu, logvar, z) + critics + estimator
+loss, forward + backward + AdamW step. Baseline: the same timm backbone's forward
+(pooled features, mean as the loss) + backward + AdamW step, same batch and input size.
+Also times the DIM encoder alone (its z.mean() as the loss), to split the overhead
+between the encoder head and the critics + estimators. Prints median step times and
+ratios (the target for dot critics is DIM/bare <= 1.15x). Single process; the cross-device gather is the identity here.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from pipeline.config import load_config
+from pipeline.encoder import create_backbone
+from pipeline.model import build_model
+
+
+class Stepper:
+    """One forward + backward + AdamW step of ``model`` under ``loss_fn``, timed."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn):
+        self.model, self.loss_fn = model.train(), loss_fn
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.times: list[float] = []
+
+    def step(self, x: torch.Tensor, record: bool) -> None:
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        self.loss_fn(self.model, x).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        if record:
+            self.times.append(time.perf_counter() - t0)
+
+
+def measure(backbone: str, size: int, batch: int, overrides: list[str], steps: int, warmup: int,
+            device: str) -> dict[str, float]:
+    """Median step seconds of the bare backbone, the DIM encoder alone and full DIM.
+
+    The three alternate step by step, so a machine whose load drifts (a shared CPU)
+    slows all of them alike and the ratios stay meaningful.
+    """
+    torch.manual_seed(0)
+    cfg = load_config(None, [f"model.backbone={backbone}", f"model.img_size={size}", *overrides])
+    x = torch.randn(batch, cfg.model.in_chans, size, size, device=device)
+    bare = create_backbone(backbone, in_chans=cfg.model.in_chans, img_size=size).to(device)
+    dim = build_model(cfg).to(device)
+    encoder_only = copy.deepcopy(dim.encoder)
+    steppers = {"bare": Stepper(bare, lambda m, x: m(x).mean()),
+                "encoder": Stepper(encoder_only, lambda m, x: m(x).z.mean()),
+                "dim": Stepper(dim, lambda m, x: m(x)[0])}
+    for i in range(warmup + steps):
+        for s in steppers.values():
+            s.step(x, record=i >= warmup)
+    return {name: statistics.median(s.times) for name, s in steppers.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbones", default="resnet18")
+    p.add_argument("--sizes", default="32,64")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. loss.estimator=jsd "
+                                                "(default: the dot critics with infoNCE)")
+    args = p.parse_args(argv)
+    print(f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} "
+          f"overrides={' '.join(args.overrides) or '(defaults: infonce, dot critics)'}")
+    print(f"{'backbone':<20}{'size':>5}{'bare ms':>10}{'encoder ms':>12}{'DIM ms':>10}"
+          f"{'enc/bare':>10}{'DIM/bare':>10}")
+    for backbone in args.backbones.split(","):
+        for size in map(int, args.sizes.split(",")):
+            t = measure(backbone, size, args.batch, args.overrides, args.steps, args.warmup,
+                        args.device)
+            print(f"{backbone:<20}{size:>5}{1e3 * t['bare']:>10.1f}{1e3 * t['encoder']:>12.1f}"
+                  f"{1e3 * t['dim']:>10.1f}{t['encoder'] / t['bare']:>10.3f}"
+                  f"{t['dim'] / t['bare']:>10.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
