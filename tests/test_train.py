@@ -107,21 +107,31 @@ def _check_export(out: Path) -> None:
     assert json.loads((out / "encoder.json").read_text())["backbone"] == "test_resnet"
 
 
-def test_two_processes_gloo(shards, tmp_path):
-    """`accelerate launch --config_file launch/cpu.yaml` runs two ranks that log together."""
+def test_two_processes_gloo_sigterm_resume(shards, tmp_path):
+    """`accelerate launch --config_file launch/cpu.yaml` runs two ranks; SIGTERM to the
+    launcher reaches both, they agree on a step, save, and a second launch finishes."""
     out = tmp_path / "ddp"
-    proc = run(pretrain_cmd(*TINY, f"data.train_shards={shards}", f"train.output_dir={out}",
-                            "train.max_steps=10", "train.log_every=5", "train.save_every=5",
-                            launcher=[ACCELERATE, "launch", "--config_file", "launch/cpu.yaml"]))
-    assert proc.returncode == 0
+    cmd = pretrain_cmd(*TINY, f"data.train_shards={shards}", f"train.output_dir={out}",
+                       "train.max_steps=40", "train.log_every=1", "train.save_every=100",
+                       launcher=[ACCELERATE, "launch", "--config_file", "launch/cpu.yaml"])
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(out, 8, proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers
+    proc.communicate(timeout=120)
+    (stopped,) = _checkpoint_steps(out)
+    assert 8 <= stopped < 40
+    ckpt = out / "checkpoints" / f"step_{stopped:07d}"
+    assert json.loads((ckpt / "meta.json").read_text())["tag"] == "preempted"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+
+    assert run(cmd).returncode == 0
     rows = metrics(out)
-    assert [r["step"] for r in rows] == [5, 10]
+    assert [r["step"] for r in rows] == list(range(1, 41))
     assert all(r["world_size"] == 2 and r["samples_seen"] == r["step"] * 16 for r in rows)
     assert all(k in r for r in rows for k in MI_KEYS)
-    ckpt = out / "checkpoints" / "step_0000010"
-    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
-    (wandb_file,) = run_files(out)  # W&B on the main process only
-    assert all(k in history(wandb_file)[-1] for k in MI_KEYS)
+    files = run_files(out)  # W&B on the main process only: one file per launch
+    assert len(files) == 2 and all(k in history(files[-1])[-1] for k in MI_KEYS)
     assert (out / "encoder.safetensors").is_file()
 
 
