@@ -12,6 +12,7 @@ all of them with the step and the term named, and the log holds cross-rank means
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -89,6 +90,26 @@ def make_accelerator(cfg: Config):
         if ds.get("gradient_clipping", "auto") == "auto":
             ds["gradient_clipping"] = cfg.train.grad_clip
     return accelerator
+
+
+def deepspeed_half(accelerator, model):
+    """Autocast for DeepSpeed bf16/fp16, whose engine casts the weights but neither the
+    inputs nor the BatchNorm running statistics; the statistics are cast here to match.
+
+    (Under DDP, accelerate's ``prepare`` already wraps the forward in autocast.)
+    """
+    import torch
+
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config if plugin is not None else {}
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if ds.get(key, {}).get("enabled") is True:
+            for m in accelerator.unwrap_model(model).modules():
+                if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.running_mean is not None:
+                    m.running_mean.data = m.running_mean.data.to(dtype)
+                    m.running_var.data = m.running_var.data.to(dtype)
+            return torch.autocast(accelerator.device.type, dtype=dtype)
+    return contextlib.nullcontext()
 
 
 def use_default_data(accelerator, cfg: Config) -> None:
@@ -172,6 +193,7 @@ def train(cfg: Config) -> int:
     scheduler = build_scheduler(optimizer, tc)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
+    autocast = deepspeed_half(accelerator, model)
     step, samples_seen = 0, 0
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
@@ -217,12 +239,14 @@ def train(cfg: Config) -> int:
             images2 = images2.to(accelerator.device, non_blocking=True) if images2 is not None else None
             skipped = int(batch.get("skipped", 0))
             with accelerator.accumulate(model):
-                loss, terms = model(images, images2)
+                with autocast:
+                    loss, terms = model(images, images2)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(params, tc.grad_clip or math.inf)
-                optimizer.step()
-                scheduler.step() if accelerator.sync_gradients else None
+                optimizer.step()  # a no-op until the last micro-batch of the step
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum
@@ -287,7 +311,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"pretrain.py: error: {err}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLoss as err:
-        print(f"pretrain.py: {err}", file=sys.stderr)
+        if not quiet:
+            print(f"pretrain.py: {err}", file=sys.stderr)
         sys.exit(1)
 
 
