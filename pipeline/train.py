@@ -203,12 +203,12 @@ def train(cfg: Config) -> int:
     else:
         set_seed(tc.seed, device_specific=True)  # per-rank noise, augmentations, negatives
 
-    tracker = Tracker(out, cfg.wandb, cfg.to_dict(), resume_step=step) if main else None
     # A resampled stream cannot be rewound; reseeding with seed + step gives a resumed
     # run fresh, reproducible data instead of replaying the first batches.
     loader = train_loader(cfg.data, batch_size=tc.batch_size, img_size=cfg.model.img_size,
                           in_chans=cfg.model.in_chans, seed=tc.seed + step,
                           rank=accelerator.process_index, world_size=world)
+    tracker = Tracker(out, cfg.wandb, cfg.to_dict(), resume_step=step) if main else None
     batches = iter(loader)
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=tc.max_steps, initial=step, disable=not main, dynamic_ncols=True)
