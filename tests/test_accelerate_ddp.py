@@ -31,8 +31,8 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> tuple[dict, dict]:
     out = tmp_path_factory.mktemp("ddp")
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--config_file", str(ROOT / "launch/cpu.yaml"),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",  # `accelerate launch`
+           "--config_file", str(ROOT / "launch/cpu.yaml"),
            "--num_processes", "2", str(ROOT / "tests/ddp_worker.py"), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
            "WANDB_MODE": "disabled"}
