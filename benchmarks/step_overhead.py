@@ -6,14 +6,14 @@ DIM step: encoder (backbone intermediates + fc -> mu, logvar, z) + critics + est
 loss, forward + backward + AdamW step. Baseline: the same timm backbone's forward
 (pooled features, mean as the loss) + backward + AdamW step, same batch and input size.
 Also times the DIM encoder alone (its z.mean() as the loss), to split the overhead
-between the encoder head and the critics + estimators. Prints median step times and
-ratios (the target for dot critics is DIM/bare <= 1.15x). Single process; the cross-device gather is the identity here.
+between the encoder head and the critics + estimators. Prints the fastest step of
+each and their ratios (the target for dot critics is DIM/bare <= 1.15x). Single
+process: the cross-device gather is the identity here.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 
 import torch
@@ -46,10 +46,11 @@ class Stepper:
 
 def measure(backbone: str, size: int, batch: int, overrides: list[str], steps: int, warmup: int,
             device: str) -> dict[str, float]:
-    """Median step seconds of the bare backbone, the DIM encoder alone and full DIM.
+    """Fastest step, in seconds, of the bare backbone, the DIM encoder alone and full DIM.
 
-    The three alternate step by step, so a machine whose load drifts (a shared CPU)
-    slows all of them alike and the ratios stay meaningful.
+    The three alternate step by step and the minimum over steps is kept: on a shared
+    machine other processes only ever add time, so the minimum is the least noisy
+    estimate of each step's own cost.
     """
     torch.manual_seed(0)
     cfg = load_config(None, [f"model.backbone={backbone}", f"model.img_size={size}", *overrides])
@@ -63,7 +64,7 @@ def measure(backbone: str, size: int, batch: int, overrides: list[str], steps: i
     for i in range(warmup + steps):
         for s in steppers.values():
             s.step(x, record=i >= warmup)
-    return {name: statistics.median(s.times) for name, s in steppers.items()}
+    return {name: min(s.times) for name, s in steppers.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

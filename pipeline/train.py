@@ -163,6 +163,28 @@ def plot(output_dir: Path) -> None:
 
 # ------------------------------------------------------------------ the loop
 
+def agree(accelerator, step: int, stop: bool, skipped: int, sums: dict) -> tuple[bool, int, dict]:
+    """The one all-reduce of a step: (anyone stopping, total skipped, mean terms).
+
+    Every rank gets the same answers, so all stop at the same step; a NaN or inf in any
+    rank's terms shows up in the sum and stops every rank with the step and term named.
+    """
+    import torch
+
+    keys = sorted(sums)
+    flags = torch.tensor([float(stop), float(skipped)], device=accelerator.device)
+    vec = torch.cat([flags, torch.stack([sums[k].detach().float() for k in keys])])
+    world = accelerator.num_processes
+    vec = accelerator.reduce(vec, reduction="sum") if world > 1 else vec
+    flag, skipped_total, *values = vec.tolist()
+    means = {k: v / world for k, v in zip(keys, values)}
+    bad = [k for k, v in means.items() if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteLoss(f"non-finite loss at step {step}: {', '.join(bad)} "
+                            f"({', '.join(f'{k}={means[k]}' for k in bad)})")
+    return flag > 0, int(skipped_total), means
+
+
 def train(cfg: Config) -> int:
     """Train (resuming if a checkpoint exists); returns the last step reached."""
     import torch
@@ -254,27 +276,17 @@ def train(cfg: Config) -> int:
         samples_seen += tc.batch_size * tc.grad_accum * world
         window["steps"] += 1
 
-        # One all-reduce per step: stop flag, terms (for NaN checks and the log), skipped.
-        keys = sorted(sums)
-        flags = torch.tensor([float(stop.raised), float(skipped)], device=accelerator.device)
-        vec = torch.cat([flags, torch.stack([sums[k].detach() for k in keys])])
-        vec = accelerator.reduce(vec, reduction="sum") if world > 1 else vec
-        flag, skipped_total, *values = vec.tolist()
-        terms_mean = {k: v / world for k, v in zip(keys, values)}
-        bad = [k for k, v in terms_mean.items() if not math.isfinite(v)]
-        if bad:
-            raise NonFiniteLoss(f"non-finite loss at step {step}: {', '.join(bad)} "
-                                f"({', '.join(f'{k}={terms_mean[k]}' for k in bad)})")
-
-        if step % tc.log_every == 0 or step == tc.max_steps:
+        stopping, skipped_total, terms_mean = agree(accelerator, step, stop.raised, skipped, sums)
+        probe_now = main and tc.eval_every > 0 and step % tc.eval_every == 0 and cfg.data.val_shards
+        if step % tc.log_every == 0 or step == tc.max_steps or probe_now:
             elapsed = time.perf_counter() - window["t"]
             per_proc = tc.batch_size * tc.grad_accum * window["steps"] / max(elapsed, 1e-9)
             row = {**terms_mean, "lr": scheduler.get_last_lr()[0],
                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "samples_per_s": per_proc, "samples_per_s_total": per_proc * world,
-                   "data/skipped": int(skipped_total), "samples_seen": samples_seen,
+                   "data/skipped": skipped_total, "samples_seen": samples_seen,
                    "world_size": world}
-            if main and tc.eval_every > 0 and step % tc.eval_every == 0 and cfg.data.val_shards:
+            if probe_now:
                 row.update(run_probe(model, accelerator, cfg))
             if tracker:
                 tracker.log(row, step)
@@ -282,7 +294,7 @@ def train(cfg: Config) -> int:
             window = {"t": time.perf_counter(), "steps": 0}
         bar.update(1)
 
-        if flag > 0:
+        if stopping:
             save("preempted")
             accelerator.print(f"stop signal: saved at step {step}; run again to resume")
             break
