@@ -81,7 +81,7 @@ def make_accelerator(cfg: Config):
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         ds = plugin.deepspeed_config
-        if int(ds.get("zero_optimization", {}).get("stage", 0)) > 2:
+        if str(ds.get("zero_optimization", {}).get("stage", 0)) == "3":
             raise ConfigError("DeepSpeed ZeRO stage 3 is not supported (use stage 1 or 2)")
         # No dataloader goes through prepare(), so accelerate cannot fill these "auto"s.
         ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
