@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from tests.train_helpers import PY, ROOT, env
+from train_helpers import PY, ROOT, env
 
 
 def _pretrain(*args: str) -> subprocess.CompletedProcess:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from tests.train_helpers import ROOT
+from train_helpers import ROOT
 
 
 def test_dry_run_two_nodes(tmp_path):

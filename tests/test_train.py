@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.train_helpers import (ACCELERATE, ROOT, TINY, env, metrics, pretrain_cmd, run,
+from train_helpers import (ACCELERATE, ROOT, TINY, env, metrics, pretrain_cmd, run,
                                  write_shards)
-from tests.wandb_log import history, run_files
+from wandb_log import history, run_files
 
 MI_KEYS = ("mi/global/infonce", "mi/local/infonce")
 
