@@ -6,6 +6,7 @@ writer (``pipeline.prepare.prepare_folder``), then read back by ``pipeline.data.
 
     .venv/bin/python benchmarks/data_throughput.py [--tar ../shared/data/cifar10-train-jpg.tar]
         [--workers 0,1,2] [--batch-size 256] [--batches 40] [--augment simple]
+        [--color-jitter 0.4]
 
 The first batch of each run (worker start-up, filling the shuffle buffer) is not timed.
 """
@@ -28,7 +29,8 @@ def measure(manifest: Path, workers: int, args: argparse.Namespace) -> float:
     from pipeline.config import DataConfig
     from pipeline.data import train_loader
 
-    cfg = DataConfig(train_shards=str(manifest), num_workers=workers, augment=args.augment)
+    cfg = DataConfig(train_shards=str(manifest), num_workers=workers, augment=args.augment,
+                     color_jitter=args.color_jitter)
     loader = train_loader(cfg, batch_size=args.batch_size, img_size=args.img_size, in_chans=3,
                           seed=0, rank=0, world_size=1)
     batches = iter(loader)
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batches", type=int, default=40, help="timed batches per setting")
     parser.add_argument("--augment", default="simple", choices=("none", "simple", "amdim"))
+    parser.add_argument("--color-jitter", type=float, default=0.4, help="0 disables")
     parser.add_argument("--img-size", type=int, default=32)
     args = parser.parse_args()
     if not args.tar.is_file():
@@ -66,7 +69,8 @@ def main() -> None:
         took = time.perf_counter() - start
         print(f"wrote shards in {took:.1f} s ({n / took:,.0f} images/s): {manifest}")
         print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}, "
-              f"batch {args.batch_size}, augment {args.augment}, img_size {args.img_size}")
+              f"batch {args.batch_size}, augment {args.augment}, color_jitter {args.color_jitter}, "
+              f"img_size {args.img_size}")
         print("workers  images/s")
         for workers in (int(w) for w in args.workers.split(",")):
             print(f"{workers:7d}  {measure(manifest, workers, args):8,.0f}", flush=True)

@@ -119,8 +119,9 @@ def _read_shards(sources: Iterable[dict], *, sizes: dict[str, int]) -> Iterator[
         expected = sizes.get(url)
         lost = max(expected - got, 0) if expected is not None else int(error is not None)
         if error is not None or lost or not got:
-            what = f"read error after {got} samples: {_short(error)}" if error else \
-                f"{got} samples read, manifest says {expected}"
+            what = (f"read error after {got} samples: {_short(error)}" if error else
+                    "no samples in it" if expected is None else
+                    f"{got} samples read, the manifest says {expected}")
             yield {_LOST: lost, "__url__": url, "__reason__": what}
 
 

@@ -93,7 +93,7 @@ def write_dataset(load: Loader, n: int, out_dir: str | Path, *, classes: list[st
         raise ConfigError(f"val_fraction={val_fraction} leaves no sample of {n} for {names[0]!r}")
     for name in names:
         for old in out_dir.glob(f"{name}-[0-9]*.tar"):
-            old.unlink()
+            old.unlink(missing_ok=True)
         (out_dir / f"{name}.json").unlink(missing_ok=True)
     info = {"source": source or {}, "val_fraction": val_fraction, "seed": seed,
             "written_by": "pipeline.prepare"}
@@ -170,6 +170,7 @@ def prepare_digits(out_dir: str | Path, *, val_fraction: float = 0.1, seed: int 
     Images are upsampled once, bilinearly, from 8x8 to ``size`` (default 32, the model's
     default input) exactly as ``pipeline.digits.digits_tensor`` does, so crops work at
     32-pixel granularity; ``size=8`` stores the native images. PNG keeps them lossless.
+    With several processes, let one write first (``accelerator.main_process_first()``).
     """
     if (found := _existing(out_dir, overwrite, names, val_fraction=val_fraction, seed=seed,
                            size=size)) is not None:
@@ -180,7 +181,7 @@ def prepare_digits(out_dir: str | Path, *, val_fraction: float = 0.1, seed: int 
     pixels = images[:, 0].add(1).mul(127.5).round().clamp(0, 255).byte().numpy()
 
     def load(i: int) -> tuple[bytes, str, int]:
-        return _encode(Image.fromarray(pixels[i], mode="L"), "png"), "png", int(labels[i])
+        return _encode(Image.fromarray(pixels[i]), "png"), "png", int(labels[i])
 
     manifests = write_dataset(load, len(pixels), out_dir, classes=[str(d) for d in range(10)],
                               val_fraction=val_fraction, seed=seed, names=names,

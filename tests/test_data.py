@@ -26,7 +26,7 @@ SIZE = 8  # tiny images keep decode and augmentation cheap
 def image_bytes(value: int, fmt: str = "png", size: int = SIZE) -> bytes:
     """A solid grey image whose pixel value identifies it (JPEG keeps flat images exact)."""
     out = io.BytesIO()
-    Image.fromarray(np.full((size, size), value % 256, np.uint8), mode="L").save(out, format=fmt)
+    Image.fromarray(np.full((size, size), value % 256, np.uint8)).save(out, format=fmt)
     return out.getvalue()
 
 
@@ -38,13 +38,14 @@ def write_wds(folder: Path, counts: list[int], *, fmt: str = "jpg", extra=None) 
     """Shards by webdataset's own ShardWriter; sample ``i`` has label ``i % 10`` and value ``7 i``."""
     folder.mkdir(parents=True, exist_ok=True)
     i = 0
-    for shard, count in enumerate(counts):
-        with wds.TarWriter(str(folder / f"part-{shard:04d}.tar")) as writer:
+    with wds.ShardWriter(str(folder / "part-%04d.tar"), maxcount=10**6, verbose=0) as writer:
+        for shard, count in enumerate(counts):
+            if shard:
+                writer.next_stream()  # uneven shards on purpose
             for _ in range(count):
-                sample = {"__key__": f"s{i:05d}", fmt: image_bytes(7 * i, "jpeg" if fmt == "jpg" else fmt),
-                          "cls": str(i % 10).encode()}
-                sample.update(extra(i) if extra else {})
-                writer.write(sample)
+                image = image_bytes(7 * i, "jpeg" if fmt == "jpg" else fmt)
+                writer.write({"__key__": f"s{i:05d}", fmt: image, "cls": str(i % 10).encode(),
+                              **(extra(i) if extra else {})})
                 i += 1
     return str(folder / f"part-{{0000..{len(counts) - 1:04d}}}.tar")
 
@@ -187,6 +188,14 @@ def test_train_streams_differ_per_rank_and_worker_and_repeat(tmp_path):
     mixed = keys_of(two, 6)
     assert mixed == keys_of(two, 6)
     assert mixed[0::2] != mixed[1::2]  # batches alternate between the two workers
+
+
+def test_uneven_shards_give_every_rank_the_same_epoch(tmp_path):
+    spec = write_wds(tmp_path, [7, 1, 2])  # 3 shards over 2 ranks x 2 workers
+    cfg = DataConfig(train_shards=spec, num_workers=2, shuffle_buffer=4, epoch_samples=40)
+    lengths = [len(list(train_loader(cfg, batch_size=2, img_size=SIZE, in_chans=1, seed=0,
+                                     rank=rank, world_size=2, epochs=1))) for rank in range(2)]
+    assert lengths == [10, 10]  # 40 // (2 x 2), dealt 5 + 5 over the workers
 
 
 def test_train_batches_shapes_epochs_and_amdim(tmp_path):
