@@ -91,18 +91,34 @@ def format_table(results: Results) -> str:
     return "\n".join(rows)
 
 
+def _training_run(folder: Path | None) -> dict:
+    """W&B id and project of the run that wrote ``folder`` (so eval joins that run)."""
+    if folder is None or not (folder / "wandb_id.txt").is_file():
+        return {}
+    found = {"id": (folder / "wandb_id.txt").read_text().strip(), "resume": "allow", "dir": str(folder)}
+    if (folder / "config.yaml").is_file():
+        import yaml
+
+        wb = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("wandb") or {}
+        found.update({k: wb[k] for k in ("project", "entity") if wb.get(k)})
+    return found
+
+
 def log_to_wandb(results: Results, *, start: bool = False, project: str = "dim-pretrain",
-                 name: str | None = None) -> None:
-    """Put the table in the active W&B run (or a new one when ``start``): one summary
-    key per cell, ``eval/<model>/<view>/<probe>``, and a table ``eval/table``."""
+                 run_dir: Path | None = None) -> None:
+    """Put the table in the active W&B run, or (``start``) in the training run that wrote
+    ``run_dir`` when it has one, else a new ``eval`` run: one summary key per cell,
+    ``eval/<model>/<view>/<probe>``, and a table ``eval/table``."""
     import wandb
+
+    from .tracking import wandb_mode
 
     run = wandb.run
     if run is None and not start:
         return
     if run is None:
-        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        run = wandb.init(project=project, name=name, job_type="eval", mode=mode)
+        kwargs = {"project": project, "job_type": "eval", **_training_run(run_dir)}
+        run = wandb.init(mode=wandb_mode("auto"), **kwargs)
     flat = {f"eval/{m}/{v}/{p}": acc for m, views in results.items()
             for v, probes in views.items() for p, acc in probes.items()}
     table = wandb.Table(columns=["model", "view", "probe", "accuracy"],
@@ -156,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conv view: pooled last conv stage (default) or the mean-pooled local map")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--wandb", action="store_true", help="log to W&B (offline without an API key)")
+    p.add_argument("--wandb", action="store_true",
+                   help="log to W&B (offline without an API key): into the training run of "
+                        "--checkpoint when its folder holds wandb_id.txt, else a new eval run")
     p.add_argument("--wandb-project", default="dim-pretrain")
     return p
 
@@ -177,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    log_to_wandb(results, start=args.wandb, project=args.wandb_project)
+    run_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+    log_to_wandb(results, start=args.wandb, project=args.wandb_project, run_dir=run_dir)
     return 0
 
 

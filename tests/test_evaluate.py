@@ -200,3 +200,15 @@ def test_plot_metrics_writes_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     empty = plot_metrics(tmp_path / "missing.jsonl", tmp_path / "empty.png")
     assert empty.stat().st_size > 0
+
+
+def test_wandb_logging_joins_the_training_run(tmp_path, monkeypatch):
+    from pipeline.evaluate import _training_run, log_to_wandb
+
+    (tmp_path / "wandb_id.txt").write_text("abc123\n")
+    (tmp_path / "config.yaml").write_text("wandb:\n  project: myproj\n  entity: ''\n")
+    assert _training_run(tmp_path) == {"id": "abc123", "resume": "allow", "dir": str(tmp_path),
+                                       "project": "myproj"}
+    assert _training_run(tmp_path / "nowhere") == {}
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the code path, without files or network
+    log_to_wandb({"dim": {"y": {"linear": 0.5, "knn": 0.25}}}, start=True, run_dir=tmp_path)
