@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import (ACCELERATE, ROOT, TINY, env, metrics, pretrain_cmd, run,
+from train_helpers import (ACCELERATE_LAUNCH, ROOT, TINY, env, metrics, pretrain_cmd, run,
                                  write_shards)
 from wandb_log import history, run_files
 
@@ -113,7 +113,7 @@ def test_two_processes_gloo_sigterm_resume(shards, tmp_path):
     out = tmp_path / "ddp"
     cmd = pretrain_cmd(*TINY, f"data.train_shards={shards}", f"train.output_dir={out}",
                        "train.max_steps=40", "train.log_every=1", "train.save_every=100",
-                       launcher=[ACCELERATE, "launch", "--config_file", "launch/cpu.yaml"])
+                       launcher=[*ACCELERATE_LAUNCH, "--config_file", "launch/cpu.yaml"])
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait_for_step(out, 8, proc)
@@ -138,7 +138,7 @@ def test_two_processes_gloo_sigterm_resume(shards, tmp_path):
 def test_deepspeed_zero2_runs_and_resumes(shards, tmp_path):
     """ZeRO-2 through accelerate on 2 CPU processes; a second launch resumes from its checkpoint."""
     out = tmp_path / "ds"
-    launcher = [ACCELERATE, "launch", "--config_file", "launch/deepspeed_zero2.yaml",
+    launcher = [*ACCELERATE_LAUNCH, "--config_file", "launch/deepspeed_zero2.yaml",
                 "--num_processes", "2"]
     args = [*TINY, f"data.train_shards={shards}", f"train.output_dir={out}",
             "train.log_every=1", "train.save_every=2"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-ACCELERATE = str(Path(PY).parent / "accelerate")
+ACCELERATE_LAUNCH = [PY, "-m", "accelerate.commands.launch"]  # no reliance on PATH
 
 # test_resnet at 32x32, small heads and critics, batch 8: a step takes tens of ms on CPU.
 TINY = ["model.backbone=test_resnet", "model.img_size=32", "model.fc_dim=64",
