@@ -54,13 +54,29 @@ def parse_args(argv: list[str] | None = None) -> Config:
 class StopFlag:
     """Set by SIGTERM / SIGUSR1 (SLURM preemption); acted on at the next step boundary."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self):
         self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.raised = True
+
+    @contextlib.contextmanager
+    def shielded_children(self):
+        """Block the stop signals while data-loader workers may be started.
+
+        Children inherit the signal mask, so a signal sent to every process of the job
+        (SLURM signals the whole job step) does not kill the workers before the main
+        process has saved. A signal that arrives meanwhile is delivered on unblocking.
+        """
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def make_accelerator(cfg: Config):
@@ -239,11 +255,12 @@ def train(cfg: Config) -> int:
 
     def next_batch():
         nonlocal batches
-        try:
-            return next(batches)
-        except StopIteration:  # the end of an epoch: start the stream again
-            batches = iter(loader)
-            return next(batches)
+        with stop.shielded_children():
+            try:
+                return next(batches)
+            except StopIteration:  # the end of an epoch: start the stream again
+                batches = iter(loader)
+                return next(batches)
 
     def save(tag: str) -> None:
         meta = {"samples_seen": samples_seen, "world_size": world, "tag": tag,

@@ -6,6 +6,7 @@ Each run is a subprocess, as a user would start it; the model is tiny (test_resn
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -44,16 +45,18 @@ def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float 
 
 
 def test_single_process_sigterm_resume_wandb_export(shards, tmp_path):
-    """Killed by SIGTERM mid-way, resumed: every step logged exactly once, one W&B run
-    id across both parts, the loss falls, and the export reproduces the trained features."""
+    """SIGTERM to the whole process group mid-way (as SLURM signals every process of a
+    job step, data-loader workers included), then resumed: every step logged exactly
+    once, one W&B run id across both parts, the loss falls, and the export reproduces
+    the trained features."""
     out = tmp_path / "run"
     args = [*TINY, f"data.train_shards={shards}", f"train.output_dir={out}",
             "train.max_steps=120", "train.log_every=1", "train.save_every=10",
-            "train.keep_last=3"]
-    proc = subprocess.Popen(pretrain_cmd(*args), cwd=ROOT, env=env(),
+            "train.keep_last=3", "data.num_workers=2"]
+    proc = subprocess.Popen(pretrain_cmd(*args), cwd=ROOT, env=env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(out, 25, proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
     stopped = _checkpoint_steps(out)[-1]
