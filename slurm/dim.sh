@@ -82,7 +82,8 @@ done
 
 if [ "$PREEMPTED" = "1" ]; then
     echo "[dim.sh] requeueing job ${SLURM_JOB_ID:-?}"
-    scontrol requeue "${SLURM_JOB_ID}"
+    # (|| true: under a preemption with PreemptMode=REQUEUE, SLURM requeues it itself)
+    scontrol requeue "${SLURM_JOB_ID}" || true
     exit 0
 fi
 exit "$status"
