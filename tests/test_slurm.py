@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 
 from train_helpers import ROOT
 
@@ -40,3 +42,38 @@ def test_script_requeues_on_signal():
     for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", "trap on_signal USR1 TERM",
                  "scontrol requeue"):
         assert line in text
+
+
+def test_usr1_forwards_sigterm_and_requeues(tmp_path):
+    """The preemption path with fake srun/scontrol/accelerate: USR1 to the batch script
+    reaches the launcher as SIGTERM, and the job asks to be requeued."""
+    log = tmp_path / "log"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scripts = {
+        "scontrol": f'#!/bin/bash\nif [ "$1" = show ]; then echo node1; else echo "$*" >> {log}; fi\n',
+        # srun: run the task's `bash -c` string as node 0 and pass SIGTERM on, like srun does
+        "srun": ('#!/bin/bash\nfor a in "$@"; do last="$a"; done\n'
+                 'SLURM_NODEID=0 bash -c "$last" & child=$!\n'
+                 'trap \'kill -TERM $child\' TERM\nwait $child; wait $child\n'),
+        "accelerate": (f'#!/bin/bash\ntrap \'echo got-TERM >> {log}; exit 0\' TERM\n'
+                       f'echo "launch $*" >> {log}\nwhile true; do sleep 0.1; done\n'),
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", ACCELERATE=str(bin_dir / "accelerate"),
+               SLURM_JOB_NODELIST="node1", SLURM_NNODES="1", SLURM_JOB_ID="4242",
+               SLURM_GPUS_ON_NODE="2", SLURM_SUBMIT_DIR=str(ROOT))
+    proc = subprocess.Popen(["bash", "slurm/dim.sh", "train.max_steps=5"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 20
+    while not (log.is_file() and "launch" in log.read_text()):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    lines = log.read_text().splitlines()
+    assert "--machine_rank 0" in lines[0] and "train.max_steps=5" in lines[0]
+    assert "got-TERM" in lines and "requeue 4242" in lines
