@@ -163,3 +163,17 @@ def test_nonfinite_loss_names_step_and_term(shards, tmp_path):
     assert proc.returncode == 1
     assert "non-finite loss at step 1" in proc.stderr and "loss/kl" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_grad_accum_lars_bf16(shards, tmp_path):
+    """Options together: 2 micro-batches per step, LARS, bf16 autocast, warmup + cosine."""
+    proc = run(pretrain_cmd(*TINY, f"data.train_shards={shards}", f"train.output_dir={tmp_path}",
+                            "train.max_steps=4", "train.log_every=1", "train.grad_accum=2",
+                            "train.optimizer=lars", "train.lr=0.5", "train.warmup_steps=2",
+                            "train.mixed_precision=bf16"))
+    assert proc.returncode == 0
+    rows = metrics(tmp_path)
+    assert [r["samples_seen"] for r in rows] == [16, 32, 48, 64]
+    lrs = [r["lr"] for r in rows]  # the rate for the next step: warmup done, then cosine
+    assert lrs[0] == 0.5 and lrs[1] > lrs[2] > lrs[3] == 0.0
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in rows)
