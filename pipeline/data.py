@@ -267,6 +267,28 @@ class StreamLoader:
         self.epochs, self.skipped = epochs, 0
         self.batches_per_epoch, self.num_samples = batches_per_epoch, num_samples
 
+    def close(self) -> None:
+        """Stop the loader's worker processes now, with SIGKILL if they linger.
+
+        The train loop starts workers with the stop signals blocked (so a job-wide
+        SIGTERM cannot kill them before the main process saves); such a worker also
+        ignores the SIGTERM that DataLoader and multiprocessing send at shutdown, and
+        the interpreter would wait for it forever at exit.
+        """
+        loaders = [s for s in self.loader.pipeline if isinstance(s, torch.utils.data.DataLoader)]
+        iterator = getattr(loaders[0], "_iterator", None) if loaders else None
+        if iterator is None:
+            return
+        workers = list(getattr(iterator, "_workers", []))
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+        loaders[0]._iterator = None
+
     def __iter__(self) -> Iterator[dict]:
         if self.epochs == 1:
             self.skipped = 0

@@ -12,6 +12,7 @@ all of them with the step and the term named, and the log holds cross-rank means
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import math
@@ -246,6 +247,7 @@ def train(cfg: Config) -> int:
     loader = train_loader(cfg.data, batch_size=tc.batch_size, img_size=cfg.model.img_size,
                           in_chans=cfg.model.in_chans, seed=tc.seed + step,
                           rank=accelerator.process_index, world_size=world)
+    atexit.register(loader.close)  # also on an exception: no worker left to wait for
     tracker = Tracker(out, cfg.wandb, cfg.to_dict(), resume_step=step) if main else None
     batches = iter(loader)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -319,6 +321,7 @@ def train(cfg: Config) -> int:
             save("final" if step == tc.max_steps else "periodic")
 
     bar.close()
+    loader.close()
     if step >= tc.max_steps:
         export(accelerator, model, cfg)
         if main:

@@ -177,3 +177,12 @@ def test_grad_accum_lars_bf16(shards, tmp_path):
     lrs = [r["lr"] for r in rows]  # the rate for the next step: warmup done, then cosine
     assert lrs[0] == 0.5 and lrs[1] > lrs[2] > lrs[3] == 0.0
     assert all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("extra,code", [([], 0), (["loss.gamma=.nan"], 1)])
+def test_run_with_loader_workers_exits(shards, tmp_path, extra, code):
+    """Workers start with the stop signals blocked; they must still be stopped at the
+    end of a run and when it fails, or the interpreter waits for them forever."""
+    proc = run(pretrain_cmd(*TINY, f"data.train_shards={shards}", f"train.output_dir={tmp_path}",
+                            "train.max_steps=3", "data.num_workers=2", *extra), timeout=120)
+    assert proc.returncode == code
