@@ -128,5 +128,10 @@ def load_encoder(path: str | Path, map_location: str = "cpu") -> DIMEncoder:
                          local_layer=meta["local_layer"], in_chans=meta["in_chans"],
                          img_size=meta["img_size"], backbone_kwargs=meta.get("backbone_kwargs"))
     encoder.backbone.load_state_dict(load_file(str(folder / EXPORT_BACKBONE), device=map_location))
-    encoder.load_state_dict(load_file(str(folder / EXPORT_HEAD), device=map_location), strict=False)
+    result = encoder.load_state_dict(load_file(str(folder / EXPORT_HEAD), device=map_location),
+                                     strict=False)  # the backbone was loaded above
+    missing = [k for k in result.missing_keys if not k.startswith("backbone.")]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"{folder / EXPORT_HEAD} does not match {meta['backbone']!r}: missing "
+                          f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     return encoder.eval()
