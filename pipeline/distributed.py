@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
-__all__ = ["is_distributed", "rank", "world_size", "gather_with_grad", "all_reduce_mean"]
+__all__ = ["is_distributed", "rank", "world_size", "gather_with_grad"]
 
 
 def is_distributed() -> bool:
@@ -51,13 +51,3 @@ class _ContiguousGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
 
-
-def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Average detached scalars across ranks (for logging only: no gradient flows)."""
-    if not values or not is_distributed():
-        return values
-    keys = sorted(values)
-    stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
-    dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
-    stacked /= world_size()
-    return dict(zip(keys, stacked.unbind(0)))

@@ -27,8 +27,7 @@ class DIM(nn.Module):
         if images2 is None:
             return self.objective(self.encoder(images), generator=generator)
         both = self.encoder(torch.cat([images, images2]))
-        first = type(both)(*(t.chunk(2)[0] for t in both))
-        second = type(both)(*(t.chunk(2)[1] for t in both))
+        first, second = (type(both)(*view) for view in zip(*(t.chunk(2) for t in both)))
         return self.objective(first, second, generator=generator)
 
 
