@@ -8,9 +8,6 @@ backbone's pooled features through the DIM head fc -> (mu, logvar).
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import NamedTuple
 
 import timm
@@ -19,7 +16,7 @@ from torch import nn
 
 from .errors import ConfigError, unknown
 
-__all__ = ["EncoderOutput", "DIMEncoder", "create_backbone", "export_encoder", "load_encoder"]
+__all__ = ["EncoderOutput", "DIMEncoder", "create_backbone"]
 
 
 class EncoderOutput(NamedTuple):
@@ -81,57 +78,3 @@ class DIMEncoder(nn.Module):
         mu, logvar = self.mu(fc), self.logvar(fc)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
         return EncoderOutput(local, pooled, fc, mu, logvar, z)
-
-
-# ------------------------------------------------------------------ export and reload
-
-EXPORT_BACKBONE = "encoder.safetensors"   # timm state dict of the backbone alone
-EXPORT_HEAD = "head.safetensors"          # fc, mu, logvar of the DIM head
-EXPORT_META = "encoder.json"              # what it takes to rebuild both
-
-
-def export_encoder(encoder: DIMEncoder, folder: str | Path, meta: dict) -> Path:
-    """Write the backbone as a timm state dict, the head, and a JSON to rebuild them.
-
-    ``timm.create_model(backbone, pretrained=False, num_classes=0, **backbone_kwargs)``
-    loads ``encoder.safetensors`` with ``strict=True``. ``meta`` holds the model config
-    (backbone, code_dim, fc_dim, local_layer, img_size, in_chans, backbone_kwargs).
-    Files are written to temporary names and renamed, so a reader never sees half a file.
-    """
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    head = {k: v for k, v in encoder.state_dict().items() if not k.startswith("backbone.")}
-    backbone = {k: v.detach().contiguous().cpu() for k, v in encoder.backbone.state_dict().items()}
-    for name, tensors in ((EXPORT_BACKBONE, backbone), (EXPORT_HEAD, head)):
-        tmp = folder / (name + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, folder / name)
-    tmp = folder / (EXPORT_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, folder / EXPORT_META)
-    return folder / EXPORT_BACKBONE
-
-
-def load_encoder(path: str | Path, map_location: str = "cpu") -> DIMEncoder:
-    """Rebuild a ``DIMEncoder`` from an export folder (or its ``encoder.safetensors``)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    folder = path.parent if path.is_file() else path
-    meta_file = folder / EXPORT_META
-    if not meta_file.is_file():
-        raise ConfigError(f"no exported encoder at {path}: {meta_file} is missing")
-    meta = json.loads(meta_file.read_text())
-    encoder = DIMEncoder(meta["backbone"], code_dim=meta["code_dim"], fc_dim=meta["fc_dim"],
-                         local_layer=meta["local_layer"], in_chans=meta["in_chans"],
-                         img_size=meta["img_size"], backbone_kwargs=meta.get("backbone_kwargs"))
-    encoder.backbone.load_state_dict(load_file(str(folder / EXPORT_BACKBONE), device=map_location))
-    result = encoder.load_state_dict(load_file(str(folder / EXPORT_HEAD), device=map_location),
-                                     strict=False)  # the backbone was loaded above
-    missing = [k for k in result.missing_keys if not k.startswith("backbone.")]
-    if missing or result.unexpected_keys:
-        raise ConfigError(f"{folder / EXPORT_HEAD} does not match {meta['backbone']!r}: missing "
-                          f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}")
-    return encoder.eval()

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .classifiers import L2_GRID, knn_accuracy, linear_probe
-from .encoder import EXPORT_META, DIMEncoder, load_encoder
+from .encoder import DIMEncoder
+from .export import EXPORT_META, encoder_from_meta, load_encoder
 from .errors import ConfigError
 from .features import CONV_SOURCES, extract_features
 
@@ -57,9 +58,7 @@ def read_meta(folder: Path) -> dict:
 def random_like(meta: dict, seed: int = 0) -> DIMEncoder:
     """The exported architecture at a seeded random initialisation (the baseline)."""
     torch.manual_seed(seed)
-    return DIMEncoder(meta["backbone"], code_dim=meta["code_dim"], fc_dim=meta["fc_dim"],
-                      local_layer=meta["local_layer"], in_chans=meta["in_chans"],
-                      img_size=meta["img_size"], backbone_kwargs=meta.get("backbone_kwargs"))
+    return encoder_from_meta(meta)
 
 
 def probe_all(train: dict[str, dict[str, torch.Tensor]], train_y: torch.Tensor,

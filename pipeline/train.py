@@ -147,7 +147,7 @@ def use_default_data(accelerator, cfg: Config) -> None:
 
 
 def export(accelerator, model, cfg: Config) -> None:
-    from .encoder import export_encoder
+    from .export import export_encoder
 
     if accelerator.is_main_process:
         encoder = accelerator.unwrap_model(model).encoder

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from pipeline.classifiers import knn_accuracy, knn_predict, linear_probe
-from pipeline.encoder import DIMEncoder, export_encoder
+from pipeline.encoder import DIMEncoder
+from pipeline.export import export_encoder
 from pipeline.features import extract_features
 
 TINY = dict(backbone="test_resnet", code_dim=8, fc_dim=32, local_layer=1, img_size=16, in_chans=3,
