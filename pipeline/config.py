@@ -9,6 +9,7 @@ the key; values are parsed as YAML scalars, so ``train.lr=3e-4`` is a float and
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,17 @@ def _choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> No
         raise unknown(f"{section}.{name}", value, choices)
 
 
+def _bounds(obj, section: str, *, positive: tuple[str, ...] = (),
+            non_negative: tuple[str, ...] = ()) -> None:
+    """One line naming the key, its value and what is allowed, for out-of-range numbers."""
+    for names, ok, allowed in ((positive, lambda v: v > 0, "> 0"),
+                               (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            value = getattr(obj, name)
+            if not ok(value):
+                raise ConfigError(f"{section}.{name} must be {allowed}, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
     backbone: str = "resnet18"    # any timm model name
@@ -39,6 +51,9 @@ class ModelConfig:
     img_size: int = 32            # input resolution (also sizes ViT position embeddings)
     in_chans: int = 3
     backbone_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs
+
+    def __post_init__(self):
+        _bounds(self, "model", positive=("code_dim", "fc_dim", "img_size", "in_chans"))
 
 
 @dataclass
@@ -53,8 +68,12 @@ class LossConfig:
     critic_hidden: int = 512      # hidden width of every critic MLP
     tclip: float = 20.0           # soft score clip tclip*tanh(s/tclip); 0 disables
     score_penalty: float = 0.0    # weight of mean(score^2) (AMDIM used 0.05)
+    allow_negative_weights: bool = False  # a negative alpha/beta/gamma minimises a term
 
     def __post_init__(self):
+        weights = () if self.allow_negative_weights else ("alpha", "beta", "gamma")
+        _bounds(self, "loss", positive=("critic_dim", "critic_hidden"),
+                non_negative=(*weights, "tclip", "score_penalty"))
         _choice("loss", "estimator", self.estimator, ESTIMATORS)
         _choice("loss", "global_critic", self.global_critic, GLOBAL_CRITICS)
         _choice("loss", "local_critic", self.local_critic, LOCAL_CRITICS)
@@ -115,9 +134,10 @@ class TrainConfig:
     def __post_init__(self):
         _choice("train", "optimizer", self.optimizer, ("adamw", "lars"))
         _choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
-        for name in ("batch_size", "max_steps", "grad_accum", "log_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        _bounds(self, "train", positive=("lr", "batch_size", "max_steps", "grad_accum",
+                                         "log_every", "save_every"),
+                non_negative=("weight_decay", "warmup_steps", "grad_clip", "keep_last",
+                              "eval_every"))
 
 
 @dataclass
@@ -154,9 +174,14 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return float(value)
     if target is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if target is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    if isinstance(value, dict) and target is not dict:
+        raise ConfigError(f"{key} is a single value, not a section: give it a "
+                          f"{getattr(target, '__name__', target)}, got {value!r}")
     if target is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if target is list and isinstance(value, str):
@@ -222,8 +247,11 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override {key}: cannot parse value {raw!r}: {err}") from None
         node = tree
         *parents, leaf = key.strip().split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):  # "a.b=1 a.b.c=2": a.b was given a value
+                raise ConfigError(f"override {key}: {'.'.join(parents[:depth + 1])} is a "
+                                  f"single value, not a section")
         node[leaf] = value
     return tree
 

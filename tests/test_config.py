@@ -25,17 +25,29 @@ def test_saved_config_loads_back_identically(tmp_path):
     (["train.batchsize=3"], "unknown config key 'train.batchsize'; did you mean 'train.batch_size'"),
     (["trian.batch_size=3"], "unknown config key 'trian'"),
     (["train.batch_size=three"], "train.batch_size expects int"),
-    (["train.batch_size=0"], "train.batch_size must be >= 1"),
+    (["train.batch_size=0"], "train.batch_size must be > 0"),
     (["train.mixed_precision=fp8"], "unknown train.mixed_precision 'fp8'"),
     (["loss.estimator=nce"], "unknown loss.estimator 'nce'"),
     (["loss=3"], "loss is a section"),
     (["train.batch_size"], "not of the form"),
     (["loss.global_critic=none", "loss.local_critic=none"], "nothing would estimate"),
+    (["train.lr=-1"], "train.lr must be > 0, got -1.0"),
+    (["train.lr=.nan"], "train.lr must be a finite number"),
+    (["loss.alpha=-1"], "loss.alpha must be >= 0, got -1.0"),
+    (["loss.gamma=-0.5"], "loss.gamma must be >= 0"),
+    (["train.batch_size=8", "train.batch_size.x=3"], "train.batch_size is a single value, not a section"),
+    (["train.batch_size.x=3"], "train.batch_size is a single value, not a section"),
+    (["model.code_dim=0"], "model.code_dim must be > 0"),
 ])
 def test_bad_input_is_one_config_error(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert message in str(err.value)
+
+
+def test_negative_weights_need_the_explicit_flag():
+    cfg = load_config(None, ["loss.alpha=-1", "loss.allow_negative_weights=true"])
+    assert cfg.loss.alpha == -1.0
 
 
 def test_missing_or_broken_config_file(tmp_path):
