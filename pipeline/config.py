@@ -130,6 +130,7 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 2            # checkpoints kept
     eval_every: int = 0           # online k-NN probe period in steps (0: off)
+    export_checkpoints: bool = False  # also write a model folder (export/) in each checkpoint
 
     def __post_init__(self):
         _choice("train", "optimizer", self.optimizer, ("adamw", "lars"))

@@ -1,6 +1,6 @@
 """Evaluate an exported encoder: frozen features -> linear probe and weighted k-NN.
 
-    python -m pipeline.evaluate --checkpoint RUN_DIR_OR_encoder.safetensors \\
+    python -m pipeline.evaluate --checkpoint RUN_DIR_OR_MODEL_FOLDER \\
         --train-shards 'data/train-{000000..000003}.tar' --test-shards data/test.tar \\
         [--json results.json] [--wandb]
 
@@ -8,51 +8,30 @@ Three models share one table, so the number that matters (what pretraining bough
 is read against its baselines: ``dim`` (the checkpoint), ``random_init`` (the same
 architecture, seeded random weights) and ``pixels`` (flattened, normalised images).
 Views ``conv``/``fc``/``y`` are described in ``pipeline.features``. The JSON is
-``{model: {view: {probe: accuracy}}}`` with accuracies as fractions in [0, 1].
+``{model: {view: {probe: accuracy}}}`` with accuracies as fractions in [0, 1]. The
+table also goes into the export's model card (its ``README.md``), replacing an earlier one.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .card import update_evaluation
 from .classifiers import L2_GRID, knn_accuracy, linear_probe
 from .encoder import DIMEncoder
-from .export import EXPORT_META, encoder_from_meta, load_encoder
 from .errors import ConfigError
+from .export import encoder_from_meta, find_export, load_encoder, read_export_meta
 from .features import CONV_SOURCES, extract_features
 
 __all__ = ["find_export", "random_like", "probe_all", "format_table", "evaluate", "main"]
 
 Results = dict[str, dict[str, dict[str, float]]]
 PROBES = ("linear", "knn")
-
-
-def find_export(path: str | Path) -> Path:
-    """The folder holding ``encoder.json`` for a run folder or an exported file.
-
-    A run folder may keep its export directly or in a subfolder; the newest
-    ``encoder.json`` below it wins.
-    """
-    path = Path(path)
-    if path.is_file():
-        path = path.parent
-    if (path / EXPORT_META).is_file():
-        return path
-    found = sorted(path.rglob(EXPORT_META), key=lambda p: p.stat().st_mtime) if path.is_dir() else []
-    if not found:
-        raise ConfigError(f"no exported encoder at {path}: expected {EXPORT_META} there or below "
-                          f"(pass a run's output folder or its encoder.safetensors)")
-    return found[-1].parent
-
-
-def read_meta(folder: Path) -> dict:
-    return json.loads((folder / EXPORT_META).read_text())
 
 
 def random_like(meta: dict, seed: int = 0) -> DIMEncoder:
@@ -90,9 +69,22 @@ def format_table(results: Results) -> str:
     return "\n".join(rows)
 
 
+def _run_folder(path: Path | None) -> Path | None:
+    """The run folder holding ``wandb_id.txt`` at or above ``path`` (an export sits in
+    ``RUN/export`` or ``RUN/checkpoints/step_N/export``)."""
+    if path is None or not path.exists():
+        return None
+    path = path.resolve()
+    for folder in [path, *path.parents][:4]:
+        if (folder / "wandb_id.txt").is_file():
+            return folder
+    return None
+
+
 def _training_run(folder: Path | None) -> dict:
     """W&B id and project of the run that wrote ``folder`` (so eval joins that run)."""
-    if folder is None or not (folder / "wandb_id.txt").is_file():
+    folder = _run_folder(folder)
+    if folder is None:
         return {}
     found = {"id": (folder / "wandb_id.txt").read_text().strip(), "resume": "allow", "dir": str(folder)}
     if (folder / "config.yaml").is_file():
@@ -141,7 +133,7 @@ def evaluate(checkpoint: str | Path, train_shards: str, test_shards: str, *, bat
              conv_source: str = "pooled", num_workers: int = 0, log=print) -> Results:
     """Features of the checkpoint, its random-init twin and the pixels -> all probes."""
     folder = find_export(checkpoint)
-    meta = read_meta(folder)
+    meta = read_export_meta(folder)
     encoders = {"dim": load_encoder(folder).to(device), "random_init": random_like(meta, seed).to(device)}
     feats = {}
     for split, spec, limit in (("train", train_shards, limit_train), ("test", test_shards, limit_test)):
@@ -157,7 +149,7 @@ def evaluate(checkpoint: str | Path, train_shards: str, test_shards: str, *, bat
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dim-evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run output folder or exported encoder file")
+    p.add_argument("--checkpoint", required=True, help="run output folder, model folder (export/) or a file in one")
     p.add_argument("--train-shards", required=True, help="labelled shards: probe training set / k-NN bank")
     p.add_argument("--test-shards", required=True, help="labelled shards: probe test set / k-NN queries")
     p.add_argument("--json", help="write {model: {view: {probe: accuracy}}} here")
@@ -194,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    card = update_evaluation(find_export(args.checkpoint), results, {
+        "train shards": args.train_shards, "test shards": args.test_shards,
+        "limit train": args.limit_train, "limit test": args.limit_test, "k": args.knn_k,
+        "conv view": args.conv_source, "seed": args.seed})
+    if card is not None:
+        log(f"[evaluate] table written into the model card {card}")
     run_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
     log_to_wandb(results, start=args.wandb, project=args.wandb_project, run_dir=run_dir)
     return 0

@@ -1,67 +1,202 @@
-"""Export a trained encoder and load it back.
+"""Export a trained encoder as a timm / Hugging Face model folder, and load it back.
 
-The backbone is written as timm's own state dict (``timm.create_model(backbone,
-num_classes=0, **backbone_kwargs)`` loads it strictly); the DIM head and the model
-config needed to rebuild the whole ``DIMEncoder`` sit beside it.
+The folder is what ``timm.save_for_hf`` writes, so the field's loaders read it as is:
+
+    config.json           timm's config (architecture, num_features, model_args,
+                          pretrained_cfg with the input size and normalisation used in
+                          training) plus a ``dim`` block: what rebuilds the DIM head
+    model.safetensors     the backbone's timm state dict
+    dim_head.safetensors  the DIM head (fc, mu, logvar)
+    README.md             the model card (``pipeline.card``)
+
+``timm.create_model("local-dir:FOLDER", pretrained=True)`` gives the backbone (after
+``import pipeline`` when the backbone is one this project registers); ``load_encoder``
+gives the whole ``DIMEncoder``. Folders of the earlier layout (``encoder.safetensors``,
+``head.safetensors``, ``encoder.json``) still load; ``dim-export OLD --out NEW``
+converts them.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from .encoder import DIMEncoder
 from .errors import ConfigError
 
-__all__ = ["EXPORT_BACKBONE", "EXPORT_HEAD", "EXPORT_META", "encoder_from_meta",
-           "export_encoder", "load_encoder"]
+__all__ = [
+    "EXPORT_BACKBONE",
+    "EXPORT_CARD",
+    "EXPORT_CONFIG",
+    "EXPORT_DIR",
+    "EXPORT_FILES",
+    "EXPORT_HEAD",
+    "LEGACY_META",
+    "data_config",
+    "encoder_from_meta",
+    "export_encoder",
+    "find_export",
+    "is_export",
+    "load_encoder",
+    "make_readable",
+    "read_export_meta",
+]
 
-EXPORT_BACKBONE = "encoder.safetensors"   # timm state dict of the backbone alone
-EXPORT_HEAD = "head.safetensors"          # fc, mu, logvar of the DIM head
-EXPORT_META = "encoder.json"              # what it takes to rebuild both
+EXPORT_DIR = "export"                      # the model folder inside a run's output_dir
+EXPORT_CONFIG = "config.json"              # timm's config.json + the "dim" block
+EXPORT_BACKBONE = "model.safetensors"      # timm state dict of the backbone alone
+EXPORT_HEAD = "dim_head.safetensors"       # fc, mu, logvar of the DIM head
+EXPORT_CARD = "README.md"                  # the model card
+EXPORT_FILES = (EXPORT_CONFIG, EXPORT_BACKBONE, EXPORT_HEAD, EXPORT_CARD)
+EXPORT_FORMAT = "dim-pretrain/export/2"
+
+LEGACY_META, LEGACY_BACKBONE, LEGACY_HEAD = "encoder.json", "encoder.safetensors", "head.safetensors"
+
+# pretrained_cfg fields that describe the weights timm would download for this name,
+# not the weights in this folder
+_SOURCE_FIELDS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes",
+                  "description", "hf_hub_filename", "hf_hub_id", "url")
 
 
-def export_encoder(encoder: DIMEncoder, folder: str | Path, meta: dict) -> Path:
-    """Write the backbone as a timm state dict, the head, and a JSON to rebuild them.
+def data_config(img_size: int, in_chans: int) -> dict:
+    """timm's preprocessing fields, read off the evaluation transform the encoder saw.
 
-    ``timm.create_model(backbone, pretrained=False, num_classes=0, **backbone_kwargs)``
-    loads ``encoder.safetensors`` with ``strict=True``. ``meta`` holds the model config
-    (backbone, code_dim, fc_dim, local_layer, img_size, in_chans, backbone_kwargs).
-    Files are written to temporary names and renamed, so a reader never sees half a file.
+    Reading them from ``pipeline.augment.eval_transform`` keeps one home for the
+    normalisation: a change there changes the export too.
     """
-    from safetensors.torch import save_file
+    from torchvision.transforms import v2
 
+    from .augment import eval_transform
+
+    steps = eval_transform(img_size, in_chans).transforms
+    norm = next(t for t in steps if isinstance(t, v2.Normalize))
+    resize = next(t for t in steps if isinstance(t, v2.Resize))
+    interpolation = getattr(resize.interpolation, "value", resize.interpolation)  # enum or str
+    return {"input_size": (in_chans, img_size, img_size), "mean": tuple(norm.mean),
+            "std": tuple(norm.std), "interpolation": str(interpolation),
+            "crop_pct": 1.0, "crop_mode": "center"}
+
+
+def _write_folder(encoder: DIMEncoder, folder: Path, meta: dict, card: str | None) -> None:
+    from safetensors.torch import save_file
+    from timm.models import save_for_hf
+
+    save_for_hf(encoder.backbone, str(folder), safe_serialization=True,
+                model_config={"dim": {"format": EXPORT_FORMAT, **meta}},
+                data_config=data_config(meta["img_size"], meta["in_chans"]))
+    config_file = folder / EXPORT_CONFIG
+    config = json.loads(config_file.read_text())
+    pcfg = config["pretrained_cfg"]
+    for key in _SOURCE_FIELDS:
+        pcfg.pop(key, None)
+    pcfg["tag"] = "dim"
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    head = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()
+            if not k.startswith("backbone.")}
+    save_file(head, str(folder / EXPORT_HEAD))
+    if card is not None:
+        (folder / EXPORT_CARD).write_text(card)
+
+
+def make_readable(folder: Path) -> None:
+    """mkdtemp makes a private folder; an export is for sharing (subject to the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o755 & ~umask)
+    for p in folder.iterdir():
+        p.chmod(0o644 & ~umask)
+
+
+def export_encoder(encoder: DIMEncoder, folder: str | Path, meta: dict,
+                   card: str | None = None) -> Path:
+    """Write the model folder ``folder`` (replacing one there); returns the folder.
+
+    ``meta`` is the model config (backbone, code_dim, fc_dim, local_layer, img_size,
+    in_chans, backbone_kwargs); ``card`` the README.md text. The folder is built beside
+    its final place and renamed in, so a reader never sees half an export.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    head = {k: v for k, v in encoder.state_dict().items() if not k.startswith("backbone.")}
-    backbone = {k: v.detach().contiguous().cpu() for k, v in encoder.backbone.state_dict().items()}
-    for name, tensors in ((EXPORT_BACKBONE, backbone), (EXPORT_HEAD, head)):
-        tmp = folder / (name + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, folder / name)
-    tmp = folder / (EXPORT_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, folder / EXPORT_META)
-    return folder / EXPORT_BACKBONE
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    try:
+        _write_folder(encoder, tmp, meta, card)
+        make_readable(tmp)
+        old = folder.parent / f".old-{folder.name}-{os.getpid()}"
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def is_export(folder: Path) -> bool:
+    config = folder / EXPORT_CONFIG
+    if config.is_file():
+        try:
+            return "dim" in json.loads(config.read_text())
+        except (json.JSONDecodeError, OSError):
+            return False
+    return (folder / LEGACY_META).is_file()
+
+
+def find_export(path: str | Path) -> Path:
+    """The model folder for a model folder, a file in one, or a run's output folder.
+
+    A run folder keeps its final export in ``export/``; failing that (an old layout, or
+    only per-checkpoint exports) the newest model folder below it wins.
+    """
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    for candidate in (path, path / EXPORT_DIR):
+        if is_export(candidate):
+            return candidate
+    found = []
+    if path.is_dir():
+        for name in (EXPORT_CONFIG, LEGACY_META):
+            found += [p.parent for p in path.rglob(name)  # not a half-written .tmp-* one
+                      if not any(part.startswith(".") for part in p.relative_to(path).parts)
+                      and is_export(p.parent)]
+    if not found:
+        raise ConfigError(f"no exported encoder at {path}: expected a model folder "
+                          f"({EXPORT_CONFIG} + {EXPORT_BACKBONE}) there, in {EXPORT_DIR}/ "
+                          f"or below (pass a run's output folder or its export)")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def read_export_meta(folder: str | Path) -> dict:
+    """The model config of a model folder (either layout)."""
+    folder = Path(folder)
+    if (folder / EXPORT_CONFIG).is_file():
+        meta = dict(json.loads((folder / EXPORT_CONFIG).read_text())["dim"])
+        meta.pop("format", None)
+        return meta
+    return json.loads((folder / LEGACY_META).read_text())
 
 
 def load_encoder(path: str | Path, map_location: str = "cpu") -> DIMEncoder:
-    """Rebuild a ``DIMEncoder`` from an export folder (or its ``encoder.safetensors``)."""
+    """Rebuild a ``DIMEncoder`` from a model folder (or a run folder, or a file in one)."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    folder = path.parent if path.is_file() else path
-    meta_file = folder / EXPORT_META
-    if not meta_file.is_file():
-        raise ConfigError(f"no exported encoder at {path}: {meta_file} is missing")
-    meta = json.loads(meta_file.read_text())
+    folder = find_export(path)
+    meta = read_export_meta(folder)
+    legacy = not (folder / EXPORT_CONFIG).is_file()
+    files = (LEGACY_BACKBONE, LEGACY_HEAD) if legacy else (EXPORT_BACKBONE, EXPORT_HEAD)
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        raise ConfigError(f"incomplete export at {folder}: {', '.join(missing)} missing")
     encoder = encoder_from_meta(meta)
-    encoder.backbone.load_state_dict(load_file(str(folder / EXPORT_BACKBONE), device=map_location))
-    result = encoder.load_state_dict(load_file(str(folder / EXPORT_HEAD), device=map_location),
+    backbone_file, head_file = (folder / name for name in files)
+    encoder.backbone.load_state_dict(load_file(str(backbone_file), device=map_location))
+    result = encoder.load_state_dict(load_file(str(head_file), device=map_location),
                                      strict=False)  # the backbone was loaded above
     missing = [k for k in result.missing_keys if not k.startswith("backbone.")]
     if missing or result.unexpected_keys:
-        raise ConfigError(f"{folder / EXPORT_HEAD} does not match {meta['backbone']!r}: missing "
+        raise ConfigError(f"{head_file} does not match {meta['backbone']!r}: missing "
                           f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     return encoder.eval()
 

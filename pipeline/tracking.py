@@ -81,6 +81,25 @@ class Tracker:
     def run_id(self) -> str | None:
         return self.run.id if self.run is not None else None
 
+    def wandb_info(self) -> dict | None:
+        """Entity, project and id of the W&B run (for the model card), if there is one."""
+        if self.run is None:
+            return None
+        return {"entity": self.run.entity, "project": self.run.project, "id": self.run.id}
+
+    def log_model(self, folder: str | Path, step: int, final: bool = False) -> None:
+        """The model folder as a version of the run's ``model`` artifact, ``model-<run id>``
+        (the name W&B's own integrations use); offline runs keep it for ``wandb sync``."""
+        if self.run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"model-{self.run.id}", type="model",
+                                  metadata={"step": step, "format": "timm"})
+        artifact.add_dir(str(folder))
+        aliases = ["latest", f"step_{step}"] + (["final"] if final else [])
+        self.run.log_artifact(artifact, aliases=aliases)
+
     def log(self, row: dict[str, float], step: int) -> None:
         row = {"step": step, **{k: v for k, v in row.items() if k != "step"}}
         self.file.write(json.dumps(row) + "\n")

@@ -146,12 +146,23 @@ def use_default_data(accelerator, cfg: Config) -> None:
         cfg.data.val_shards = str(val_manifest)
 
 
-def export(accelerator, model, cfg: Config) -> None:
+def export(accelerator, model, cfg: Config, folder: Path, *, step: int, samples_seen: int,
+           tracker=None) -> None:
+    """Collective: the main process writes the model folder (pipeline.export) with its
+    card, and logs it to W&B as a model artifact of this run."""
+    from .card import render_card
     from .export import export_encoder
 
     if accelerator.is_main_process:
         encoder = accelerator.unwrap_model(model).encoder
-        export_encoder(encoder, cfg.train.output_dir, dataclasses.asdict(cfg.model))
+        wb = tracker.wandb_info() if tracker else None
+        card = render_card(cfg.to_dict(), step=step, samples_seen=samples_seen,
+                           world_size=accelerator.num_processes, location=str(folder.resolve()),
+                           wandb_run=wb, name=f"{Path(cfg.train.output_dir).name}-{cfg.model.backbone}")
+        export_encoder(encoder, folder, dataclasses.asdict(cfg.model), card=card)
+        if tracker:
+            tracker.log_model(folder, step=step, final=step >= cfg.train.max_steps)
+        accelerator.print(f"exported {folder}")
     accelerator.wait_for_everyone()
 
 
@@ -210,6 +221,7 @@ def train(cfg: Config) -> int:
 
     from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint
     from .data import train_loader
+    from .export import EXPORT_DIR
     from .model import build_model
     from .optim import build_optimizer, build_scheduler
     from .tracking import Tracker
@@ -269,6 +281,9 @@ def train(cfg: Config) -> int:
                 "wandb_id": tracker.run_id if tracker else None}
         path = save_checkpoint(accelerator, out, step, meta, tc.keep_last)
         accelerator.print(f"saved {path}")
+        if tc.export_checkpoints:
+            export(accelerator, model, cfg, path / EXPORT_DIR, step=step,
+                   samples_seen=samples_seen, tracker=tracker)
 
     while step < tc.max_steps:
         sums: dict[str, torch.Tensor] = {}
@@ -323,7 +338,8 @@ def train(cfg: Config) -> int:
     bar.close()
     loader.close()
     if step >= tc.max_steps:
-        export(accelerator, model, cfg)
+        export(accelerator, model, cfg, out / EXPORT_DIR, step=step, samples_seen=samples_seen,
+               tracker=tracker)
         if main:
             plot(out)
     if tracker:

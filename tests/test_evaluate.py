@@ -149,7 +149,7 @@ def test_evaluate_cli_end_to_end(tiny_run, tmp_path, capsys):
     run, train, test = tiny_run
     out = tmp_path / "res" / "eval.json"
     # the exported file path and the run folder are both accepted
-    assert main(["--checkpoint", str(run / "encoder.safetensors"), "--train-shards", train,
+    assert main(["--checkpoint", str(run / "model.safetensors"), "--train-shards", train,
                  "--test-shards", test, "--json", str(out), "--batch-size", "16",
                  "--knn-k", "5"]) == 0
     results = json.loads(out.read_text())

@@ -63,7 +63,7 @@ def test_single_process_sigterm_resume_wandb_export(shards, tmp_path):
     assert 25 <= stopped < 120
     meta = json.loads((out / "checkpoints" / f"step_{stopped:07d}" / "meta.json").read_text())
     assert meta["tag"] == "preempted"
-    assert not (out / "encoder.safetensors").exists()  # not finished: no export yet
+    assert not (out / "export").exists()  # not finished: no export yet
 
     second = run(pretrain_cmd(*args))
     assert second.returncode == 0
@@ -91,7 +91,7 @@ def test_single_process_sigterm_resume_wandb_export(shards, tmp_path):
 
 
 def _check_export(out: Path) -> None:
-    """encoder.safetensors loads strictly into plain timm and matches the checkpoint."""
+    """export/model.safetensors loads strictly into plain timm and matches the checkpoint."""
     import timm
     import torch
     from safetensors.torch import load_file
@@ -100,14 +100,14 @@ def _check_export(out: Path) -> None:
     from pipeline.model import build_model
 
     backbone = timm.create_model("test_resnet", pretrained=False, num_classes=0)
-    backbone.load_state_dict(load_file(str(out / "encoder.safetensors")), strict=True)
+    backbone.load_state_dict(load_file(str(out / "export" / "model.safetensors")), strict=True)
     model = build_model(load_config(out / "config.yaml"))
     model.load_state_dict(load_file(str(out / "checkpoints" / "step_0000120" / "model.safetensors")))
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     backbone.eval(), model.eval()
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), model.encoder(x).pooled)
-    assert json.loads((out / "encoder.json").read_text())["backbone"] == "test_resnet"
+    assert json.loads((out / "export" / "config.json").read_text())["architecture"] == "test_resnet"
 
 
 def test_two_processes_gloo_sigterm_resume(shards, tmp_path):
@@ -135,7 +135,7 @@ def test_two_processes_gloo_sigterm_resume(shards, tmp_path):
     assert all(k in r for r in rows for k in MI_KEYS)
     files = run_files(out)  # W&B on the main process only: one file per launch
     assert len(files) == 2 and all(k in history(files[-1])[-1] for k in MI_KEYS)
-    assert (out / "encoder.safetensors").is_file()
+    assert (out / "export" / "model.safetensors").is_file()
 
 
 def test_deepspeed_zero2_runs_and_resumes(shards, tmp_path):
@@ -154,7 +154,7 @@ def test_deepspeed_zero2_runs_and_resumes(shards, tmp_path):
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(r["world_size"] == 2 for r in rows)
-    assert (out / "encoder.safetensors").is_file()
+    assert (out / "export" / "model.safetensors").is_file()
 
 
 # A NaN weight is refused by the config loader; a huge rate drives the code to inf instead.

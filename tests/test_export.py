@@ -1,0 +1,250 @@
+"""The model folder: timm loads it, load_encoder round-trips it, the card carries the
+evaluation, dim-export stages and refuses to push without a token or network, and a
+training run logs the folder as a W&B model artifact."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from train_helpers import PY, ROOT, TINY, env, pretrain_cmd, run, write_shards
+from wandb_log import records, run_files
+
+import pipeline  # noqa: F401  registers this project's backbones with timm (where it does)
+from pipeline.config import Config
+from pipeline.encoder import DIMEncoder
+from pipeline.export import EXPORT_DIR, export_encoder, find_export, load_encoder
+
+# a timm-native backbone, and one this project registers when it has any
+BACKBONES = ["test_resnet"] + [n for n in ("dim_conv32",) if timm.is_model(n)]
+
+
+def _config(backbone: str) -> Config:
+    cfg = Config()
+    cfg.model.backbone, cfg.model.img_size, cfg.model.fc_dim, cfg.model.code_dim = backbone, 32, 16, 8
+    return cfg
+
+
+def _export(backbone: str, folder: Path, seed: int = 0) -> DIMEncoder:
+    from pipeline.card import render_card
+
+    cfg = _config(backbone)
+    m = cfg.model
+    torch.manual_seed(seed)
+    encoder = DIMEncoder(m.backbone, code_dim=m.code_dim, fc_dim=m.fc_dim, local_layer=m.local_layer,
+                         img_size=m.img_size).eval()
+    with torch.no_grad():  # BatchNorm statistics that are not the defaults, so a lost buffer shows
+        for mod in encoder.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    card = render_card(cfg.to_dict(), step=7, samples_seen=56, world_size=1,
+                       location=str(folder))
+    export_encoder(encoder, folder, dataclasses.asdict(m), card=card)
+    return encoder
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_timm_local_dir_gives_the_trained_features(backbone, tmp_path):
+    """Catches: a state dict timm cannot load, lost BatchNorm buffers, a config.json
+    without the training input size / normalisation, source-weight tags (in1k) left in."""
+    folder = tmp_path / "model"
+    encoder = _export(backbone, folder)
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), encoder(x).pooled, atol=1e-5, rtol=0)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == backbone and config["num_features"] == model.num_features
+    pcfg = config["pretrained_cfg"]
+    assert pcfg["input_size"] == [3, 32, 32] and pcfg["mean"] == [0.5] * 3 and pcfg["std"] == [0.5] * 3
+    assert pcfg["tag"] == "dim" and "license" not in pcfg
+    data = timm.data.resolve_data_config({}, model=model)
+    assert data["input_size"] == (3, 32, 32) and tuple(data["mean"]) == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_load_encoder_round_trips(backbone, tmp_path):
+    """Every output of the DIM encoder (local map, pooled, fc, mu, logvar) comes back."""
+    folder = tmp_path / "model"
+    encoder = _export(backbone, folder)
+    loaded = load_encoder(folder)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for a, b in zip(encoder(x), loaded(x)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert find_export(folder / "model.safetensors") == folder
+
+
+def _legacy(folder: Path) -> DIMEncoder:
+    """An export in the earlier layout, written as the earlier export_encoder did."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    meta = {"backbone": "test_resnet", "code_dim": 8, "fc_dim": 16, "local_layer": 1,
+            "img_size": 32, "in_chans": 3, "backbone_kwargs": {}}
+    encoder = DIMEncoder("test_resnet", code_dim=8, fc_dim=16, img_size=32).eval()
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in encoder.backbone.state_dict().items()},
+              str(folder / "encoder.safetensors"))
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()
+               if not k.startswith("backbone.")}, str(folder / "head.safetensors"))
+    (folder / "encoder.json").write_text(json.dumps(meta))
+    return encoder
+
+
+def test_old_layout_loads_and_dim_export_converts_it(tmp_path):
+    from pipeline.hub import main
+
+    old = tmp_path / "old_run"
+    encoder = _legacy(old)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_encoder(old)(x).mu, encoder(x).mu)
+        assert main([str(old), "--out", str(tmp_path / "new")]) == 0
+        model = timm.create_model(f"local-dir:{tmp_path / 'new'}", pretrained=True).eval()
+        torch.testing.assert_close(model(x), encoder(x).pooled, atol=1e-5, rtol=0)
+        torch.testing.assert_close(load_encoder(tmp_path / "new")(x).mu, encoder(x).mu)
+
+
+def test_card_blocks_replace_in_place():
+    from pipeline.card import get_block, set_block
+
+    text = "# card\n\nintro\n"
+    once = set_block(text, "evaluation", "table 1", heading="Evaluation")
+    twice = set_block(once + "\nmy own notes\n", "evaluation", "table 2")
+    assert get_block(twice, "evaluation") == "table 2"
+    assert twice.count("dim:evaluation:begin") == 1 and "table 1" not in twice
+    assert "my own notes" in twice and twice.count("## Evaluation") == 1
+
+
+def test_evaluate_writes_its_table_into_the_card(tmp_path):
+    """Run twice: the card holds the latest table, once, and the rest of the card stays."""
+    from huggingface_hub import ModelCard
+
+    from pipeline.card import get_block
+    from pipeline.evaluate import main
+
+    shards = write_shards(tmp_path / "shards", n=96, per_shard=48)
+    run_dir = tmp_path / "run"
+    _export("test_resnet", run_dir / EXPORT_DIR)
+    args = ["--checkpoint", str(run_dir), "--train-shards", shards, "--test-shards", shards,
+            "--batch-size", "32", "--knn-k", "5", "--limit-train", "64", "--limit-test", "32",
+            "--json", str(tmp_path / "eval.json")]
+    assert main(args) == 0
+    assert main(args) == 0
+    text = (run_dir / EXPORT_DIR / "README.md").read_text()
+    results = json.loads((tmp_path / "eval.json").read_text())
+    block = get_block(text, "evaluation")
+    assert text.count("dim:evaluation:begin") == 1 and "Not evaluated yet" not in text
+    knn = 100 * results["dim"]["conv"]["knn"]
+    assert f"| dim | conv | {100 * results['dim']['conv']['linear']:.2f}% | {knn:.2f}% |" in block
+    assert "| pixels | pixels |" in block and "random_init" in block
+    card = ModelCard(text)  # still a valid Hugging Face card
+    assert card.data.library_name == "timm" and "deep-infomax" in card.data.tags
+    assert "## Training configuration" in text and "backbone: test_resnet" in text
+
+
+def _cli(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    e = env()
+    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        e.pop(key, None)
+    e.update(extra_env)
+    return subprocess.run([PY, "-m", "pipeline.hub", *args], check=False, cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_dim_export_dry_run_lists_what_would_be_uploaded(tmp_path):
+    folder = tmp_path / "run" / EXPORT_DIR
+    _export("test_resnet", folder)
+    staged = tmp_path / "staged"
+    proc = _cli(str(tmp_path / "run"), "--push", "me/dim-test", "--dry-run", "--out", str(staged),
+                "--license", "mit", HF_HOME=str(tmp_path / "hf"))
+    assert proc.returncode == 0, proc.stderr
+    names = ["README.md", "config.json", "dim_head.safetensors", "model.safetensors"]
+    assert "dry run" in proc.stdout and "me/dim-test" in proc.stdout
+    assert [line.split()[0] for line in proc.stdout.splitlines()[1:]] == names
+    assert sorted(p.name for p in staged.iterdir()) == names
+    card = (staged / "README.md").read_text()
+    assert 'create_model("hf-hub:me/dim-test"' in card and "license: mit" in card
+    assert "local-dir:" not in card
+    # the staged folder is the model: timm loads it
+    timm.create_model(f"local-dir:{staged}", pretrained=True)
+
+
+@pytest.mark.parametrize("extra, says", [
+    ({}, "no Hugging Face token"),
+    ({"HF_TOKEN": "hf_fake", "HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot reach the Hugging Face Hub"),
+    ({"HF_TOKEN": "hf_fake", "HF_HUB_OFFLINE": "1"}, "cannot reach the Hugging Face Hub"),
+])
+def test_dim_export_push_without_token_or_network_is_one_line(tmp_path, extra, says):
+    _export("test_resnet", tmp_path / "run" / EXPORT_DIR)
+    proc = _cli(str(tmp_path / "run"), "--push", "me/dim-test", HF_HOME=str(tmp_path / "hf"), **extra)
+    assert proc.returncode == 1
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and "nothing was uploaded" in err[0], proc.stderr
+    assert "pushed" not in proc.stdout
+
+
+def test_dim_export_bad_input_is_one_line(tmp_path):
+    proc = _cli(str(tmp_path), "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "no exported encoder" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_run_exports_a_timm_folder_and_logs_it_as_a_wandb_artifact(tmp_path):
+    """A real (tiny) run with per-checkpoint exports: the final folder gives the trained
+    encoder's features through timm, each checkpoint holds its own model folder, and
+    the offline W&B run records the folder as versions of a ``model`` artifact."""
+    from safetensors.torch import load_file
+
+    from pipeline.config import load_config
+    from pipeline.model import build_model
+
+    shards = write_shards(tmp_path / "shards", n=64, per_shard=64)
+    out = tmp_path / "run"
+    proc = run(pretrain_cmd(*TINY, f"data.train_shards={shards}", f"train.output_dir={out}",
+                            "train.max_steps=4", "train.save_every=2", "train.log_every=1",
+                            "train.export_checkpoints=true"))
+    assert proc.returncode == 0
+    folder = out / EXPORT_DIR
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "config.json", "dim_head.safetensors", "model.safetensors"]
+    assert (out / "checkpoints" / "step_0000002" / EXPORT_DIR / "model.safetensors").is_file()
+
+    model = build_model(load_config(out / "config.yaml"))
+    model.load_state_dict(load_file(str(out / "checkpoints" / "step_0000004" / "model.safetensors")))
+    backbone = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), model.encoder.eval()(x).pooled, atol=1e-5, rtol=0)
+
+    card = (folder / "README.md").read_text()
+    assert "4 optimizer steps" in card and shards in card
+    run_id = (out / "wandb_id.txt").read_text().strip()
+    assert f"/{run_id}`" in card  # the card names the W&B run
+
+    (wandb_file,) = run_files(out)
+    arts = [r.artifact for r in records(wandb_file) if r.WhichOneof("record_type") == "artifact"]
+    assert {a.name for a in arts} == {f"model-{run_id}"} and all(a.type == "model" for a in arts)
+    final = arts[-1]
+    assert "final" in final.aliases and "step_4" in final.aliases
+    assert {e.path for e in final.manifest.contents} == {
+        "README.md", "config.json", "dim_head.safetensors", "model.safetensors"}
+    assert len(arts) >= 2  # the checkpoint exports at steps 2 and 4, then the final one
+
+
+def test_evaluate_of_an_export_joins_the_training_run(tmp_path):
+    """An export sits in RUN/export or RUN/checkpoints/step_N/export; evaluate --wandb
+    must find the run's wandb_id.txt above it, not start a separate run."""
+    from pipeline.evaluate import _training_run
+
+    (tmp_path / "wandb_id.txt").write_text("abc123\n")
+    nested = tmp_path / "checkpoints" / "step_0000004" / EXPORT_DIR
+    nested.mkdir(parents=True)
+    assert _training_run(nested)["id"] == "abc123"
+    assert _training_run(tmp_path / EXPORT_DIR) == {}  # no such folder: nothing to join
