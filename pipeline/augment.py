@@ -41,6 +41,13 @@ def eval_transform(img_size: int, in_chans: int) -> v2.Compose:
                        v2.CenterCrop(img_size), *_finish(in_chans)])
 
 
+def fixed_size(img_size: int, in_chans: int) -> v2.Compose:
+    """Resize the short side and centre-crop to a uint8 square, nothing random: what
+    workers do when the random augmentation runs batched (``pipeline.batch_augment``)."""
+    return v2.Compose([*_channels(in_chans), v2.Resize(img_size, antialias=True),
+                       v2.CenterCrop(img_size)])
+
+
 def train_transform(img_size: int, in_chans: int, *, crop_scale_min: float, flip: bool,
                     color_jitter: float, grayscale_p: float = 0.0) -> v2.Compose:
     """Random resized crop, optional flip, colour jitter (p=0.8) and random grayscale."""

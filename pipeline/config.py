@@ -91,6 +91,8 @@ class DataConfig:
     num_workers: int = 2          # DataLoader workers per process (0: read in the main process)
     shuffle_buffer: int = 2000    # samples (undecoded) in the shuffle buffer; < 2 disables
     augment: str = "simple"       # none | simple | amdim (two independent views)
+    augment_on: str = "batch"     # batch: workers decode, the train loop augments the batch
+                                  # on its device | worker: per-image transforms in workers
     crop_scale_min: float = 0.5   # RandomResizedCrop lower area bound
     flip: bool = True
     color_jitter: float = 0.4     # strength; 0 disables
@@ -98,6 +100,7 @@ class DataConfig:
 
     def __post_init__(self):
         _choice("data", "augment", self.augment, ("none", "simple", "amdim"))
+        _choice("data", "augment_on", self.augment_on, ("batch", "worker"))
         if not 0 < self.crop_scale_min <= 1:
             raise ConfigError(f"data.crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         for name in ("epoch_samples", "num_workers", "shuffle_buffer"):

@@ -44,7 +44,8 @@ from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import make_seed
 
-from .augment import Views, build_views
+from .augment import Views, build_views, fixed_size
+from .batch_augment import on_batch
 from .config import DataConfig
 from .errors import ConfigError
 from .shards import dataset_size, resolve_shards, resolve_spec
@@ -314,7 +315,9 @@ def train_loader(cfg: DataConfig, *, batch_size: int, img_size: int, in_chans: i
 
     Batches: ``image`` (B, in_chans, img_size, img_size) in [-1, 1], ``label`` (B,) long
     (-1 when unlabeled), ``skipped`` (int), ``image2`` with ``augment="amdim"``, ``key``
-    (list of sample keys) with ``with_keys``.
+    (list of sample keys) with ``with_keys``. With ``augment_on="batch"`` (and an
+    augmentation), ``image`` is uint8 and unaugmented (resized, centre-cropped): the
+    caller augments it with ``pipeline.batch_augment``, which also makes the second view.
     """
     shards = resolve_spec(cfg.train_shards)
     urls = [url for url, _ in shards]
@@ -325,15 +328,16 @@ def train_loader(cfg: DataConfig, *, batch_size: int, img_size: int, in_chans: i
                     "data.epoch_samples", cfg.train_shards, NOMINAL_EPOCH)
         epoch_samples = NOMINAL_EPOCH
     state = _StreamState(seed, rank, world_size)
-    views = build_views(cfg.augment, img_size=img_size, in_chans=in_chans,
-                        crop_scale_min=cfg.crop_scale_min, flip=cfg.flip,
-                        color_jitter=cfg.color_jitter)
+    batched = on_batch(cfg)
+    views = Views(fixed_size(img_size, in_chans)) if batched else \
+        build_views(cfg.augment, img_size=img_size, in_chans=in_chans,
+                    crop_scale_min=cfg.crop_scale_min, flip=cfg.flip, color_jitter=cfg.color_jitter)
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, worker_seed=state.shard_seed, deterministic=True),
         partial(_read_shards, sizes=sizes),
         partial(_shuffle, state=state, size=cfg.shuffle_buffer),
         partial(_decode, state=state, views=views, in_chans=in_chans, label_key=cfg.label_key,
-                random_views=cfg.augment != "none", with_keys=with_keys),
+                random_views=cfg.augment != "none" and not batched, with_keys=with_keys),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
     )
     batches = max(1, epoch_samples // (batch_size * world_size))

@@ -219,6 +219,7 @@ def train(cfg: Config) -> int:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    from .batch_augment import build_batch_augment
     from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint
     from .data import train_loader
     from .export import EXPORT_DIR
@@ -260,6 +261,10 @@ def train(cfg: Config) -> int:
                           in_chans=cfg.model.in_chans, seed=tc.seed + step,
                           rank=accelerator.process_index, world_size=world)
     atexit.register(loader.close)  # also on an exception: no worker left to wait for
+    # Random crops, jitter and the second view on the step's device, drawn from
+    # (seed, rank, step): a resumed run augments step k as the first run did.
+    augment = build_batch_augment(cfg.data, img_size=cfg.model.img_size, seed=tc.seed,
+                                  rank=accelerator.process_index)
     tracker = Tracker(out, cfg.wandb, cfg.to_dict(), resume_step=step) if main else None
     batches = iter(loader)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -288,11 +293,14 @@ def train(cfg: Config) -> int:
     while step < tc.max_steps:
         sums: dict[str, torch.Tensor] = {}
         skipped, grad_norm = 0, None
-        for _ in range(tc.grad_accum):
+        for micro in range(tc.grad_accum):
             batch = next_batch()
             images = batch["image"].to(accelerator.device, non_blocking=True)
             images2 = batch.get("image2")
             images2 = images2.to(accelerator.device, non_blocking=True) if images2 is not None else None
+            if augment is not None:
+                images, *second = augment(images, step, micro)
+                images2 = second[0] if second else None
             skipped = int(batch.get("skipped", 0))
             with accelerator.accumulate(model):
                 with autocast:

@@ -200,7 +200,8 @@ def test_uneven_shards_give_every_rank_the_same_epoch(tmp_path):
 
 def test_train_batches_shapes_epochs_and_amdim(tmp_path):
     manifest = write_project(tmp_path, 10, max_samples=4)
-    cfg = DataConfig(train_shards=manifest, num_workers=0, augment="amdim", shuffle_buffer=4)
+    cfg = DataConfig(train_shards=manifest, num_workers=0, augment="amdim", augment_on="worker",
+                     shuffle_buffer=4)
     loader = train_loader(cfg, batch_size=3, img_size=12, in_chans=3, seed=0, rank=0,
                           world_size=1, epochs=2)
     batches = list(loader)

@@ -170,11 +170,12 @@ def test_nonfinite_loss_names_step_and_term(shards, tmp_path):
 
 
 def test_grad_accum_lars_bf16(shards, tmp_path):
-    """Options together: 2 micro-batches per step, LARS, bf16 autocast, warmup + cosine."""
+    """Options together: 2 micro-batches per step, LARS, bf16 autocast, warmup + cosine,
+    two views augmented batched in the loop."""
     proc = run(pretrain_cmd(*TINY, f"data.train_shards={shards}", f"train.output_dir={tmp_path}",
                             "train.max_steps=4", "train.log_every=1", "train.grad_accum=2",
                             "train.optimizer=lars", "train.lr=0.5", "train.warmup_steps=2",
-                            "train.mixed_precision=bf16"))
+                            "train.mixed_precision=bf16", "data.augment=amdim"))
     assert proc.returncode == 0
     rows = metrics(tmp_path)
     assert [r["samples_seen"] for r in rows] == [16, 32, 48, 64]
