@@ -89,16 +89,29 @@ class Tracker:
 
     def log_model(self, folder: str | Path, step: int, final: bool = False) -> None:
         """The model folder as a version of the run's ``model`` artifact, ``model-<run id>``
-        (the name W&B's own integrations use); offline runs keep it for ``wandb sync``."""
+        (the name W&B's own integrations use).
+
+        W&B copies the files to a staging folder until they are uploaded; an offline run
+        stages them in its own ``wandb/`` folder (unless ``WANDB_DATA_DIR`` says where),
+        so ``wandb sync`` finds them there and deleting the run deletes them too.
+        """
         if self.run is None:
             return
         import wandb
 
-        artifact = wandb.Artifact(f"model-{self.run.id}", type="model",
-                                  metadata={"step": step, "format": "timm"})
-        artifact.add_dir(str(folder))
-        aliases = ["latest", f"step_{step}"] + (["final"] if final else [])
-        self.run.log_artifact(artifact, aliases=aliases)
+        offline = self.run.offline
+        data_dir = os.environ.get("WANDB_DATA_DIR")
+        if offline and data_dir is None:
+            os.environ["WANDB_DATA_DIR"] = str(self.dir / "wandb" / "data")
+        try:
+            artifact = wandb.Artifact(f"model-{self.run.id}", type="model",
+                                      metadata={"step": step, "format": "timm"})
+            artifact.add_dir(str(folder))
+            aliases = ["latest", f"step_{step}"] + (["final"] if final else [])
+            self.run.log_artifact(artifact, aliases=aliases)
+        finally:
+            if offline and data_dir is None:
+                os.environ.pop("WANDB_DATA_DIR", None)
 
     def log(self, row: dict[str, float], step: int) -> None:
         row = {"step": step, **{k: v for k, v in row.items() if k != "step"}}

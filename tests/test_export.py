@@ -196,7 +196,7 @@ def test_dim_export_bad_input_is_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_run_exports_a_timm_folder_and_logs_it_as_a_wandb_artifact(tmp_path):
+def test_run_exports_a_timm_folder_and_logs_it_as_a_wandb_artifact(tmp_path, monkeypatch):
     """A real (tiny) run with per-checkpoint exports: the final folder gives the trained
     encoder's features through timm, each checkpoint holds its own model folder, and
     the offline W&B run records the folder as versions of a ``model`` artifact."""
@@ -205,6 +205,7 @@ def test_run_exports_a_timm_folder_and_logs_it_as_a_wandb_artifact(tmp_path):
     from pipeline.config import load_config
     from pipeline.model import build_model
 
+    monkeypatch.delenv("WANDB_DATA_DIR", raising=False)
     shards = write_shards(tmp_path / "shards", n=64, per_shard=64)
     out = tmp_path / "run"
     proc = run(pretrain_cmd(*TINY, f"data.train_shards={shards}", f"train.output_dir={out}",
@@ -236,6 +237,10 @@ def test_run_exports_a_timm_folder_and_logs_it_as_a_wandb_artifact(tmp_path):
     assert {e.path for e in final.manifest.contents} == {
         "README.md", "config.json", "dim_head.safetensors", "model.safetensors"}
     assert len(arts) >= 2  # the checkpoint exports at steps 2 and 4, then the final one
+    # offline: the files wait for `wandb sync` inside the run folder, not in the home folder
+    staged = list((out / "wandb" / "data" / "artifacts" / "staging").iterdir())
+    sizes = sorted(p.stat().st_size for p in staged)
+    assert (folder / "model.safetensors").stat().st_size in sizes
 
 
 def test_evaluate_of_an_export_joins_the_training_run(tmp_path):
