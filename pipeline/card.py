@@ -30,6 +30,7 @@ LICENSE = "unknown"  # the weights' license follows the training data; dim-expor
 # torchvision dataset names (as pipeline.prepare records them) -> Hugging Face dataset ids
 HUB_DATASETS = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100",
                 "mnist": "ylecun/mnist", "fashionmnist": "zalando-datasets/fashion_mnist"}
+PROBE_NAMES = {"linear": "linear probe", "mlp": "MLP probe", "knn": "k-NN"}
 CITATION = """@inproceedings{hjelm2019learning,
   title={Learning deep representations by mutual information estimation and maximization},
   author={Hjelm, R Devon and Fedorov, Alex and Lavoie-Marchildon, Samuel and Grewal, Karan
@@ -203,16 +204,21 @@ The resolved configuration of the run (`pretrain.py --config` accepts it as is):
 
 
 def evaluation_block(results: dict, settings: dict) -> str:
-    """The evaluation table in markdown (accuracies in percent) and how it was made."""
-    rows = ["| model | view | linear probe | k-NN |", "|---|---|---|---|"]
+    """The evaluation table in markdown (accuracies in percent) and how it was made.
+
+    One column per probe found in ``results``, in the order evaluate ran them.
+    """
+    probes = list(dict.fromkeys(p for views in results.values() for cell in views.values()
+                                for p in cell))
+    rows = ["| model | view | " + " | ".join(PROBE_NAMES.get(p, p) for p in probes) + " |",
+            "|---|---|" + "---|" * len(probes)]
     for model, views in results.items():
-        for view, probes in views.items():
-            cells = [f"{100 * probes[p]:.2f}%" if p in probes else "-" for p in ("linear", "knn")]
+        for view, cell in views.items():
+            cells = [f"{100 * cell[p]:.2f}%" if p in cell else "-" for p in probes]
             rows.append(f"| {model} | {view} | {' | '.join(cells)} |")
     how = ", ".join(f"{k}: `{v}`" for k, v in settings.items() if v is not None)
-    return ("Frozen features, `python -m pipeline.evaluate`: a linear probe (logistic "
-            "regression, L2 chosen on a validation split) and a weighted k-NN, beside the "
-            "same architecture at random init and raw pixels.\n\n"
+    return ("Frozen features, `python -m pipeline.evaluate`, beside the same architecture "
+            "at random init and raw pixels. Accuracy on the test shards:\n\n"
             + "\n".join(rows) + (f"\n\n{how}" if how else ""))
 
 

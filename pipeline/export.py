@@ -92,6 +92,11 @@ def _write_folder(encoder: DIMEncoder, folder: Path, meta: dict, card: str | Non
     for key in _SOURCE_FIELDS:
         pcfg.pop(key, None)
     pcfg["tag"] = "dim"
+    size = config.get("model_args", {}).get("img_size")
+    if isinstance(size, list) and len(set(size)) == 1:
+        # timm records the size as (h, w); a square one goes back as the int the config
+        # holds, which every model accepts (not all take a pair)
+        config["model_args"]["img_size"] = size[0]
     config_file.write_text(json.dumps(config, indent=2) + "\n")
     head = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()
             if not k.startswith("backbone.")}

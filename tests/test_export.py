@@ -19,8 +19,9 @@ from pipeline.config import Config
 from pipeline.encoder import DIMEncoder
 from pipeline.export import EXPORT_DIR, export_encoder, find_export, load_encoder
 
-# a timm-native backbone, and one this project registers when it has any
-BACKBONES = ["test_resnet"] + [n for n in ("dim_conv32",) if timm.is_model(n)]
+# timm-native backbones (a CNN; a ViT, whose img_size goes into config.json's model_args),
+# and one this project registers when it has any
+BACKBONES = ["test_resnet", "test_vit"] + [n for n in ("dim_conv32",) if timm.is_model(n)]
 
 
 def _config(backbone: str) -> Config:
@@ -122,6 +123,18 @@ def test_card_blocks_replace_in_place():
     assert "my own notes" in twice and twice.count("## Evaluation") == 1
 
 
+def test_card_table_has_a_column_per_probe_that_ran():
+    """A probe evaluate adds later (or leaves out) must not vanish from the card or shift
+    another probe's numbers into its column."""
+    from pipeline.card import evaluation_block
+
+    block = evaluation_block({"dim": {"conv": {"linear": 0.5, "mlp": 0.625, "knn": 0.25}},
+                              "pixels": {"pixels": {"linear": 0.9, "knn": 0.8}}}, {"k": 20})
+    assert "| model | view | linear probe | MLP probe | k-NN |" in block
+    assert "| dim | conv | 50.00% | 62.50% | 25.00% |" in block
+    assert "| pixels | pixels | 90.00% | - | 80.00% |" in block
+
+
 def test_evaluate_writes_its_table_into_the_card(tmp_path):
     """Run twice: the card holds the latest table, once, and the rest of the card stays."""
     from huggingface_hub import ModelCard
@@ -142,7 +155,8 @@ def test_evaluate_writes_its_table_into_the_card(tmp_path):
     block = get_block(text, "evaluation")
     assert text.count("dim:evaluation:begin") == 1 and "Not evaluated yet" not in text
     knn = 100 * results["dim"]["conv"]["knn"]
-    assert f"| dim | conv | {100 * results['dim']['conv']['linear']:.2f}% | {knn:.2f}% |" in block
+    assert f"| dim | conv | {100 * results['dim']['conv']['linear']:.2f}% |" in block
+    assert f"{knn:.2f}% |" in block.split("| dim | conv |")[1].splitlines()[0]
     assert "| pixels | pixels |" in block and "random_init" in block
     card = ModelCard(text)  # still a valid Hugging Face card
     assert card.data.library_name == "timm" and "deep-infomax" in card.data.tags
