@@ -89,7 +89,7 @@ def stage(src: str | Path, dest: str | Path, *, repo_id: str | None = None,
     from .export import is_export, make_readable
 
     dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()) and not is_export(dest):
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir()) and not is_export(dest)):
         raise ConfigError(f"{dest} exists and is not a model folder; pick an empty or new --out")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))

@@ -35,4 +35,4 @@ for probe in ("linear", "knn"):
     print(f"[run] conv/{probe}: DIM {100 * d:.1f}% {verdict} random init {100 * b:.1f}% "
           f"(pixels {100 * r['pixels']['pixels'][probe]:.1f}%)")
 EOF
-echo "[run] results: $out/eval.json, curves: $out/metrics.png; total $(( $(date +%s) - start ))s"
+echo "[run] results: $out/eval.json, curves: $out/metrics.png, model folder + card: $out/export; total $(( $(date +%s) - start ))s"

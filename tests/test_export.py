@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 from train_helpers import PY, ROOT, TINY, env, pretrain_cmd, run, write_shards
-from wandb_log import records, run_files
+from wandb_log import history, records, run_files
 
 import pipeline  # noqa: F401  registers this project's backbones with timm (where it does)
 from pipeline.config import Config
@@ -208,6 +208,13 @@ def test_dim_export_bad_input_is_one_line(tmp_path):
     proc = _cli(str(tmp_path), "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and "no exported encoder" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    # --out on a folder of other things: refused, and the things stay
+    _export("test_resnet", tmp_path / "run" / EXPORT_DIR)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    proc = _cli(str(tmp_path / "run"), "--out", str(tmp_path / "mine"))
+    assert proc.returncode == 2 and "is not a model folder" in proc.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_run_exports_a_timm_folder_and_logs_it_as_a_wandb_artifact(tmp_path, monkeypatch):
@@ -243,7 +250,7 @@ def test_run_exports_a_timm_folder_and_logs_it_as_a_wandb_artifact(tmp_path, mon
     run_id = (out / "wandb_id.txt").read_text().strip()
     assert f"/{run_id}`" in card  # the card names the W&B run
 
-    (wandb_file,) = run_files(out)
+    (wandb_file,) = run_files(out)  # the training run
     arts = [r.artifact for r in records(wandb_file) if r.WhichOneof("record_type") == "artifact"]
     assert {a.name for a in arts} == {f"model-{run_id}"} and all(a.type == "model" for a in arts)
     final = arts[-1]
@@ -251,6 +258,19 @@ def test_run_exports_a_timm_folder_and_logs_it_as_a_wandb_artifact(tmp_path, mon
     assert {e.path for e in final.manifest.contents} == {
         "README.md", "config.json", "dim_head.safetensors", "model.safetensors"}
     assert len(arts) >= 2  # the checkpoint exports at steps 2 and 4, then the final one
+    # evaluate --wandb on the export joins the same W&B run (a second .wandb file of that id)
+    shown = subprocess.run([PY, "-m", "pipeline.evaluate", "--checkpoint", str(folder),
+                            "--train-shards", shards, "--test-shards", shards, "--batch-size", "32",
+                            "--knn-k", "5", "--limit-train", "48", "--limit-test", "16", "--wandb"],
+                           check=False, cwd=ROOT, env=env(), capture_output=True, text=True,
+                           timeout=300)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    files = run_files(out)
+    assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)
+    logged = [row for f in files for row in history(f)]
+    assert any("eval/dim/conv/linear" in row for row in logged)
+    assert "| dim | conv |" in (folder / "README.md").read_text()
+
     # offline: the files wait for `wandb sync` inside the run folder, not in the home folder
     staged = list((out / "wandb" / "data" / "artifacts" / "staging").iterdir())
     sizes = sorted(p.stat().st_size for p in staged)
