@@ -1,6 +1,6 @@
 """Batched augmentation on the training device: uint8 batches in, normalised views out.
 
-Loader workers only decode and fit each image to a fixed square (``augment.fixed_size``);
+Loader workers only decode and fit each image to a fixed square (``augment.FixedSize``);
 the random part runs here on the whole batch at once, on whatever device the step runs:
 
 - random resized crop + horizontal flip: one affine sampling grid per image, one

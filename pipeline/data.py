@@ -44,7 +44,7 @@ from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import make_seed
 
-from .augment import Views, build_views, fixed_size
+from .augment import FixedSize, Views, build_views
 from .batch_augment import on_batch
 from .config import DataConfig
 from .errors import ConfigError
@@ -329,7 +329,7 @@ def train_loader(cfg: DataConfig, *, batch_size: int, img_size: int, in_chans: i
         epoch_samples = NOMINAL_EPOCH
     state = _StreamState(seed, rank, world_size)
     batched = on_batch(cfg)
-    views = Views(fixed_size(img_size, in_chans)) if batched else \
+    views = Views(FixedSize(img_size, in_chans)) if batched else \
         build_views(cfg.augment, img_size=img_size, in_chans=in_chans,
                     crop_scale_min=cfg.crop_scale_min, flip=cfg.flip, color_jitter=cfg.color_jitter)
     pipeline = wds.DataPipeline(

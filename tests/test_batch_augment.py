@@ -12,6 +12,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline import batch_augment as ba
+from pipeline.augment import FixedSize
 from pipeline.config import DataConfig
 from pipeline.data import eval_loader, train_loader
 from pipeline.prepare import write_dataset
@@ -148,4 +149,6 @@ def test_loader_side_decodes_only_and_eval_is_unchanged(tmp_path):
                                    world_size=1)))
         assert b["image"].dtype == torch.float32
     ev = next(iter(eval_loader(spec, batch_size=3, img_size=16, in_chans=3)))
+    fit, square = FixedSize(16, 3), torch.zeros(3, 16, 16, dtype=torch.uint8)
+    assert fit(square) is square and fit(torch.zeros(3, 20, 24, dtype=torch.uint8)).shape == (3, 16, 16)
     assert ev["image"].dtype == torch.float32 and -1 <= ev["image"].min() <= ev["image"].max() <= 1
