@@ -1,6 +1,7 @@
 """What DIM costs on top of the backbone: one training step, DIM vs the bare backbone.
 
     python benchmarks/step_overhead.py --backbones resnet18,resnet50 --sizes 32,64 --batch 64
+    python benchmarks/step_overhead.py --config configs/cifar10_cpu.yaml --views 2 --compile
 
 DIM step: encoder (backbone intermediates + fc -> mu, logvar, z) + critics + estimator
 loss, forward + backward + AdamW step. Baseline: the same timm backbone's forward
@@ -8,12 +9,16 @@ loss, forward + backward + AdamW step. Baseline: the same timm backbone's forwar
 Also times the DIM encoder alone (its z.mean() as the loss), to split the overhead
 between the encoder head and the critics + estimators. Prints the fastest step of
 each and their ratios (the target for dot critics is DIM/bare <= 1.15x). Single
-process: the cross-device gather is the identity here.
+process: the cross-device gather is the identity here. ``--views 2``: DIM gets two
+views of the batch (the encoder runs on 2B images), so the baseline runs on 2B too.
+``--compile`` / ``--channels-last``: the ``train.compile`` / ``train.channels_last``
+options, applied to all three models alike (compilation happens in the warm-up steps).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 
 import torch
@@ -21,6 +26,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.encoder import create_backbone
 from pipeline.model import build_model
+from pipeline.speed import prepare_input, prepare_model
 
 
 class Stepper:
@@ -32,6 +38,7 @@ class Stepper:
         self.times: list[float] = []
 
     def step(self, x: torch.Tensor, record: bool) -> None:
+        """One step on ``x`` (a list of views for DIM: the model gets them as arguments)."""
         if x.is_cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -45,7 +52,7 @@ class Stepper:
 
 
 def measure(backbone: str, size: int, batch: int, overrides: list[str], steps: int, warmup: int,
-            device: str) -> dict[str, float]:
+            device: str, *, config: str | None = None, views: int = 1) -> dict[str, float]:
     """Fastest step, in seconds, of the bare backbone, the DIM encoder alone and full DIM.
 
     The three alternate step by step and the minimum over steps is kept: on a shared
@@ -53,14 +60,21 @@ def measure(backbone: str, size: int, batch: int, overrides: list[str], steps: i
     estimate of each step's own cost.
     """
     torch.manual_seed(0)
-    cfg = load_config(None, [f"model.backbone={backbone}", f"model.img_size={size}", *overrides])
-    x = torch.randn(batch, cfg.model.in_chans, size, size, device=device)
+    cfg = load_config(config, [f"model.backbone={backbone}", f"model.img_size={size}", *overrides])
+    tc = cfg.train
+    x = prepare_input(torch.randn(views * batch, cfg.model.in_chans, size, size, device=device), tc)
     bare = create_backbone(backbone, in_chans=cfg.model.in_chans, img_size=size).to(device)
     dim = build_model(cfg).to(device)
     encoder_only = copy.deepcopy(dim.encoder)
+    for model in (bare, encoder_only):
+        if tc.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if tc.compile:
+            model.compile()
+    prepare_model(dim, tc)
     steppers = {"bare": Stepper(bare, lambda m, x: m(x).mean()),
                 "encoder": Stepper(encoder_only, lambda m, x: m(x).z.mean()),
-                "dim": Stepper(dim, lambda m, x: m(x)[0])}
+                "dim": Stepper(dim, lambda m, x: m(*x.chunk(views))[0])}
     for i in range(warmup + steps):
         for s in steppers.values():
             s.step(x, record=i >= warmup)
@@ -75,20 +89,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--config", default=None, help="start from this YAML (default: built-in)")
+    p.add_argument("--views", type=int, default=1, choices=(1, 2))
+    p.add_argument("--compile", action="store_true", help="train.compile=true for all three")
+    p.add_argument("--channels-last", action="store_true", help="train.channels_last=true")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. loss.estimator=jsd "
                                                 "(default: the dot critics with infoNCE)")
     args = p.parse_args(argv)
+    args.overrides += ["train.compile=true"] * args.compile + \
+        ["train.channels_last=true"] * args.channels_last
     print(f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} "
+          f"views={args.views} config={args.config or '(built-in)'} load={os.getloadavg()[0]:.1f} "
           f"overrides={' '.join(args.overrides) or '(defaults: infonce, dot critics)'}")
     print(f"{'backbone':<20}{'size':>5}{'bare ms':>10}{'encoder ms':>12}{'DIM ms':>10}"
           f"{'enc/bare':>10}{'DIM/bare':>10}")
     for backbone in args.backbones.split(","):
         for size in map(int, args.sizes.split(",")):
             t = measure(backbone, size, args.batch, args.overrides, args.steps, args.warmup,
-                        args.device)
+                        args.device, config=args.config, views=args.views)
             print(f"{backbone:<20}{size:>5}{1e3 * t['bare']:>10.1f}{1e3 * t['encoder']:>12.1f}"
                   f"{1e3 * t['dim']:>10.1f}{t['encoder'] / t['bare']:>10.3f}"
-                  f"{t['dim'] / t['bare']:>10.3f}", flush=True)
+                  f"{t['dim'] / t['bare']:>10.3f}  (load {os.getloadavg()[0]:.1f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,8 @@ class TrainConfig:
     grad_clip: float = 1.0        # max grad norm; 0 disables
     grad_accum: int = 1
     mixed_precision: str = "no"   # no | bf16 | fp16
+    compile: bool = False         # torch.compile the encoder and the objective (in place)
+    channels_last: bool = False   # NHWC weights and inputs (faster convolutions on GPUs)
     seed: int = 0
     log_every: int = 10
     save_every: int = 500

@@ -225,6 +225,7 @@ def train(cfg: Config) -> int:
     from .export import EXPORT_DIR
     from .model import build_model
     from .optim import build_optimizer, build_scheduler
+    from .speed import prepare_input, prepare_model
     from .tracking import Tracker
 
     stop = StopFlag()
@@ -240,7 +241,7 @@ def train(cfg: Config) -> int:
     accelerator.wait_for_everyone()
 
     set_seed(tc.seed)  # identical initial weights on every rank
-    model = build_model(cfg)
+    model = prepare_model(build_model(cfg), tc)  # channels_last, compile
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -301,6 +302,7 @@ def train(cfg: Config) -> int:
             if augment is not None:
                 images, *second = augment(images, step, micro)
                 images2 = second[0] if second else None
+            images, images2 = prepare_input(images, tc), prepare_input(images2, tc)
             skipped = int(batch.get("skipped", 0))
             with accelerator.accumulate(model):
                 with autocast:

@@ -1,0 +1,46 @@
+"""train.compile and train.channels_last change how the step runs, not what it computes."""
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import load_config
+from pipeline.model import build_model
+from pipeline.speed import prepare_input, prepare_model
+
+TINY = ["model.backbone=test_resnet", "model.img_size=16", "model.fc_dim=32", "model.code_dim=16",
+        "loss.critic_dim=16", "loss.critic_hidden=16"]
+
+
+def step(overrides: list[str], backend: str = "eager") -> tuple[torch.Tensor, dict, torch.nn.Module]:
+    cfg = load_config(None, TINY + overrides)
+    torch.manual_seed(0)
+    model = prepare_model(build_model(cfg).train(), cfg.train, backend=backend)
+    g = torch.Generator().manual_seed(1)
+    x, x2 = (prepare_input(torch.randn(8, 3, 16, 16, generator=g), cfg.train) for _ in range(2))
+    torch.manual_seed(2)  # the same reparameterisation noise and negatives
+    loss, _ = model(x, x2)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, model
+
+
+def test_channels_last_and_compile_give_the_same_loss_gradients_and_keys():
+    # Catches compile wrapping the modules (state-dict keys gain "_orig_mod.", so
+    # checkpoints and exports stop loading) and layouts that change the maths.
+    loss, grads, plain = step([])
+    for options in (["train.channels_last=true"], ["train.compile=true"]):
+        other_loss, other_grads, model = step(options)
+        assert list(model.state_dict()) == list(plain.state_dict())
+        assert torch.allclose(other_loss, loss, rtol=1e-4, atol=1e-5), options
+        assert grads.keys() == other_grads.keys()
+        for k in grads:
+            assert torch.allclose(other_grads[k], grads[k], rtol=1e-3, atol=1e-5), (options, k)
+    _, _, last = step(["train.channels_last=true"])
+    convs = [p for p in last.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+
+
+def test_prepare_input_keeps_a_missing_view_missing():
+    cfg = load_config(None, ["train.channels_last=true"]).train
+    assert prepare_input(None, cfg) is None
+    assert prepare_input(torch.zeros(2, 3, 4, 4), cfg).is_contiguous(memory_format=torch.channels_last)
