@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .filemode import share_mode
+
 __all__ = ["checkpoint_dir", "list_checkpoints", "latest_checkpoint", "save_checkpoint",
            "load_checkpoint", "read_meta", "clean_partial"]
 
@@ -67,6 +69,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, meta: dict[s
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=2))
+        share_mode(tmp)  # safetensors writes 0600; the run's files share the umask's mode
         if final.exists():  # the same step saved before (e.g. a resumed run's last save)
             old = root / f".tmp-old-{final.name}"
             os.replace(final, old)

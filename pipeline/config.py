@@ -97,6 +97,7 @@ class DataConfig:
     flip: bool = True
     color_jitter: float = 0.4     # strength; 0 disables
     label_key: str = "auto"       # auto (.cls, else .json "label") | cls | json:<field> | none
+    max_bad_streak: int = 1000    # bad samples or shards in a row that stop a run
 
     def __post_init__(self):
         _choice("data", "augment", self.augment, ("none", "simple", "amdim"))
@@ -106,6 +107,7 @@ class DataConfig:
         for name in ("epoch_samples", "num_workers", "shuffle_buffer"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        _bounds(self, "data", positive=("max_bad_streak",))
         self.check_label_key(self.label_key)
 
     @staticmethod

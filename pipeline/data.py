@@ -20,11 +20,14 @@ the workers. Streams are seeded from ``(seed, rank, worker, epoch)`` only (never
 pid), so they differ per rank and worker and repeat exactly for the same seed.
 
 Bad data: a shard that cannot be read (truncated tar, missing URL) or an image that does
-not decode is skipped with a warning naming the shard; the batches carry ``skipped``,
-the total this process has skipped so far (summed over its workers). A truncated shard
-counts the samples it lost when a manifest gives its size, else 1. A stream that sees
-``MAX_BAD_STREAK`` bad shards/samples in a row and nothing good raises instead of
-spinning.
+not decode is skipped; the batches carry ``skipped``, the total this process has skipped
+so far (summed over its workers). A truncated shard counts the samples it lost when a
+manifest gives its size, else 1. Each stream warns about its first ``WARN_IN_FULL`` bad
+samples or shards in full, then logs counts per shard at the end of each epoch. Warnings
+travel with the batches and are logged by the process that iterates the loader (so a
+progress bar there can print them cleanly). A stream that sees ``data.max_bad_streak``
+bad samples or shards in a row stops with one ``ConfigError`` naming the shards and the
+most common reason.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import contextlib
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from functools import partial
 from itertools import islice
@@ -57,6 +61,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_BAD_STREAK = 1000        # bad shards/samples in a row before a stream gives up
+WARN_IN_FULL = 3             # warnings per stream in full; after that, counts per shard
 NOMINAL_EPOCH = 10_000       # samples per epoch when neither config nor manifest says
 _LOST = "__lost__"           # key of the marker a failed or short shard leaves in the stream
 
@@ -65,12 +70,18 @@ class _StreamState:
     """What one copy of a stream (one rank, one worker) knows: who it is, its epoch, its
     seeds, and how much bad data it skipped. Shared by the stages of one pipeline."""
 
-    def __init__(self, seed: int, rank: int, world_size: int):
+    def __init__(self, seed: int, rank: int, world_size: int,
+                 max_bad_streak: int = MAX_BAD_STREAK):
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world_size {world_size}")
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.worker, self.num_workers, self.epoch = 0, 1, -1
-        self.skipped = self.bad_streak = 0
+        self.skipped = self.bad_streak = self.warned = 0
+        self.max_bad_streak = max_bad_streak
+        self.messages: list[str] = []                # warnings not yet handed to the loader
+        self.counted: Counter[str] = Counter()       # shard -> bad reads since the last report
+        self.streak_shards: Counter[str] = Counter()
+        self.streak_reasons: Counter[str] = Counter()
         self.torch_state = torch.get_rng_state()
 
     def begin(self) -> None:
@@ -92,17 +103,53 @@ class _StreamState:
         """(this stream's index, number of streams) over ranks x workers."""
         return self.rank * self.num_workers + self.worker, self.world_size * self.num_workers
 
-    def bad(self, count: int, url: str, reason: str) -> None:
+    def bad(self, count: int, url: str, reason: str, sample: str | None = None) -> None:
+        """Count a bad sample (or a shard's lost samples); warn in full the first few times."""
         self.skipped += count
         self.bad_streak += 1
-        log.warning("skipped %d sample(s) of shard %s: %s [rank %d worker %d has skipped %d]",
-                    count, url, reason, self.rank, self.worker, self.skipped)
-        if self.bad_streak > MAX_BAD_STREAK:
-            raise RuntimeError(f"{self.bad_streak} bad shards/samples in a row, the last in "
-                               f"{url}: the data is unusable ({reason})")
+        self.streak_shards[url] += 1
+        self.streak_reasons[reason] += 1
+        if self.warned < WARN_IN_FULL:
+            self.warned += 1
+            where = f"sample {sample!r} of shard {url}" if sample is not None else f"shard {url}"
+            last = "; further bad data is counted per shard" if self.warned == WARN_IN_FULL else ""
+            self.messages.append(f"skipped {count} sample(s), {where}: {reason} [rank {self.rank} "
+                                 f"worker {self.worker}]{last}")
+        else:
+            self.counted[url] += 1
+        if self.bad_streak >= self.max_bad_streak:
+            raise _Unusable(self.unusable())
+
+    def unusable(self) -> str:
+        """The one line that stops a stream: how many in a row, which shards, why."""
+        reason, times = self.streak_reasons.most_common(1)[0]
+        shards = sorted(self.streak_shards)
+        shown = ", ".join(shards[:5]) + (f" and {len(shards) - 5} more" if len(shards) > 5 else "")
+        return (f"the data is unusable: {self.bad_streak} bad samples or shards in a row "
+                f"(data.max_bad_streak={self.max_bad_streak}) from {len(shards)} shard(s): "
+                f"{shown}; most common reason ({times} of {self.bad_streak}): {reason}")
+
+    def report(self) -> None:
+        """Queue one line of per-shard counts for what was not warned about in full."""
+        if self.counted:
+            counts = ", ".join(f"{url}: {n}" for url, n in sorted(self.counted.items()))
+            self.messages.append(f"bad samples or shards skipped since the last report "
+                                 f"[rank {self.rank} worker {self.worker}]: {counts}")
+            self.counted.clear()
+
+    def take_messages(self) -> list[str]:
+        messages, self.messages = self.messages, []
+        return messages
 
     def good(self) -> None:
-        self.bad_streak = 0
+        if self.bad_streak:
+            self.bad_streak = 0
+            self.streak_shards.clear()
+            self.streak_reasons.clear()
+
+
+class _Unusable(Exception):
+    """Raised inside a stream; the loader turns it into one ConfigError line."""
 
 
 def _read_shards(sources: Iterable[dict], *, sizes: dict[str, int]) -> Iterator[dict]:
@@ -128,8 +175,8 @@ def _read_shards(sources: Iterable[dict], *, sizes: dict[str, int]) -> Iterator[
 
 def _short(exn: BaseException | None) -> str:
     # tar readers append " @ <file object>" to messages; the warning names the shard already
-    text = str(exn.args[0] if exn and exn.args else exn).split(" @ <")[0].strip().splitlines()
-    return f"{type(exn).__name__}: {text[0][:200] if text else ''}"
+    text = str(exn.args[0] if exn and exn.args else exn).split(" @ <")[0].split()
+    return f"{type(exn).__name__}: {' '.join(text)}"
 
 
 def _every(items: Iterable[Any], *, part: int, parts: int) -> Iterator[Any]:
@@ -211,7 +258,7 @@ def _decode(samples: Iterable[dict], *, state: _StreamState, views: Views, in_ch
                 mode = ImageReadMode.RGB if ext == "webp" else gray
                 images = views(decode_image(raw, mode=mode))
         except Exception as exn:
-            state.bad(1, sample.get("__url__", "?"), f"sample {sample.get('__key__')!r}: {_short(exn)}")
+            state.bad(1, sample.get("__url__", "?"), _short(exn), sample=sample.get("__key__"))
             continue
         state.good()
         row["image"] = images[0]
@@ -247,10 +294,18 @@ class _Stream(IterableDataset):
         else:  # this worker's share of the rank's epoch
             share = self.batches // state.num_workers + (state.worker < self.batches % state.num_workers)
             batches = self.pipeline.with_epoch(share) if share else []
-        for batch in batches:
-            batch.update(_skipped=state.skipped, _worker=state.worker)
-            yield batch
-        yield {"_skipped": state.skipped, "_worker": state.worker, "_final": True}
+        try:
+            for batch in batches:
+                batch.update(_skipped=state.skipped, _worker=state.worker,
+                             _log=state.take_messages())
+                yield batch
+        except _Unusable as err:  # raised here it would reach the user as a worker traceback
+            yield {"_skipped": state.skipped, "_worker": state.worker, "_final": True,
+                   "_log": state.take_messages(), "_error": str(err)}
+            return
+        state.report()
+        yield {"_skipped": state.skipped, "_worker": state.worker, "_final": True,
+               "_log": state.take_messages()}
 
 
 class StreamLoader:
@@ -297,6 +352,10 @@ class StreamLoader:
         while self.epochs is None or epoch < self.epochs:
             base, latest, yielded = self.skipped, {}, 0
             for item in self.loader:
+                for message in item.pop("_log", ()):
+                    log.warning(message)
+                if "_error" in item:
+                    raise ConfigError(item["_error"])
                 latest[item.pop("_worker")] = item.pop("_skipped")
                 self.skipped = base + sum(latest.values())
                 if not item.pop("_final", False):
@@ -304,7 +363,8 @@ class StreamLoader:
                     yielded += 1
                     yield item
             if self.epochs is None and not yielded:
-                raise RuntimeError("the training stream produced no batch in a whole epoch")
+                raise ConfigError(f"the training stream produced no batch in a whole epoch "
+                                  f"({self.skipped} samples skipped)")
             epoch += 1
 
 
@@ -327,7 +387,7 @@ def train_loader(cfg: DataConfig, *, batch_size: int, img_size: int, in_chans: i
         log.warning("size of %s unknown (no manifest): nominal epoch of %d samples; set "
                     "data.epoch_samples", cfg.train_shards, NOMINAL_EPOCH)
         epoch_samples = NOMINAL_EPOCH
-    state = _StreamState(seed, rank, world_size)
+    state = _StreamState(seed, rank, world_size, cfg.max_bad_streak)
     batched = on_batch(cfg)
     views = Views(FixedSize(img_size, in_chans)) if batched else \
         build_views(cfg.augment, img_size=img_size, in_chans=in_chans,

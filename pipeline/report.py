@@ -1,12 +1,14 @@
 """Build a W&B Report for a set of DIM runs (wandb-workspaces Reports API).
 
+    dim-report runs/x                      # one run folder: its W&B id, project and keys
     dim-report --project dim-pretrain --entity me --runs abc123,def456 [--metrics runs/x/metrics.jsonl]
     dim-report --project dim-pretrain --entity me --group sweep1 --dry-run
 
 Sections: MI estimates (one panel per scope and estimator), KL and loss terms, online
 probe accuracy and throughput, and the evaluation table written by
 ``pipeline.evaluate --wandb`` (``eval/<model>/<view>/<probe>`` and ``eval/table``).
-``--metrics`` restricts the panels to the keys a run actually logged. ``--dry-run``
+A run folder (or ``--metrics``) restricts the panels to the keys a run actually logged.
+Mistakes (a missing file, no API key without ``--dry-run``) are one line and exit 2. ``--dry-run``
 builds the report object and prints its structure as JSON without touching the network
 (saving a report, and even serialising its run sets, needs the W&B API).
 """
@@ -16,8 +18,13 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
+import yaml
+
+from .errors import ConfigError
 from .plots import read_metrics
+from .tracking import METRICS, WANDB_ID
 
 __all__ = ["default_keys", "panel_specs", "build_report", "describe_report", "main"]
 
@@ -112,34 +119,82 @@ def describe_report(report) -> dict:
     return out
 
 
+def _read_run(folder: Path) -> tuple[list[str], list[str], dict]:
+    """(W&B run ids, logged keys, wandb config section) of a training run's folder."""
+    if not folder.is_dir():
+        raise ConfigError(f"run folder not found: {folder}")
+    id_file, metrics = folder / WANDB_ID, folder / METRICS
+    if not id_file.is_file():
+        raise ConfigError(f"{folder} has no {WANDB_ID}: it is not a run folder, or its run "
+                          f"had W&B disabled")
+    keys = _metric_keys(metrics) if metrics.is_file() else None
+    saved = folder / "config.yaml"
+    wandb_cfg = (yaml.safe_load(saved.read_text()) or {}).get("wandb", {}) if saved.is_file() else {}
+    return [id_file.read_text().strip()], keys, wandb_cfg
+
+
+def _metric_keys(path: Path) -> list[str]:
+    if path.is_dir():
+        raise ConfigError(f"--metrics {path} is a folder; give its metrics.jsonl, or pass the "
+                          f"run folder itself as the first argument")
+    if not path.is_file():
+        raise ConfigError(f"metrics file not found: {path}")
+    return sorted({k for row in read_metrics(path) for k in row})
+
+
+def _default_entity() -> str:
+    """The W&B entity of the logged-in user; one line when there is no key or no network."""
+    from .tracking import wandb_mode
+
+    if wandb_mode("auto") != "online":
+        raise ConfigError("no W&B API key (set WANDB_API_KEY or run `wandb login`), or "
+                          "WANDB_MODE is not online; --dry-run builds the report offline")
+    import wandb
+
+    try:
+        return wandb.Api().default_entity
+    except Exception as err:  # network, authentication
+        raise ConfigError(f"cannot reach W&B: {type(err).__name__}: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dim-report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--project", default="dim-pretrain")
-    p.add_argument("--entity", default=None, help="W&B entity (default: your default entity)")
+    p.add_argument("run", nargs="?", default=None,
+                   help="a training run's output folder: its W&B id, keys and project")
+    p.add_argument("--project", default=None, help="W&B project (default: the run's, else dim-pretrain)")
+    p.add_argument("--entity", default=None, help="W&B entity (default: the run's, else yours)")
     p.add_argument("--runs", default="", help="comma-separated W&B run ids")
     p.add_argument("--group", default=None, help="only runs in this W&B group")
     p.add_argument("--title", default="Deep InfoMax runs")
     p.add_argument("--metrics", default=None, help="a run's metrics.jsonl: panels for its keys only")
     p.add_argument("--dry-run", action="store_true", help="build and print the structure; no network")
     args = p.parse_args(argv)
-
-    keys = None
-    if args.metrics:
-        keys = sorted({k for row in read_metrics(args.metrics) for k in row})
-    entity = args.entity or ("offline" if args.dry_run else None)
-    if entity is None:
-        import wandb
-
-        entity = wandb.Api().default_entity
-    report = build_report(args.project, entity, runs=[r for r in args.runs.split(",") if r],
-                          group=args.group, title=args.title, keys=keys)
-    if args.dry_run:
-        print(json.dumps(describe_report(report), indent=2))
-        return 0
-    report.save()
-    print(report.url)
+    try:
+        print(_report(args))
+    except ConfigError as err:
+        print(f"dim-report: error: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _report(args: argparse.Namespace) -> str:
+    runs, keys, wandb_cfg = ([], None, {}) if args.run is None else _read_run(Path(args.run))
+    runs += [r for r in args.runs.split(",") if r]
+    if args.metrics:
+        keys = _metric_keys(Path(args.metrics))
+    project = args.project or wandb_cfg.get("project") or "dim-pretrain"
+    entity = (args.entity or wandb_cfg.get("entity")
+              or ("offline" if args.dry_run else _default_entity()))
+    report = build_report(project, entity, runs=runs, group=args.group, title=args.title,
+                          keys=keys)
+    if args.dry_run:
+        return json.dumps(describe_report(report), indent=2)
+    try:
+        report.save()
+    except Exception as err:  # network, authentication, permissions
+        raise ConfigError(f"cannot save the report to W&B: {type(err).__name__}: {err}") from None
+    return report.url
 
 
 if __name__ == "__main__":

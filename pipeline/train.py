@@ -31,7 +31,8 @@ USAGE = """pretrain.py [--config FILE] [key=value ...]
 
 Deep InfoMax pretraining. Configuration: the defaults below, then FILE (YAML), then the
 dotted overrides. Launch with `accelerate launch [--config_file launch/X.yaml] pretrain.py`
-for several processes. A run resumes from the latest checkpoint in train.output_dir.
+for several processes. A run resumes from the latest checkpoint in train.output_dir;
+a folder holding a run of another configuration is refused (see --force-config).
 """
 
 
@@ -39,15 +40,19 @@ class NonFiniteLoss(RuntimeError):
     """The loss or one of its terms became NaN or infinite."""
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
+def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
+    """(the config, whether --force-config was given)."""
     p = argparse.ArgumentParser(prog="pretrain.py", usage=USAGE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="keys (with defaults):\n" + describe())
     p.add_argument("--config", default=None, help="YAML file with any of the sections below")
+    p.add_argument("--force-config", action="store_true",
+                   help="continue the run in train.output_dir even though its saved "
+                        "config.yaml differs (the new config replaces it)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.batch_size=64 loss.estimator=jsd")
     args = p.parse_args(argv)
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, args.overrides), args.force_config
 
 
 # ------------------------------------------------------------------ set-up helpers
@@ -147,9 +152,9 @@ def use_default_data(accelerator, cfg: Config) -> None:
 
 
 def export(accelerator, model, cfg: Config, folder: Path, *, step: int, samples_seen: int,
-           tracker=None) -> None:
+           tracker=None) -> Path:
     """Collective: the main process writes the model folder (pipeline.export) with its
-    card, and logs it to W&B as a model artifact of this run."""
+    card, and logs it to W&B as a model artifact of this run. Returns the folder."""
     from .card import render_card
     from .export import export_encoder
 
@@ -162,8 +167,30 @@ def export(accelerator, model, cfg: Config, folder: Path, *, step: int, samples_
         export_encoder(encoder, folder, dataclasses.asdict(cfg.model), card=card)
         if tracker:
             tracker.log_model(folder, step=step, final=step >= cfg.train.max_steps)
-        accelerator.print(f"exported {folder}")
     accelerator.wait_for_everyone()
+    return folder
+
+
+def load_run(accelerator, ckpt: Path) -> dict:
+    """Restore a checkpoint; one line when it does not fit the configured model."""
+    from .checkpoint import load_checkpoint
+
+    try:
+        return load_checkpoint(accelerator, ckpt)  # restores RNG states as well
+    except RuntimeError as err:  # e.g. "size mismatch for ...", "Missing key(s) ..."
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
+        if len(detail) > 300:
+            detail = detail[:300].rsplit(", ", 1)[0] + ", ..."
+        raise ConfigError(f"checkpoint {ckpt} does not fit the configured model ({detail}); "
+                          f"start a new run with another train.output_dir") from None
+
+
+def bar_fields(row: dict) -> dict[str, str]:
+    """What the progress bar shows: loss, images/s over all ranks, the MI estimates."""
+    fields = {"loss": f"{row['loss']:.3f}", "img/s": f"{row['samples_per_s_total']:.0f}"}
+    fields.update({k.removeprefix("mi/"): f"{v:.3f}" for k, v in row.items() if k.startswith("mi/")})
+    return fields
 
 
 def run_probe(model, accelerator, cfg: Config) -> dict[str, float]:
@@ -213,18 +240,28 @@ def agree(accelerator, step: int, stop: bool, skipped: int, sums: dict) -> tuple
     return flag > 0, int(skipped_total), means
 
 
-def train(cfg: Config) -> int:
-    """Train (resuming if a checkpoint exists); returns the last step reached."""
+def train(cfg: Config, force_config: bool = False) -> int:
+    """Train (resuming if a checkpoint exists); returns the last step reached.
+
+    Nothing is written into ``train.output_dir`` until the whole input has been checked:
+    the config, the folder, the shards, the backbone, the folder's saved config and the
+    first batch of data. A run that is complete says so and returns.
+    """
+    from .preflight import preflight
+
+    preflight(cfg)  # before the heavy imports: a wrong path is reported in a blink
     import torch
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .batch_augment import build_batch_augment
-    from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint
+    from .checkpoint import clean_partial, save_checkpoint
     from .data import train_loader
-    from .export import EXPORT_DIR
+    from .export import EXPORT_CONFIG, EXPORT_DIR
     from .model import build_model
     from .optim import build_optimizer, build_scheduler
+    from .run_folder import CONFIG_FILE, inspect_run
     from .speed import prepare_input, prepare_model
     from .tracking import Tracker
 
@@ -234,10 +271,45 @@ def train(cfg: Config) -> int:
     world, main = accelerator.num_processes, accelerator.is_main_process
     if not cfg.data.train_shards:
         use_default_data(accelerator, cfg)
+    state = inspect_run(out, cfg.to_dict(), Config().to_dict(), force=force_config,
+                        export_marker=f"{EXPORT_DIR}/{EXPORT_CONFIG}")
+    if state.complete(tc.max_steps) and state.exported:
+        accelerator.print(f"{out} is complete: trained to step {state.step} "
+                          f"(train.max_steps={tc.max_steps}) and exported; raise "
+                          f"train.max_steps to train further")
+        accelerator.end_training()
+        return state.step
+    if state.changed:
+        accelerator.print(f"--force-config: continuing {out} with {'; '.join(state.changed)}")
+    finishing = state.complete(tc.max_steps)  # trained, killed before the export: export only
+    step, samples_seen = state.step, state.samples_seen
+
+    loader = batches = None
+    pending: list[dict] = []
+
+    def next_batch():
+        nonlocal batches
+        if pending:
+            return pending.pop()
+        with stop.shielded_children():
+            try:
+                return next(batches)
+            except StopIteration:  # the end of an epoch: start the stream again
+                batches = iter(loader)
+                return next(batches)
+
+    if not finishing:
+        # A resampled stream cannot be rewound; reseeding with seed + step gives a resumed
+        # run fresh, reproducible data instead of replaying the first batches.
+        loader = train_loader(cfg.data, batch_size=tc.batch_size, img_size=cfg.model.img_size,
+                              in_chans=cfg.model.in_chans, seed=tc.seed + step,
+                              rank=accelerator.process_index, world_size=world)
+        atexit.register(loader.close)  # also on an exception: no worker left to wait for
+        batches = iter(loader)
+        pending.append(next_batch())  # unusable data stops here, before anything is written
     if main:
         out.mkdir(parents=True, exist_ok=True)
         clean_partial(out)
-        save_config(cfg, out / "config.yaml")
     accelerator.wait_for_everyone()
 
     set_seed(tc.seed)  # identical initial weights on every rank
@@ -247,46 +319,33 @@ def train(cfg: Config) -> int:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     autocast = deepspeed_half(accelerator, model)
-    step, samples_seen = 0, 0
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        meta = load_checkpoint(accelerator, ckpt)  # restores RNG states as well
-        step, samples_seen = meta["step"], meta.get("samples_seen", 0)
-        accelerator.print(f"resumed from {ckpt} at step {step}")
+    if state.checkpoint is not None:
+        load_run(accelerator, state.checkpoint)
+        accelerator.print(f"resumed from {state.checkpoint} at step {step}")
     else:
         set_seed(tc.seed, device_specific=True)  # per-rank noise, augmentations, negatives
+    if main:  # only now: a config that does not fit the checkpoint never replaces its own
+        save_config(cfg, out / CONFIG_FILE)
 
-    # A resampled stream cannot be rewound; reseeding with seed + step gives a resumed
-    # run fresh, reproducible data instead of replaying the first batches.
-    loader = train_loader(cfg.data, batch_size=tc.batch_size, img_size=cfg.model.img_size,
-                          in_chans=cfg.model.in_chans, seed=tc.seed + step,
-                          rank=accelerator.process_index, world_size=world)
-    atexit.register(loader.close)  # also on an exception: no worker left to wait for
     # Random crops, jitter and the second view on the step's device, drawn from
     # (seed, rank, step): a resumed run augments step k as the first run did.
     augment = build_batch_augment(cfg.data, img_size=cfg.model.img_size, seed=tc.seed,
                                   rank=accelerator.process_index)
     tracker = Tracker(out, cfg.wandb, cfg.to_dict(), resume_step=step) if main else None
-    batches = iter(loader)
     params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not main, dynamic_ncols=True)
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not main or finishing,
+               dynamic_ncols=True, unit="step")
+    redirect = logging_redirect_tqdm()  # warnings print above the bar, not through it
+    redirect.__enter__()
     window = {"t": time.perf_counter(), "steps": 0}
     model.train()
-
-    def next_batch():
-        nonlocal batches
-        with stop.shielded_children():
-            try:
-                return next(batches)
-            except StopIteration:  # the end of an epoch: start the stream again
-                batches = iter(loader)
-                return next(batches)
 
     def save(tag: str) -> None:
         meta = {"samples_seen": samples_seen, "world_size": world, "tag": tag,
                 "wandb_id": tracker.run_id if tracker else None}
         path = save_checkpoint(accelerator, out, step, meta, tc.keep_last)
-        accelerator.print(f"saved {path}")
+        if main:
+            bar.write(f"saved {path}")
         if tc.export_checkpoints:
             export(accelerator, model, cfg, path / EXPORT_DIR, step=step,
                    samples_seen=samples_seen, tracker=tracker)
@@ -334,7 +393,7 @@ def train(cfg: Config) -> int:
                 row.update(run_probe(model, accelerator, cfg))
             if tracker:
                 tracker.log(row, step)
-                bar.set_postfix(loss=f"{row['loss']:.3f}")
+                bar.set_postfix(bar_fields(row), refresh=False)
             window = {"t": time.perf_counter(), "steps": 0}
         bar.update(1)
 
@@ -345,13 +404,16 @@ def train(cfg: Config) -> int:
         if step % tc.save_every == 0 or step == tc.max_steps:
             save("final" if step == tc.max_steps else "periodic")
 
+    redirect.__exit__(None, None, None)
     bar.close()
-    loader.close()
+    if loader is not None:
+        loader.close()
     if step >= tc.max_steps:
-        export(accelerator, model, cfg, out / EXPORT_DIR, step=step, samples_seen=samples_seen,
-               tracker=tracker)
+        path = export(accelerator, model, cfg, out / EXPORT_DIR, step=step,
+                      samples_seen=samples_seen, tracker=tracker)
         if main:
             plot(out)
+        accelerator.print(f"exported the encoder to {path}")
     if tracker:
         tracker.close()
     accelerator.end_training()
@@ -362,8 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: bad configuration exits with code 2 and one line."""
     quiet = os.environ.get("RANK", "0") != "0"
     try:
-        cfg = parse_args(argv)
-        train(cfg)
+        cfg, force_config = parse_args(argv)
+        train(cfg, force_config)
     except ConfigError as err:
         if not quiet:
             print(f"pretrain.py: error: {err}", file=sys.stderr)

@@ -28,10 +28,11 @@ def test_help_lists_keys_with_defaults():
     (["loss.estimator=nce"], "loss.estimator"),
     (["train.max_steps=0"], "train.max_steps"),
     (["--config", "/nonexistent.yaml"], "not found"),
-    (["model.backbone=no_such_net", "train.max_steps=1"], "backbone"),
+    (["model.backbone=no_such_net", "train.max_steps=1", "data.train_shards="], "backbone"),
+    (["data.train_shards=x.tar"], "match no file"),
 ])
 def test_bad_config_is_one_line_and_exit_2(args, words, tmp_path):
-    proc = _pretrain(*args, f"train.output_dir={tmp_path}", "data.train_shards=x.tar")
+    proc = _pretrain(f"train.output_dir={tmp_path}", "data.train_shards=x.tar", *args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("pretrain.py: error:") and words in lines[-1]

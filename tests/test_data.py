@@ -240,15 +240,24 @@ def test_train_counts_samples_lost_to_a_truncated_shard(tmp_path):
     assert [b["skipped"] for b in islice(loader, 4)] == [3, 6, 9, 12]
 
 
-def test_all_bad_data_raises_instead_of_hanging(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_BAD_STREAK", 5)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_all_bad_data_is_one_error_naming_shard_and_reason(tmp_path, workers, caplog):
+    """Unusable data stops with one ConfigError (not a worker's chained traceback) that
+    names the shard and the reason in full; only the first few warnings are logged."""
     path = tmp_path / "bad.tar"
     with wds.TarWriter(str(path)) as writer:
-        writer.write({"__key__": "a", "jpg": b"not an image", "cls": b"0"})
-    cfg = DataConfig(train_shards=str(path), num_workers=0, shuffle_buffer=0)
-    with pytest.raises(RuntimeError, match="in a row"):
+        for i in range(3):
+            writer.write({"__key__": f"a{i}", "jpg": b"not an image", "cls": b"0"})
+    cfg = DataConfig(train_shards=str(path), num_workers=workers, shuffle_buffer=0,
+                     max_bad_streak=40, epoch_samples=60)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"), \
+            pytest.raises(ConfigError) as err:
         next(iter(train_loader(cfg, batch_size=2, img_size=SIZE, in_chans=1, seed=0, rank=0,
                                world_size=1)))
+    message = str(err.value)
+    assert "40 bad samples or shards in a row" in message and str(path) in message
+    assert "most common reason (40 of 40): RuntimeError" in message and "\n" not in message
+    assert len(caplog.records) == data.WARN_IN_FULL  # from the stream that gave up
 
 
 # ------------------------------------------------------------------- bad data in evaluation
