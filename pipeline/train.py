@@ -171,6 +171,16 @@ def export(accelerator, model, cfg: Config, folder: Path, *, step: int, samples_
     return folder
 
 
+def clean_partial_export(folder: Path) -> None:
+    """Remove what a killed export leaves beside its folder: pipeline.export builds it in
+    ``.tmp-<name>-*`` and parks the previous one in ``.old-<name>-*`` for the swap."""
+    import shutil
+
+    for pattern in (f".tmp-{folder.name}-*", f".old-{folder.name}-*"):
+        for path in folder.parent.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def load_run(accelerator, ckpt: Path) -> dict:
     """Restore a checkpoint; one line when it does not fit the configured model."""
     from .checkpoint import load_checkpoint
@@ -310,6 +320,7 @@ def train(cfg: Config, force_config: bool = False) -> int:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         clean_partial(out)
+        clean_partial_export(out / EXPORT_DIR)
     accelerator.wait_for_everyone()
 
     set_seed(tc.seed)  # identical initial weights on every rank
@@ -331,7 +342,8 @@ def train(cfg: Config, force_config: bool = False) -> int:
     # (seed, rank, step): a resumed run augments step k as the first run did.
     augment = build_batch_augment(cfg.data, img_size=cfg.model.img_size, seed=tc.seed,
                                   rank=accelerator.process_index)
-    tracker = Tracker(out, cfg.wandb, cfg.to_dict(), resume_step=step) if main else None
+    tracker = Tracker(out, cfg.wandb, cfg.to_dict(), resume_step=step) if main else None  # (also
+    # when only the export is left: it is logged as a model artifact of the same run)
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=tc.max_steps, initial=step, disable=not main or finishing,
                dynamic_ncols=True, unit="step")
