@@ -104,6 +104,7 @@ def _kill_repeatedly(cmd: list[str], out: Path, max_steps: int, seed: int) -> li
             plan.insert(0, "save")  # landed after the rename: try another save
     finish = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert finish.returncode == 0, finish.stderr[-3000:]
+    print(f"kills in {out.name}: {hits}")  # shown with pytest -s
     return hits
 
 
