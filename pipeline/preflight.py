@@ -20,7 +20,7 @@ def check_backbone(name: str) -> None:
     import timm
     from timm.models import parse_model_name
 
-    from . import model
+    from . import model  # noqa: F401  (its import registers this package's backbones)
 
     source, arch = parse_model_name(name)
     if source is None and not timm.is_model(arch):
@@ -29,9 +29,7 @@ def check_backbone(name: str) -> None:
 
 def check_shards(cfg: Config) -> None:
     """Every local shard of ``data.train_shards`` / ``data.val_shards`` exists."""
-    from .shards import (
-        resolve_spec,  # webdataset: imported only once the folder is fine
-    )
+    from .shards import resolve_spec  # webdataset: imported once the folder is known fine
 
     for key in ("train_shards", "val_shards"):
         spec = getattr(cfg.data, key)

@@ -78,6 +78,20 @@ def _kill_when(cmd: list[str], out: Path, trigger, timeout: float = 240) -> tupl
         return "none", proc.returncode
 
 
+def _trigger(kind: str, out: Path, final: Path, rng: random.Random):
+    """A function that says when to kill (and what the kill hits), or None until then."""
+    started = time.time()
+    if kind == "startup":
+        delay = rng.uniform(0.5, 4.0)
+        return lambda: "startup" if time.time() - started > delay else None
+    if kind == "step":
+        target = _logged_step(out) + rng.randint(1, 4)
+        return lambda: "step" if _logged_step(out) >= target else None
+    if kind == "save":
+        return lambda: "save" if _saving(out) else None
+    return lambda: "final" if final.is_dir() else None
+
+
 def _kill_repeatedly(cmd: list[str], out: Path, max_steps: int, seed: int) -> list[str]:
     """At least five kills of every kind (one provably inside a save), then a clean finish."""
     rng = random.Random(seed)
@@ -86,17 +100,7 @@ def _kill_repeatedly(cmd: list[str], out: Path, max_steps: int, seed: int) -> li
     hits: list[str] = []
     while plan:
         kind = plan.pop(0)
-        started = time.time()
-        if kind == "startup":
-            delay = rng.uniform(0.5, 4.0)
-            trigger = lambda: "startup" if time.time() - started > delay else None  # noqa: E731
-        elif kind == "step":
-            target = _logged_step(out) + rng.randint(1, 4)
-            trigger = lambda: "step" if _logged_step(out) >= target else None  # noqa: E731
-        elif kind == "save":
-            trigger = lambda: "save" if _saving(out) else None  # noqa: E731
-        else:
-            trigger = lambda: "final" if final.is_dir() else None  # noqa: E731
+        trigger = _trigger(kind, out, final, rng)
         hit, code = _kill_when(cmd, out, trigger)
         assert code is None, f"the run ended (code {code}) before the '{kind}' kill"
         hits.append(hit)
