@@ -42,6 +42,7 @@ __all__ = [
     "load_encoder",
     "make_readable",
     "read_export_meta",
+    "remove_partial_export",
 ]
 
 EXPORT_DIR = "export"                      # the model folder inside a run's output_dir
@@ -124,11 +125,12 @@ def export_encoder(encoder: DIMEncoder, folder: str | Path, meta: dict,
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    building, parked = (p.rstrip("*") for p in _partial_patterns(folder))
+    tmp = Path(tempfile.mkdtemp(prefix=building, dir=folder.parent))
     try:
         _write_folder(encoder, tmp, meta, card)
         make_readable(tmp)
-        old = folder.parent / f".old-{folder.name}-{os.getpid()}"
+        old = folder.parent / f"{parked}{os.getpid()}"
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
@@ -136,6 +138,19 @@ def export_encoder(encoder: DIMEncoder, folder: str | Path, meta: dict,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _partial_patterns(folder: Path) -> tuple[str, str]:
+    """Where export_encoder builds a folder, and where it parks the one it replaces."""
+    return f".tmp-{folder.name}-*", f".old-{folder.name}-*"
+
+
+def remove_partial_export(folder: str | Path) -> None:
+    """Remove what a killed ``export_encoder`` left beside ``folder``."""
+    folder = Path(folder)
+    for pattern in _partial_patterns(folder):
+        for path in folder.parent.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def is_export(folder: Path) -> bool:

@@ -171,16 +171,6 @@ def export(accelerator, model, cfg: Config, folder: Path, *, step: int, samples_
     return folder
 
 
-def clean_partial_export(folder: Path) -> None:
-    """Remove what a killed export leaves beside its folder: pipeline.export builds it in
-    ``.tmp-<name>-*`` and parks the previous one in ``.old-<name>-*`` for the swap."""
-    import shutil
-
-    for pattern in (f".tmp-{folder.name}-*", f".old-{folder.name}-*"):
-        for path in folder.parent.glob(pattern):
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def load_run(accelerator, ckpt: Path) -> dict:
     """Restore a checkpoint; one line when it does not fit the configured model."""
     from .checkpoint import load_checkpoint
@@ -268,7 +258,7 @@ def train(cfg: Config, force_config: bool = False) -> int:
     from .batch_augment import build_batch_augment
     from .checkpoint import clean_partial, save_checkpoint
     from .data import train_loader
-    from .export import EXPORT_CONFIG, EXPORT_DIR
+    from .export import EXPORT_CONFIG, EXPORT_DIR, remove_partial_export
     from .model import build_model
     from .optim import build_optimizer, build_scheduler
     from .run_folder import CONFIG_FILE, inspect_run
@@ -320,7 +310,7 @@ def train(cfg: Config, force_config: bool = False) -> int:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         clean_partial(out)
-        clean_partial_export(out / EXPORT_DIR)
+        remove_partial_export(out / EXPORT_DIR)
     accelerator.wait_for_everyone()
 
     set_seed(tc.seed)  # identical initial weights on every rank

@@ -287,3 +287,18 @@ def test_evaluate_of_an_export_joins_the_training_run(tmp_path):
     nested.mkdir(parents=True)
     assert _training_run(nested)["id"] == "abc123"
     assert _training_run(tmp_path / EXPORT_DIR) == {}  # no such folder: nothing to join
+
+
+def test_a_killed_export_leaves_nothing_that_is_read_or_kept(tmp_path):
+    """export_encoder builds beside the folder and swaps it in; a kill mid-way leaves a
+    .tmp-/.old- folder that find_export must not pick and remove_partial_export removes."""
+    from pipeline.export import remove_partial_export
+
+    run_dir = tmp_path / "run"
+    _export("test_resnet", run_dir / "checkpoints" / "step_0000002" / EXPORT_DIR)
+    (run_dir / ".tmp-export-abc").mkdir()  # half a newer export, as a kill leaves it
+    (run_dir / ".tmp-export-abc" / "config.json").write_text('{"dim": {}}')
+    (run_dir / ".old-export-123").mkdir()
+    assert find_export(run_dir).parent.name == "step_0000002"
+    remove_partial_export(run_dir / EXPORT_DIR)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]
