@@ -240,3 +240,21 @@ def test_dim_report_reads_a_run_folder(tmp_path):
     assert "'abc123'" in structure["sections"][0]["runsets"][0]["filters"]
     assert [p["metrics"] for p in structure["sections"][0]["panels"]] == [["mi/global/jsd"]]
 
+
+
+def test_config_differences_allow_schedule_and_logging_only():
+    """Bug caught: a rerun with another lr (or any training key) silently continuing a
+    run; and the opposite, a longer schedule or new W&B tags being refused."""
+    from pipeline.config import Config, load_config
+    from pipeline.run_folder import config_differences
+
+    saved = Config().to_dict()
+    same_run = load_config(None, ["train.max_steps=5000", "train.log_every=1", "wandb.tags=[x]",
+                                  "data.num_workers=0", "train.output_dir=elsewhere"]).to_dict()
+    assert config_differences(saved, same_run, Config().to_dict()) == []
+    other = load_config(None, ["train.lr=0.5", "model.backbone=resnet10t"]).to_dict()
+    assert config_differences(saved, other, Config().to_dict()) == [
+        "model.backbone: 'resnet18' -> 'resnet10t'", "train.lr: 0.001 -> 0.5"]
+    older = {s: dict(body) for s, body in saved.items()}
+    del older["loss"]["allow_negative_weights"]  # saved before the key existed: its default
+    assert config_differences(older, Config().to_dict(), Config().to_dict()) == []
