@@ -65,18 +65,23 @@ class LossConfig:
     beta: float = 1.0             # weight of the mean local MI term
     gamma: float = 0.1            # weight of E[KL(N(mu, sigma^2) || N(0, I))]
     critic_dim: int = 256         # embedding size of dot critics
-    critic_hidden: int = 512      # hidden width of every critic MLP
+    critic_hidden: int = 512      # hidden width of every critic MLP; 0: dot critics embed
+                                  # linearly (cheapest local critic), concat ones need > 0
     tclip: float = 20.0           # soft score clip tclip*tanh(s/tclip); 0 disables
     score_penalty: float = 0.0    # weight of mean(score^2) (AMDIM used 0.05)
     allow_negative_weights: bool = False  # a negative alpha/beta/gamma minimises a term
 
     def __post_init__(self):
         weights = () if self.allow_negative_weights else ("alpha", "beta", "gamma")
-        _bounds(self, "loss", positive=("critic_dim", "critic_hidden"),
-                non_negative=(*weights, "tclip", "score_penalty"))
+        _bounds(self, "loss", positive=("critic_dim",),
+                non_negative=(*weights, "critic_hidden", "tclip", "score_penalty"))
         _choice("loss", "estimator", self.estimator, ESTIMATORS)
         _choice("loss", "global_critic", self.global_critic, GLOBAL_CRITICS)
         _choice("loss", "local_critic", self.local_critic, LOCAL_CRITICS)
+        mlps = [c for c in (self.global_critic, self.local_critic) if c not in ("dot", "none")]
+        if self.critic_hidden == 0 and mlps:
+            raise ConfigError(f"loss.critic_hidden=0 (linear embeddings) works with dot critics "
+                              f"only; {mlps[0]!r} needs a hidden layer")
         if self.global_critic == "none" and self.local_critic == "none":
             raise ConfigError("loss.global_critic and loss.local_critic are both 'none': "
                               "nothing would estimate mutual information")

@@ -49,16 +49,19 @@ class Critic(nn.Module):
 
 
 class _ResidualMLP(nn.Module):
-    """Two-layer MLP plus a linear shortcut (the DIM/AMDIM embedding block)."""
+    """Two-layer MLP plus a linear shortcut (the DIM/AMDIM embedding block); with
+    ``hidden=0`` the shortcut alone, a linear embedding: on a local map it runs on every
+    location, so it is most of the critic's cost, and this is the cheapest form."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int):
         super().__init__()
         self.block = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True),
-                                   nn.Linear(hidden, out_dim))
+                                   nn.Linear(hidden, out_dim)) if hidden else None
         self.shortcut = nn.Linear(in_dim, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x) + self.shortcut(x)
+        out = self.shortcut(x)
+        return out if self.block is None else self.block(x) + out
 
 
 class DotCritic(Critic):

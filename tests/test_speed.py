@@ -1,9 +1,11 @@
 """train.compile and train.channels_last change how the step runs, not what it computes."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from pipeline.model import build_model
 from pipeline.speed import prepare_input, prepare_model
 
@@ -44,3 +46,17 @@ def test_prepare_input_keeps_a_missing_view_missing():
     cfg = load_config(None, ["train.channels_last=true"]).train
     assert prepare_input(None, cfg) is None
     assert prepare_input(torch.zeros(2, 3, 4, 4), cfg).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_linear_critic_embeddings_train_and_concat_refuses_them():
+    # critic_hidden=0: the cheapest local critic (a linear map per location). Catches a
+    # hidden layer left in (no saving) and a silently ignored setting for concat critics.
+    cfg = load_config(None, TINY + ["loss.critic_hidden=0"])
+    model = build_model(cfg)
+    critic = model.objective.local_critic
+    assert [type(m).__name__ for m in critic.modules() if isinstance(m, torch.nn.Linear)] == ["Linear"] * 2
+    loss, _ = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    loss.backward()
+    assert torch.isfinite(loss) and critic.f.shortcut.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="critic_hidden=0"):
+        load_config(None, ["loss.critic_hidden=0", "loss.local_critic=concat"])
