@@ -9,7 +9,9 @@ loss, forward + backward + AdamW step. Baseline: the same timm backbone's forwar
 Also times the DIM encoder alone (its z.mean() as the loss), to split the overhead
 between the encoder head and the critics + estimators. Prints the fastest step of
 each and their ratios (the target for dot critics is DIM/bare <= 1.15x). Single
-process: the cross-device gather is the identity here. ``--views 2``: DIM gets two
+process: the cross-device gather is the identity here. "cpu" ratios use the process's
+CPU time (``time.process_time``), which on one thread leaves out the time other jobs
+held the cores: steadier than wall time on a shared machine (GPU steps: use wall). ``--views 2``: DIM gets two
 views of the batch (the encoder runs on 2B images), so the baseline runs on 2B too.
 ``--compile`` / ``--channels-last``: the ``train.compile`` / ``train.channels_last``
 options, applied to all three models alike (compilation happens in the warm-up steps).
@@ -36,12 +38,13 @@ class Stepper:
         self.model, self.loss_fn = model.train(), loss_fn
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         self.times: list[float] = []
+        self.cpu: list[float] = []
 
     def step(self, x: torch.Tensor, record: bool) -> None:
         """One step on ``x`` (a list of views for DIM: the model gets them as arguments)."""
         if x.is_cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.loss_fn(self.model, x).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -49,6 +52,7 @@ class Stepper:
             torch.cuda.synchronize()
         if record:
             self.times.append(time.perf_counter() - t0)
+            self.cpu.append(time.process_time() - c0)
 
 
 def measure(backbone: str, size: int, batch: int, overrides: list[str], steps: int, warmup: int,
@@ -78,7 +82,8 @@ def measure(backbone: str, size: int, batch: int, overrides: list[str], steps: i
     for i in range(warmup + steps):
         for s in steppers.values():
             s.step(x, record=i >= warmup)
-    return {name: min(s.times) for name, s in steppers.items()}
+    return {**{name: min(s.times) for name, s in steppers.items()},
+            **{f"{name}_cpu": min(s.cpu) for name, s in steppers.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,14 +107,15 @@ def main(argv: list[str] | None = None) -> None:
           f"views={args.views} config={args.config or '(built-in)'} load={os.getloadavg()[0]:.1f} "
           f"overrides={' '.join(args.overrides) or '(defaults: infonce, dot critics)'}")
     print(f"{'backbone':<20}{'size':>5}{'bare ms':>10}{'encoder ms':>12}{'DIM ms':>10}"
-          f"{'enc/bare':>10}{'DIM/bare':>10}")
+          f"{'enc/bare':>10}{'DIM/bare':>10}{'DIM/bare cpu':>14}")
     for backbone in args.backbones.split(","):
         for size in map(int, args.sizes.split(",")):
             t = measure(backbone, size, args.batch, args.overrides, args.steps, args.warmup,
                         args.device, config=args.config, views=args.views)
             print(f"{backbone:<20}{size:>5}{1e3 * t['bare']:>10.1f}{1e3 * t['encoder']:>12.1f}"
                   f"{1e3 * t['dim']:>10.1f}{t['encoder'] / t['bare']:>10.3f}"
-                  f"{t['dim'] / t['bare']:>10.3f}  (load {os.getloadavg()[0]:.1f})", flush=True)
+                  f"{t['dim'] / t['bare']:>10.3f}{t['dim_cpu'] / t['bare_cpu']:>14.3f}"
+                  f"  (load {os.getloadavg()[0]:.1f})", flush=True)
 
 
 if __name__ == "__main__":
