@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["knn_predict", "knn_accuracy", "standardize", "fit_linear", "LinearProbeResult",
-           "linear_probe", "accuracy", "L2_GRID"]
+           "linear_probe", "mlp_probe", "MLPProbeResult", "accuracy", "L2_GRID"]
 
 L2_GRID: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -127,3 +127,60 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     tx, sx = standardize(train_x, test_x)
     layer = fit_linear(tx, train_y, num_classes, l2=best_l2, max_iter=max_iter)
     return LinearProbeResult(accuracy(layer(sx).argmax(dim=1), test_y), best_l2, best_val)
+
+
+@dataclass
+class MLPProbeResult:
+    accuracy: float          # on the test features, with the weights of the best epoch
+    epoch: int               # the epoch chosen on the validation split
+    val_accuracy: float
+
+
+def mlp_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+              test_y: torch.Tensor, *, hidden: int = 200, dropout: float = 0.1,
+              epochs: int = 30, batch_size: int = 128, lr: float = 1e-3,
+              val_fraction: float = 0.1, seed: int = 0) -> MLPProbeResult:
+    """The DIM paper's non-linear probe: Linear-BN-ReLU-Dropout-Linear, trained with Adam.
+
+    Features are standardised with training statistics. A seeded ``val_fraction`` of
+    the training features is held out to pick the epoch (early stopping); the test set
+    is scored once, with the weights of that epoch. Seeded, and the global RNG is left
+    untouched, so calling it mid-training changes nothing else.
+    """
+    num_classes = _num_classes(train_y, test_y)
+    n = train_x.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    n_val = min(max(int(round(n * val_fraction)), 1), n - 1)
+    val_idx, fit_idx = perm[:n_val], perm[n_val:]
+    fx, vx, sx = standardize(train_x[fit_idx], train_x[val_idx], test_x)
+    fy, vy = train_y[fit_idx], train_y[val_idx]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(fx.shape[1], hidden), torch.nn.BatchNorm1d(hidden),
+                                  torch.nn.ReLU(), torch.nn.Dropout(dropout),
+                                  torch.nn.Linear(hidden, num_classes)).to(fx.device)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        best = (-1.0, 0, None)
+        with torch.enable_grad():
+            for epoch in range(1, epochs + 1):
+                net.train()
+                order = torch.randperm(len(fy), generator=gen).to(fx.device)
+                for start in range(0, len(fy) - 1, batch_size):  # BN needs >= 2 per batch
+                    idx = order[start:start + batch_size]
+                    if idx.numel() < 2:
+                        continue
+                    loss = F.cross_entropy(net(fx[idx]), fy[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                net.eval()
+                with torch.no_grad():
+                    val = accuracy(net(vx).argmax(dim=1), vy)
+                if val > best[0]:
+                    best = (val, epoch, {k: v.clone() for k, v in net.state_dict().items()})
+        net.load_state_dict(best[2])
+        net.eval()
+        with torch.no_grad():
+            test = accuracy(net(sx).argmax(dim=1), test_y)
+    return MLPProbeResult(test, best[1], best[0])

@@ -21,6 +21,7 @@ __all__ = ["EncoderOutput", "DIMEncoder", "create_backbone"]
 
 class EncoderOutput(NamedTuple):
     local: torch.Tensor   # (N, c, h, w) local feature map C(x)
+    final: torch.Tensor   # the backbone's last feature map ((N, C, H, W) for CNNs)
     pooled: torch.Tensor  # (N, F) backbone pre-logits ("conv" view in evaluation)
     fc: torch.Tensor      # (N, fc_dim) the layer before the code ("fc" view)
     mu: torch.Tensor      # (N, d) code mean ("y" view)
@@ -69,7 +70,7 @@ class DIMEncoder(nn.Module):
                                 nn.BatchNorm1d(fc_dim), nn.ReLU(inplace=True))
         self.mu = nn.Linear(fc_dim, code_dim)
         self.logvar = nn.Linear(fc_dim, code_dim)
-        self.code_dim = code_dim
+        self.code_dim, self.in_chans = code_dim, in_chans
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
         final, (local,) = self.backbone.forward_intermediates(x, indices=[self.local_index])
@@ -77,4 +78,10 @@ class DIMEncoder(nn.Module):
         fc = self.fc(pooled)
         mu, logvar = self.mu(fc), self.logvar(fc)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
-        return EncoderOutput(local, pooled, fc, mu, logvar, z)
+        return EncoderOutput(local, final, pooled, fc, mu, logvar, z)
+
+    def receptive_field(self, img_size: int) -> int:
+        """Pixels (one side) that one location of the local map sees."""
+        from .receptive import receptive_field
+
+        return receptive_field(self.backbone, self.local_index, img_size, self.in_chans)

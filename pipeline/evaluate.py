@@ -6,9 +6,13 @@
 
 Three models share one table, so the number that matters (what pretraining bought)
 is read against its baselines: ``dim`` (the checkpoint), ``random_init`` (the same
-architecture, seeded random weights) and ``pixels`` (flattened, normalised images).
-Views ``conv``/``fc``/``y`` are described in ``pipeline.features``. The JSON is
-``{model: {view: {probe: accuracy}}}`` with accuracies as fractions in [0, 1]. The
+architecture, seeded random weights, with BatchNorm statistics re-estimated on the
+probe's training images: a random network run with BatchNorm's initial statistics is a
+broken baseline, not a fair one) and ``pixels`` (flattened, normalised images).
+Views ``conv``/``fc``/``y`` are described in ``pipeline.features``; probes are
+``linear`` (L-BFGS logistic regression), ``mlp`` (the DIM paper's 200-unit MLP) and
+``knn`` (weighted cosine k-NN). The JSON is ``{model: {view: {probe: accuracy}}}``
+with accuracies as fractions in [0, 1]. The
 table also goes into the export's model card (its ``README.md``), replacing an earlier one.
 """
 from __future__ import annotations
@@ -22,16 +26,16 @@ from pathlib import Path
 import torch
 
 from .card import update_evaluation
-from .classifiers import L2_GRID, knn_accuracy, linear_probe
+from .classifiers import L2_GRID, knn_accuracy, linear_probe, mlp_probe
 from .encoder import DIMEncoder
 from .errors import ConfigError
 from .export import encoder_from_meta, find_export, load_encoder, read_export_meta
-from .features import CONV_SOURCES, extract_features
+from .features import CONV_SOURCES, extract_features, recalibrate_batchnorm
 
 __all__ = ["find_export", "random_like", "probe_all", "format_table", "evaluate", "main"]
 
 Results = dict[str, dict[str, dict[str, float]]]
-PROBES = ("linear", "knn")
+PROBES = ("linear", "mlp", "knn")
 
 
 def random_like(meta: dict, seed: int = 0) -> DIMEncoder:
@@ -42,25 +46,34 @@ def random_like(meta: dict, seed: int = 0) -> DIMEncoder:
 
 def probe_all(train: dict[str, dict[str, torch.Tensor]], train_y: torch.Tensor,
               test: dict[str, dict[str, torch.Tensor]], test_y: torch.Tensor, *,
-              k: int = 20, temperature: float = 0.07, l2_grid=L2_GRID, seed: int = 0,
-              log=print) -> Results:
-    """Linear probe and k-NN on every (model, view) pair of feature tensors."""
+              probes: tuple[str, ...] = PROBES, k: int = 20, temperature: float = 0.07,
+              l2_grid=L2_GRID, seed: int = 0, log=print) -> Results:
+    """Every probe in ``probes`` on every (model, view) pair of feature tensors."""
     results: Results = {}
     for model, views in train.items():
         for view, feats in views.items():
-            t0 = time.perf_counter()
-            lin = linear_probe(feats, train_y, test[model][view], test_y, l2_grid=l2_grid, seed=seed)
-            knn = knn_accuracy(feats, train_y, test[model][view], test_y, k=k, temperature=temperature)
-            results.setdefault(model, {})[view] = {"linear": lin.accuracy, "knn": knn}
-            log(f"[evaluate] {model:>11s}/{view:<6s} dim={feats.shape[1]:5d} linear={lin.accuracy:.4f} "
-                f"(l2={lin.l2:g}, val={lin.val_accuracy:.4f}) knn={knn:.4f} "
-                f"({time.perf_counter() - t0:.1f}s)")
+            t0, cell, notes = time.perf_counter(), {}, []
+            if "linear" in probes:
+                lin = linear_probe(feats, train_y, test[model][view], test_y, l2_grid=l2_grid, seed=seed)
+                cell["linear"] = lin.accuracy
+                notes.append(f"l2={lin.l2:g}")
+            if "mlp" in probes:
+                mlp = mlp_probe(feats, train_y, test[model][view], test_y, seed=seed)
+                cell["mlp"] = mlp.accuracy
+                notes.append(f"mlp epoch={mlp.epoch}")
+            if "knn" in probes:
+                cell["knn"] = knn_accuracy(feats, train_y, test[model][view], test_y, k=k,
+                                           temperature=temperature)
+            results.setdefault(model, {})[view] = cell
+            scores = " ".join(f"{p}={cell[p]:.4f}" for p in PROBES if p in cell)
+            log(f"[evaluate] {model:>11s}/{view:<6s} dim={feats.shape[1]:5d} {scores} "
+                f"({', '.join(notes)}; {time.perf_counter() - t0:.1f}s)")
     return results
 
 
 def format_table(results: Results) -> str:
     """A plain-text table, one row per (model, view), accuracies in percent."""
-    rows = [f"{'model':<12s} {'view':<7s} {'linear':>7s} {'knn':>7s}"]
+    rows = [f"{'model':<12s} {'view':<7s} " + " ".join(f"{p:>7s}" for p in PROBES)]
     for model, views in results.items():
         for view, probes in views.items():
             cells = " ".join(f"{100 * probes[p]:6.2f}%" if p in probes else f"{'-':>7s}"
@@ -130,20 +143,38 @@ def _loader(spec: str, meta: dict, batch_size: int, workers: int):
 def evaluate(checkpoint: str | Path, train_shards: str, test_shards: str, *, batch_size: int = 256,
              k: int = 20, temperature: float = 0.07, seed: int = 0, device: str = "cpu",
              limit_train: int | None = None, limit_test: int | None = None,
-             conv_source: str = "pooled", num_workers: int = 0, log=print) -> Results:
-    """Features of the checkpoint, its random-init twin and the pixels -> all probes."""
+             conv_source: str = "grid", num_workers: int = 0, probes: tuple[str, ...] = PROBES,
+             baselines: bool = True, log=print) -> Results:
+    """Features of the checkpoint (and, with ``baselines``, of its random-init twin and
+    the pixels) -> every probe."""
     folder = find_export(checkpoint)
     meta = read_export_meta(folder)
-    encoders = {"dim": load_encoder(folder).to(device), "random_init": random_like(meta, seed).to(device)}
+    encoders = {"dim": load_encoder(folder).to(device)}
+    if baselines:
+        encoders["random_init"] = random_like(meta, seed).to(device)
+        t0 = time.perf_counter()
+        seen = recalibrate_batchnorm(encoders["random_init"], _loader(train_shards, meta, batch_size, num_workers),
+                                     device=device, limit=limit_train)
+        log(f"[evaluate] random_init: BatchNorm statistics re-estimated on {seen} probe-training "
+            f"images ({time.perf_counter() - t0:.1f}s)")
     feats = {}
     for split, spec, limit in (("train", train_shards, limit_train), ("test", test_shards, limit_test)):
         t0 = time.perf_counter()
         feats[split] = extract_features(encoders, _loader(spec, meta, batch_size, num_workers),
-                                        device=device, pixels=True, limit=limit,
+                                        device=device, pixels=baselines, limit=limit,
                                         conv_source=conv_source)
         log(f"[evaluate] {split}: {len(feats[split][1])} samples in {time.perf_counter() - t0:.1f}s")
     (train, train_y), (test, test_y) = feats["train"], feats["test"]
-    return probe_all(train, train_y, test, test_y, k=k, temperature=temperature, seed=seed, log=log)
+    return probe_all(train, train_y, test, test_y, probes=probes, k=k, temperature=temperature,
+                     seed=seed, log=log)
+
+
+def _probe_list(text: str) -> tuple[str, ...]:
+    chosen = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in chosen if p not in PROBES]
+    if bad or not chosen:
+        raise argparse.ArgumentTypeError(f"probes must be a comma list of {', '.join(PROBES)}; got {text!r}")
+    return chosen
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,8 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random-init baseline and validation split")
     p.add_argument("--limit-train", type=int, default=None, help="use at most this many train samples")
     p.add_argument("--limit-test", type=int, default=None, help="use at most this many test samples")
-    p.add_argument("--conv-source", choices=CONV_SOURCES, default="pooled",
-                   help="conv view: pooled last conv stage (default) or the mean-pooled local map")
+    p.add_argument("--conv-source", choices=CONV_SOURCES, default="grid",
+                   help="conv view: last conv map pooled to a <=4x4 grid (default), the "
+                        "backbone's pooled pre-logits, or the mean-pooled local map")
+    p.add_argument("--probes", type=_probe_list, default=PROBES,
+                   help="comma list of linear, mlp, knn (default: all three)")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="skip the random-init and pixel baselines (ablations compute them once)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--wandb", action="store_true",
@@ -178,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                            batch_size=args.batch_size, k=args.knn_k,
                            temperature=args.knn_temperature, seed=args.seed, device=args.device,
                            limit_train=args.limit_train, limit_test=args.limit_test,
-                           conv_source=args.conv_source, num_workers=args.num_workers, log=log)
+                           conv_source=args.conv_source, num_workers=args.num_workers,
+                           probes=args.probes, baselines=args.baselines, log=log)
     except ConfigError as err:
         print(f"dim-evaluate: error: {err}", file=sys.stderr)
         return 2

@@ -2,9 +2,13 @@
 
 The views follow the DIM paper's evaluation:
 
-- ``conv``: the last convolutional layer, global-average pooled: the backbone's
-  pooled pre-logits (``EncoderOutput.pooled``). ``conv_source="local"`` uses the
-  local map C that the local MI term trains, mean-pooled over positions, instead.
+- ``conv``: the last convolutional map, average-pooled to a small grid and flattened
+  (``conv_source="grid"``, the default): the largest g x g grid, g <= 4, that keeps
+  C * g * g <= 8192 features. The DIM paper's encoder keeps its whole 4x4x256 map
+  (the paper's conv view); resnet18 at 32 px keeps 1x1x512, resnet50 at 224 px 2x2x2048.
+  ``"pooled"`` takes the backbone's own pooled pre-logits, ``"local"`` the local map C
+  that the local MI term trains, mean-pooled. Maps that are not (N, C, H, W) (ViT
+  tokens) fall back to the pooled pre-logits.
 - ``fc``: the hidden layer between backbone and code (``EncoderOutput.fc``).
 - ``y``: the code mean (``EncoderOutput.mu``); in eval mode z = mu.
 
@@ -18,15 +22,18 @@ from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .encoder import EncoderOutput
 
-__all__ = ["VIEWS", "CONV_SOURCES", "views_of", "extract_features", "unwrap_encoder"]
+__all__ = ["VIEWS", "CONV_SOURCES", "views_of", "conv_grid", "extract_features", "unwrap_encoder",
+           "recalibrate_batchnorm"]
 
 VIEWS = ("conv", "fc", "y")
-CONV_SOURCES = ("pooled", "local")
+CONV_SOURCES = ("grid", "pooled", "local")
 PIXELS = "pixels"
+GRID_MAX, GRID_MAX_FEATURES = 4, 8192
 
 
 def unwrap_encoder(model: nn.Module) -> nn.Module:
@@ -36,10 +43,60 @@ def unwrap_encoder(model: nn.Module) -> nn.Module:
     return getattr(model, "encoder", model)
 
 
-def views_of(out: EncoderOutput, conv_source: str = "pooled") -> dict[str, torch.Tensor]:
+def conv_grid(fmap: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C * g * g): average-pooled to the largest grid g <= 4 with
+    C * g * g <= 8192, so probes see where features are without drowning in dimensions."""
+    c, h, w = fmap.shape[1:]
+    g = min(GRID_MAX, h, w)
+    while g > 1 and c * g * g > GRID_MAX_FEATURES:
+        g -= 1
+    return F.adaptive_avg_pool2d(fmap, g).flatten(1)
+
+
+def views_of(out: EncoderOutput, conv_source: str = "grid") -> dict[str, torch.Tensor]:
     """The three evaluation views of one encoder output, flattened to (N, D)."""
-    conv = out.pooled if conv_source == "pooled" else out.local.mean(dim=(2, 3))
+    if conv_source == "grid" and out.final.ndim == 4:
+        conv = conv_grid(out.final)
+    elif conv_source == "local":
+        conv = out.local.mean(dim=(2, 3))
+    else:
+        conv = out.pooled
     return {"conv": conv.flatten(1), "fc": out.fc.flatten(1), "y": out.mu.flatten(1)}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(encoder: nn.Module, batches: Iterable[dict], *,
+                          device: torch.device | str = "cpu", limit: int | None = None) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (exact averages).
+
+    A randomly initialised network evaluated with BatchNorm's initial statistics (mean 0,
+    variance 1) feeds wildly unnormalised activations forward; a fair random-init
+    baseline takes its statistics from the data it is probed on, as a trained network
+    does. Returns the number of images seen; the encoder is left in eval mode.
+    """
+    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+    encoder.train()
+    seen = 0
+    try:
+        for batch in batches:
+            images = batch["image"]
+            if limit is not None:
+                images = images[:limit - seen]
+            if images.shape[0] < 2:
+                break
+            encoder(images.to(device).float())
+            seen += images.shape[0]
+            if limit is not None and seen >= limit:
+                break
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        encoder.eval()
+    return seen
 
 
 @contextmanager
@@ -58,7 +115,7 @@ def _eval_mode(modules: Iterable[nn.Module]):
 @torch.no_grad()
 def extract_features(encoders: Mapping[str, nn.Module], batches: Iterable[dict], *,
                      device: torch.device | str = "cpu", pixels: bool = False,
-                     limit: int | None = None, conv_source: str = "pooled",
+                     limit: int | None = None, conv_source: str = "grid",
                      ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
     """Run every encoder over the batches once; return ``{model: {view: (N, D)}}``
     (CPU float tensors) and the labels (N,).

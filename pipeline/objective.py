@@ -25,6 +25,8 @@ tests/test_distributed.py checks this on two real processes; docs/distributed.md
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -34,7 +36,7 @@ from .critics import ConcatCritic, Critic, DotCritic
 from .distributed import gather_with_grad, rank
 from .encoder import EncoderOutput
 
-__all__ = ["mi_estimate", "build_critic", "DIMObjective"]
+__all__ = ["Estimate", "mi_estimate", "build_critic", "DIMObjective"]
 
 
 def _diagonal(scores: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,27 +54,33 @@ def _diagonal(scores: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torc
     return pos, neg
 
 
-def mi_estimate(estimator: str, critic: Critic, a: torch.Tensor, b: torch.Tensor, *,
-                tclip: float = 0.0, generator: torch.Generator | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Estimate I(a; b) from aligned samples (a_i, b_i) of the joint.
+class Estimate(NamedTuple):
+    bound: torch.Tensor     # the value to maximise (differentiable)
+    nats: torch.Tensor      # the MI estimate in nats (for JSD, the JS divergence in [0, log 2])
+    score_sq: torch.Tensor  # mean(score^2) of the raw scores, for the score penalty
+    clipped: torch.Tensor   # fraction of raw scores beyond +-tclip (where the soft clip bites)
 
-    Returns (bound, nats, penalty): the value to maximise, the MI estimate in nats
-    (for JSD, the Jensen-Shannon divergence in [0, log 2]), and mean(score^2) of the
-    raw scores for the optional score penalty.
-    """
+
+def _stats(raw: torch.Tensor, tclip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    clipped = (raw.detach().abs() > tclip).float().mean() if tclip > 0 else raw.new_zeros(())
+    return raw.pow(2).mean(), clipped
+
+
+def mi_estimate(estimator: str, critic: Critic, a: torch.Tensor, b: torch.Tensor, *,
+                tclip: float = 0.0, generator: torch.Generator | None = None) -> Estimate:
+    """Estimate I(a; b) from aligned samples (a_i, b_i) of the joint."""
     ea, eb = critic.embed_a(a), critic.embed_b(b)
     if estimator == "jsd":
         perm = est.derangement(ea.shape[0], generator=generator, device=ea.device)
-        pos_raw, neg_raw = critic.aligned(ea, eb), critic.aligned(ea[perm], eb)
-        pos, neg = est.clip_scores(pos_raw, tclip), est.clip_scores(neg_raw, tclip)
+        raw = torch.stack([critic.aligned(ea, eb), critic.aligned(ea[perm], eb)])
+        pos, neg = est.clip_scores(raw, tclip)
         bound = est.jsd(pos, neg)
-        return bound, est.jsd_to_nats(bound.detach()), (pos_raw.pow(2).mean() + neg_raw.pow(2).mean()) / 2
+        return Estimate(bound, est.jsd_to_nats(bound.detach()), *_stats(raw, tclip))
     if estimator == "dv":
         raw = critic.pairwise(ea, eb)
         pos, neg = _diagonal(est.clip_scores(raw, tclip))
         bound = est.dv(pos, neg)
-        return bound, bound.detach(), raw.pow(2).mean()
+        return Estimate(bound, bound.detach(), *_stats(raw, tclip))
     if estimator == "infonce":
         ea_all = gather_with_grad(ea)
         offset = rank() * ea.shape[0]
@@ -84,7 +92,7 @@ def mi_estimate(estimator: str, critic: Critic, a: torch.Tensor, b: torch.Tensor
         else:
             targets = torch.arange(ea.shape[0], device=ea.device) + offset
             bound = est.infonce(scores, targets)
-        return bound, bound.detach(), raw.pow(2).mean()
+        return Estimate(bound, bound.detach(), *_stats(raw, tclip))
     raise ValueError(f"unknown estimator {estimator!r}")
 
 
@@ -118,30 +126,40 @@ class DIMObjective(nn.Module):
     def forward(self, out: EncoderOutput, other: EncoderOutput | None = None,
                 generator: torch.Generator | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss and logged terms. ``other``: the encoding of a second augmented view
-        (AMDIM-style); its features then form the image side of every pair, so the code
-        of one view must predict the features of the other."""
+        """Loss and logged terms.
+
+        ``other``: the encoding of a second, independently augmented view (AMDIM). The
+        code of each view is then scored against the features of the *other* view, in
+        both directions, and every term is the mean of the two directions: a code can
+        only win by predicting what survives augmentation, not the colour statistics
+        its own view shares with its own local features.
+        """
         cfg, name = self.cfg, self.cfg.estimator
-        view = out if other is None else other
-        kl = est.gaussian_kl(out.mu.float(), out.logvar.float()).mean()
+        directions = [(out, out)] if other is None else [(out, other), (other, out)]
+        share = 1.0 / len(directions)
+        codes = [code for code, _ in directions]
+        kl = sum(est.gaussian_kl(c.mu.float(), c.logvar.float()).mean() for c in codes) * share
         loss = cfg.gamma * kl
         terms = {"kl": kl.detach(), "loss/kl": (cfg.gamma * kl).detach()}
-        penalty = torch.zeros((), device=kl.device)
-        for scope, critic, weight, a in (
-            ("global", self.global_critic, cfg.alpha, lambda: self._global_input(view)),
-            ("local", self.local_critic, cfg.beta, lambda: view.local),
+        score_sq = torch.zeros((), device=kl.device)
+        for scope, critic, weight, image_side in (
+            ("global", self.global_critic, cfg.alpha, self._global_input),
+            ("local", self.local_critic, cfg.beta, lambda view: view.local),
         ):
             if critic is None:
                 continue
-            bound, nats, pen = mi_estimate(name, critic, a().float(), out.z.float(),
-                                           tclip=cfg.tclip, generator=generator)
+            parts = [mi_estimate(name, critic, image_side(image).float(), code.z.float(),
+                                 tclip=cfg.tclip, generator=generator)
+                     for code, image in directions]
+            bound = sum(p.bound for p in parts) * share
             loss = loss - weight * bound
-            penalty = penalty + pen
-            terms[f"mi/{scope}/{name}"] = nats
+            score_sq = score_sq + sum(p.score_sq for p in parts) * share
+            terms[f"mi/{scope}/{name}"] = sum(p.nats for p in parts) * share
+            terms[f"clip_frac/{scope}"] = sum(p.clipped for p in parts) * share
             terms[f"loss/{scope}"] = (-weight * bound).detach()
         if cfg.score_penalty > 0:
-            loss = loss + cfg.score_penalty * penalty
-            terms["loss/score_penalty"] = (cfg.score_penalty * penalty).detach()
-        terms["score_sq"] = penalty.detach()
+            loss = loss + cfg.score_penalty * score_sq
+            terms["loss/score_penalty"] = (cfg.score_penalty * score_sq).detach()
+        terms["score_sq"] = score_sq.detach()
         terms["loss"] = loss.detach()
         return loss, terms

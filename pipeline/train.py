@@ -151,6 +151,24 @@ def use_default_data(accelerator, cfg: Config) -> None:
         cfg.data.val_shards = str(val_manifest)
 
 
+def report_receptive_field(accelerator, encoder, cfg: Config) -> int:
+    """Log what one local-map location sees; warn when it sees the whole image, where
+    local MI degenerates into telling whole images apart."""
+    import warnings
+
+    size = cfg.model.img_size
+    rf = encoder.receptive_field(size)
+    h = size // encoder.backbone.feature_info[encoder.local_index]["reduction"]
+    accelerator.print(f"local map: stage {encoder.local_index} of {cfg.model.backbone} "
+                      f"(~{h}x{h}x{encoder.local_channels}), receptive field {rf} px of {size} px")
+    if rf >= size and accelerator.is_main_process:
+        warnings.warn(f"the local map (model.local_layer={cfg.model.local_layer}) sees the whole "
+                      f"{size} px input ({rf} px receptive field): local MI will not be local; "
+                      f"use an earlier stage or a small-image backbone (dim_conv32, resnet18_cifar)",
+                      stacklevel=2)
+    return rf
+
+
 def export(accelerator, model, cfg: Config, folder: Path, *, step: int, samples_seen: int,
            tracker=None) -> Path:
     """Collective: the main process writes the model folder (pipeline.export) with its
@@ -315,6 +333,7 @@ def train(cfg: Config, force_config: bool = False) -> int:
 
     set_seed(tc.seed)  # identical initial weights on every rank
     model = prepare_model(build_model(cfg), tc)  # channels_last, compile
+    report_receptive_field(accelerator, model.encoder, cfg)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -67,7 +67,7 @@ class StandInEncoder(nn.Module):
         pooled = local.mean(dim=(2, 3))
         mu, logvar = self.head(pooled).chunk(2, dim=1)
         z = mu + eps * (0.5 * logvar).exp()
-        return EncoderOutput(local, pooled, pooled, mu, logvar, z)
+        return EncoderOutput(local, local, pooled, pooled, mu, logvar, z)
 
 
 def build(case: tuple[str, str, str]) -> nn.ModuleDict:

@@ -213,3 +213,49 @@ def test_wandb_logging_joins_the_training_run(tmp_path, monkeypatch):
     assert _training_run(tmp_path / "nowhere") == {}
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the code path, without files or network
     log_to_wandb({"dim": {"y": {"linear": 0.5, "knn": 0.25}}}, start=True, run_dir=tmp_path)
+
+
+# ------------------------------------------------------------------ issue 9: fair baselines, MLP, conv grid
+
+def test_mlp_probe_solves_what_a_linear_probe_cannot():
+    from pipeline.classifiers import mlp_probe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1200, 2, generator=g) * 2 - 1
+    y = ((x[:, 0] * x[:, 1]) > 0).long()  # XOR of the signs: not linearly separable
+    lin = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:]).accuracy
+    mlp = mlp_probe(x[:1000], y[:1000], x[1000:], y[1000:], epochs=40)
+    assert lin < 0.7 and mlp.accuracy > 0.9, (lin, mlp)
+    again = mlp_probe(x[:1000], y[:1000], x[1000:], y[1000:], epochs=40)
+    assert again.accuracy == mlp.accuracy  # seeded
+
+
+def test_random_init_batchnorm_statistics_come_from_the_data():
+    from pipeline.features import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    enc = DIMEncoder(**TINY)
+    images = torch.rand(64, 3, 16, 16) * 3 + 2  # far from N(0, 1): initial stats are wrong
+    first = enc.backbone.bn1
+    assert torch.equal(first.running_mean, torch.zeros_like(first.running_mean))
+    batches = [{"image": images[i:i + 16]} for i in range(0, 64, 16)]
+    assert recalibrate_batchnorm(enc, batches) == 64
+    with torch.no_grad():
+        pre = enc.backbone.conv1(images)
+    assert torch.allclose(first.running_mean, pre.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert torch.allclose(first.running_var, pre.var(dim=(0, 2, 3)), rtol=1e-2)
+    assert not enc.training
+    # With the initial statistics the first BatchNorm output is not normalised at all.
+    with torch.no_grad():
+        out = first(pre)
+    assert out.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+
+
+def test_conv_view_keeps_a_small_grid():
+    from pipeline.features import conv_grid
+
+    assert conv_grid(torch.randn(2, 256, 4, 4)).shape == (2, 4096)    # the paper's conv view
+    assert conv_grid(torch.randn(2, 512, 1, 1)).shape == (2, 512)
+    assert conv_grid(torch.randn(2, 2048, 7, 7)).shape == (2, 2 * 2 * 2048)
+    fmap = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert torch.equal(conv_grid(fmap), fmap.flatten(1))  # 4x4 is kept as is, not averaged

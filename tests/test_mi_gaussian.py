@@ -45,7 +45,7 @@ def train_critic(estimator, steps, batch, seed=0):
     opt = torch.optim.Adam(critic.parameters(), lr=2e-3)
     for _ in range(steps):
         x, y = sample(batch, gen)
-        bound, _, _ = mi_estimate(estimator, critic, x, y, generator=gen)
+        bound = mi_estimate(estimator, critic, x, y, generator=gen).bound
         opt.zero_grad()
         (-bound).backward()
         opt.step()
@@ -54,7 +54,7 @@ def train_critic(estimator, steps, batch, seed=0):
 
 def evaluate(estimator, critic, gen, batch, repeats):
     with torch.no_grad():
-        return sum(mi_estimate(estimator, critic, *sample(batch, gen), generator=gen)[1].item()
+        return sum(mi_estimate(estimator, critic, *sample(batch, gen), generator=gen).nats.item()
                    for _ in range(repeats)) / repeats
 
 

@@ -92,3 +92,40 @@ def test_training_on_digits_raises_the_mi_estimates(estimator, steps, margin):
 def test_bad_configuration_is_one_clear_error(override, needle):
     with pytest.raises(ConfigError, match=needle):
         build_model(load_config(None, [override]))
+
+
+def test_two_views_score_each_code_against_the_other_views_features():
+    """Fails if the second view were ignored, or used in one direction only."""
+    from pipeline.objective import mi_estimate
+
+    torch.manual_seed(0)
+    model = build_model(load_config(None, ["model.backbone=test_resnet", "model.fc_dim=32",
+                                           "loss.global_critic=none"])).eval()
+    x1, x2 = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32)
+    loss, terms = model(x1, x2)
+    # By hand: code of view 1 against the local map of view 2, and the reverse.
+    e1, e2 = model.encoder(x1), model.encoder(x2)
+    critic = model.objective.local_critic
+    by_hand = (mi_estimate("infonce", critic, e2.local, e1.z).nats
+               + mi_estimate("infonce", critic, e1.local, e2.z).nats) / 2
+    assert torch.allclose(terms["mi/local/infonce"], by_hand, atol=1e-5)
+    # Same-view pairing (the second view ignored) gives another value.
+    same = mi_estimate("infonce", critic, e1.local, e1.z).nats
+    assert not torch.allclose(same, by_hand, atol=1e-3)
+    # Symmetric in the two views, and the second view receives gradient.
+    assert torch.allclose(model(x2, x1)[0], loss, atol=1e-5)
+    x2.requires_grad_(True)
+    model(x1, x2)[0].backward()
+    assert x2.grad.abs().sum() > 0
+
+
+def test_clipped_fraction_is_logged_and_counts_scores_beyond_tclip():
+    torch.manual_seed(0)
+    model = build_model(load_config(None, ["model.backbone=test_resnet", "model.fc_dim=32",
+                                           "loss.tclip=1e-3"]))
+    _, terms = model(torch.randn(4, 3, 32, 32))
+    assert terms["clip_frac/local"] > 0.9  # almost every score is beyond a tiny clip
+    model = build_model(load_config(None, ["model.backbone=test_resnet", "model.fc_dim=32",
+                                           "loss.tclip=1e6"]))
+    _, terms = model(torch.randn(4, 3, 32, 32))
+    assert terms["clip_frac/local"] == 0 and terms["clip_frac/global"] == 0

@@ -1,0 +1,84 @@
+"""Small-image backbones registered with timm, and the receptive field of the local map."""
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import pipeline  # noqa: F401  (registers the backbones)
+from pipeline.config import load_config
+from pipeline.encoder import DIMEncoder
+from pipeline.receptive import gradient_extent
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name,size,maps", [
+    ("dim_conv32", 32, [(64, 16), (128, 8), (256, 4)]),
+    ("dim_conv64", 64, [(64, 32), (128, 16), (256, 8), (512, 4)]),
+    ("resnet18_cifar", 32, [(64, 32), (64, 32), (128, 16), (256, 8), (512, 4)]),
+])
+def test_registered_backbones_build_through_timm_with_the_stated_maps(name, size, maps):
+    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=size)
+    final, inter = model.forward_intermediates(torch.randn(2, 3, size, size))
+    assert [(t.shape[1], t.shape[2]) for t in inter] == maps
+    assert [(i["num_chs"], size // i["reduction"]) for i in model.feature_info] == maps
+    assert model.forward_head(final, pre_logits=True).shape == (2, model.num_features)
+    assert model.pretrained_cfg["input_size"] == (3, size, size)
+
+
+def test_paper_encoder_flattens_its_last_map():
+    model = timm.create_model("dim_conv32", num_classes=0)
+    assert model.num_features == 4 * 4 * 256  # the paper's fc sees the whole 4x4x256 map
+    avg = timm.create_model("dim_conv32", num_classes=0, global_pool="avg")
+    assert avg.num_features == 256
+
+
+def _true_extent(encoder: DIMEncoder, size: int) -> int:
+    """Autograd on the random network itself: where does one location look?
+
+    timm zero-initialises the last BatchNorm of every residual block, which hides the
+    residual branches at init; random BatchNorm scales stand in for a trained network.
+    """
+    encoder.eval()
+    with torch.no_grad():
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.normal_()
+
+    def stage(x):
+        return encoder.backbone.forward_intermediates(x, indices=[encoder.local_index],
+                                                      intermediates_only=True)[0]
+
+    return gradient_extent(stage, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("backbone,local_layer,expected", [
+    ("dim_conv32", 1, 10),        # the paper's 8x8 local map: 4 + 3 * 2
+    ("dim_conv64", 2, 22),
+    ("resnet18_cifar", 1, 11),    # 3x3 stem + four 3x3 convs at stride 1
+    ("resnet18", 1, 43),          # timm's ImageNet stem: 7x7/2 conv, 3x3/2 pool, four 3x3 at /4
+])
+def test_reported_receptive_field_equals_the_input_gradient_extent(backbone, local_layer, expected):
+    torch.manual_seed(0)
+    size = 32
+    encoder = DIMEncoder(backbone, local_layer=local_layer, img_size=size, fc_dim=32, code_dim=8)
+    reported = encoder.receptive_field(size)
+    assert reported == expected
+    # A canvas large enough that the field is not cut by the border: gradient of one
+    # location of the random network itself, no densified copy.
+    assert _true_extent(encoder, 4 * size) == reported
+
+
+def test_whole_image_field_is_reported_as_such():
+    encoder = DIMEncoder("resnet18", local_layer=3, img_size=32, fc_dim=32, code_dim=8)
+    assert encoder.receptive_field(32) >= 32
+
+
+@pytest.mark.parametrize("config", ["cifar10_cpu.yaml", "cifar10_gpu.yaml", "digits.yaml"])
+def test_shipped_configs_have_local_maps_that_see_a_fraction_of_the_image(config):
+    cfg = load_config(CONFIGS / config)
+    m = cfg.model
+    encoder = DIMEncoder(m.backbone, local_layer=m.local_layer, img_size=m.img_size,
+                         code_dim=m.code_dim, fc_dim=m.fc_dim, backbone_kwargs=m.backbone_kwargs)
+    assert encoder.receptive_field(m.img_size) <= m.img_size // 2
