@@ -67,8 +67,8 @@ class LossConfig:
     critic_dim: int = 256         # embedding size of dot critics
     critic_hidden: int = 512      # hidden width of every critic MLP; 0: dot critics embed
                                   # linearly (cheapest local critic), concat ones need > 0
-    tclip: float = 20.0           # soft score clip tclip*tanh(s/tclip); 0 disables
-    score_penalty: float = 0.0    # weight of mean(score^2) (AMDIM used 0.05)
+    tclip: float = 10.0           # soft score clip tclip*tanh(s/tclip) (AMDIM); 0 disables
+    score_penalty: float = 0.05   # weight of mean(score^2): keeps scores off the clip (AMDIM)
     allow_negative_weights: bool = False  # a negative alpha/beta/gamma minimises a term
 
     def __post_init__(self):
