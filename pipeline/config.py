@@ -132,6 +132,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     warmup_steps: int = 100
     optimizer: str = "adamw"      # adamw | lars
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (the DIM paper: 0.5, 0.999)
     grad_clip: float = 1.0        # max grad norm; 0 disables
     grad_accum: int = 1
     mixed_precision: str = "no"   # no | bf16 | fp16
@@ -151,6 +152,8 @@ class TrainConfig:
                                          "log_every", "save_every"),
                 non_negative=("weight_decay", "warmup_steps", "grad_clip", "keep_last",
                               "eval_every"))
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
 
 
 @dataclass

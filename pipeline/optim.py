@@ -74,7 +74,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         return LARS(groups, lr=cfg.lr)
     for g in groups:  # AdamW does not know the "lars" key; it would just carry it along
         g.pop("lars")
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:

@@ -139,7 +139,7 @@ def check_structure(results: dict) -> None:
     assert set(results["pixels"]) == {"pixels"}
     for views in results.values():
         for probes in views.values():
-            assert set(probes) == {"linear", "knn"}
+            assert set(probes) == {"linear", "mlp", "knn"}
             assert all(isinstance(a, float) and 0.0 <= a <= 1.0 for a in probes.values())
 
 
@@ -242,13 +242,15 @@ def test_random_init_batchnorm_statistics_come_from_the_data():
     assert recalibrate_batchnorm(enc, batches) == 64
     with torch.no_grad():
         pre = enc.backbone.conv1(images)
-    assert torch.allclose(first.running_mean, pre.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert torch.allclose(first.running_mean, pre.mean(dim=(0, 2, 3)), atol=1e-2, rtol=1e-2)
     assert torch.allclose(first.running_var, pre.var(dim=(0, 2, 3)), rtol=1e-2)
     assert not enc.training
-    # With the initial statistics the first BatchNorm output is not normalised at all.
+    # Recalibrated, the first BatchNorm output is normalised; with the initial statistics
+    # (mean 0, variance 1) it would be off by the raw activation means.
     with torch.no_grad():
         out = first(pre)
-    assert out.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+    assert out.mean(dim=(0, 2, 3)).abs().max() < 1e-2
+    assert pre.mean(dim=(0, 2, 3)).abs().max() > 0.1
 
 
 def test_conv_view_keeps_a_small_grid():
