@@ -1,6 +1,6 @@
 """The DIM ablation at CPU scale: DIM(G), DIM(L), DIM(G+L) x JSD / DV / infoNCE, then
-the best of those without the prior, with one view instead of two, and with a narrower
-critic. Every row trains the same number of steps from the same base config and is
+the best of those with the KL prior switched on (the shipped configs leave it off), with
+one view instead of two, and with narrower or linear critic embeddings. Every row trains the same number of steps from the same base config and is
 evaluated the same way (pipeline.evaluate: conv / fc / y x linear / mlp / k-NN, probes
 fit on ``--limit-train`` training images, scored on the held-out split).
 
@@ -30,9 +30,10 @@ SCOPES = {  # (alpha, beta, global critic, local critic)
 }
 ESTIMATORS = ("jsd", "dv", "infonce")
 VARIANTS = {  # applied on top of the best of the nine rows
-    "prior off": ["loss.gamma=0.0"],
+    "prior on (gamma 0.1)": ["loss.gamma=0.1"],
     "one view": ["data.augment=simple"],
-    "narrow critic": ["loss.critic_dim=64", "loss.critic_hidden=128"],
+    "narrow critic (64/128)": ["loss.critic_dim=64", "loss.critic_hidden=128"],
+    "linear critic (64/0)": ["loss.critic_dim=64", "loss.critic_hidden=0"],
 }
 VIEWS, PROBES = ("conv", "fc", "y"), ("linear", "mlp", "knn")
 START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
@@ -49,7 +50,7 @@ def run(cmd: list[str], log: Path) -> float:
 
 
 def train_and_evaluate(name: str, overrides: list[str], args, baselines: bool = False) -> dict:
-    folder = args.out / name.replace(" ", "_").replace("+", "p")
+    folder = args.out / "".join(c if c.isalnum() else "_" for c in name.replace("+", "p"))
     folder.mkdir(parents=True, exist_ok=True)
     result_file = folder / "eval.json"
     timing_file = folder / "timing.json"
