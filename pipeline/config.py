@@ -43,7 +43,7 @@ def _bounds(obj, section: str, *, positive: tuple[str, ...] = (),
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"    # any timm model name
+    backbone: str = "dim_conv32"  # any timm model name (dim_conv32: the DIM paper's 32 px encoder)
     pretrained: bool = False      # never downloads unless asked
     local_layer: int = 1          # index into the backbone's feature stages (negative ok)
     code_dim: int = 64            # size of the global code z

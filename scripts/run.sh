@@ -2,7 +2,7 @@
 # The main job on the embedded default data, from a fresh machine, with no network use
 # beyond set-up and no file outside the repository:
 #   1. write scikit-learn's digits as WebDataset shards (70% train / 30% held out),
-#   2. pretrain a timm ResNet-18 with DIM for a few minutes on CPU (configs/digits.yaml),
+#   2. pretrain the DIM paper's small encoder (dim_conv32, a timm model) with two views for a few minutes on CPU (configs/digits.yaml),
 #   3. evaluate the frozen encoder: linear probe and k-NN on conv / fc / y, against the
 #      same architecture at random init and against raw pixels; print the table.
 # Extra arguments are config overrides for pretraining, e.g. ./scripts/run.sh train.max_steps=100
