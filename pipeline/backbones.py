@@ -18,7 +18,7 @@ export like any other backbone:
 from __future__ import annotations
 
 import torch
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import SelectAdaptivePool2d, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
@@ -60,7 +60,7 @@ class DIMConvNet(nn.Module):
     """
 
     def __init__(self, channels: tuple[int, ...] = (64, 128, 256), in_chans: int = 3,
-                 num_classes: int = 0, img_size: int = 32, global_pool: str = "flatten",
+                 num_classes: int = 0, img_size: int | tuple[int, int] = 32, global_pool: str = "flatten",
                  drop_rate: float = 0.0):
         super().__init__()
         self.num_classes, self.drop_rate = num_classes, drop_rate
@@ -72,7 +72,7 @@ class DIMConvNet(nn.Module):
         self.stages = nn.Sequential(*blocks)
         self.feature_info = [dict(num_chs=ch, reduction=2 ** (i + 1), module=f"stages.{i}")
                              for i, ch in enumerate(channels)]
-        self.final_size = img_size // 2 ** len(channels)
+        self.final_size = tuple(side // 2 ** len(channels) for side in to_2tuple(img_size))
         self.global_pool_type = ""
         self.reset_classifier(num_classes, global_pool)
 
@@ -85,7 +85,7 @@ class DIMConvNet(nn.Module):
                 self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         chs = self.feature_info[-1]["num_chs"]
         self.num_features = self.head_hidden_size = (
-            chs * self.final_size ** 2 if self.global_pool_type == "flatten" else chs)
+            chs * self.final_size[0] * self.final_size[1] if self.global_pool_type == "flatten" else chs)
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 

@@ -17,7 +17,7 @@ def test_help_lists_keys_with_defaults():
     proc = _pretrain("--help")
     assert proc.returncode == 0
     for key in ("data.train_shards=", "train.batch_size=128", "train.max_steps=",
-                "train.output_dir=", "model.backbone=resnet18", "loss.estimator=infonce",
+                "train.output_dir=", "model.backbone=dim_conv32", "loss.estimator=infonce",
                 "train.save_every=", "train.seed=0", "wandb.mode=auto"):
         assert key in proc.stdout, key
 

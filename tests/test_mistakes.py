@@ -254,7 +254,7 @@ def test_config_differences_allow_schedule_and_logging_only():
     assert config_differences(saved, same_run, Config().to_dict()) == []
     other = load_config(None, ["train.lr=0.5", "model.backbone=resnet10t"]).to_dict()
     assert config_differences(saved, other, Config().to_dict()) == [
-        "model.backbone: 'resnet18' -> 'resnet10t'", "train.lr: 0.001 -> 0.5"]
+        "model.backbone: 'dim_conv32' -> 'resnet10t'", "train.lr: 0.001 -> 0.5"]
     older = {s: dict(body) for s, body in saved.items()}
     del older["loss"]["allow_negative_weights"]  # saved before the key existed: its default
     assert config_differences(older, Config().to_dict(), Config().to_dict()) == []
