@@ -105,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", type=Path, default=None, help="file whose ablation block to rewrite")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-
     rows: dict[str, dict] = {}
     for scope, scope_overrides in SCOPES.items():
         for estimator in ESTIMATORS:
@@ -120,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     for variant, extra in VARIANTS.items():
         rows[f"{best}, {variant}"] = train_and_evaluate(f"{best}, {variant}",
                                                         [*rows[best]["overrides"], *extra], args)
-    total = time.perf_counter() - t0
+    # Wall time of every row's training and evaluation (rows cached from an earlier,
+    # interrupted invocation count with the time they took then).
+    total = sum(r["train_s"] + r["eval_s"] for r in rows.values())
 
     body = table({**rows, **baselines})
     load = os.getloadavg()
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{' with ' + ' '.join(args.set) if args.set else ''}; probes fit on {args.limit_train} "
               f"training images, scored on `{args.test_shards}`. Machine: {os.cpu_count()} CPUs "
               f"({platform.processor() or platform.machine()}), load average at the end "
-              f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; whole ablation {total / 60:.0f} min.\n"
+              f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (other jobs shared it: wall times compare "
+              f"rows only roughly); training and evaluation of all rows {total / 60:.0f} min.\n"
               f"Command: `python benchmarks/ablation.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n{END}")
     (args.out / "results.md").write_text(report + "\n")
     (args.out / "results.json").write_text(json.dumps(rows | baselines, indent=2) + "\n")
