@@ -68,7 +68,9 @@ def test_two_views_use_the_second_view_as_image_side():
     ("jsd", 300, 0.08),  # JSD lives in [0, log 2] and learns from one negative per positive
 ])
 def test_training_on_digits_raises_the_mi_estimates(estimator, steps, margin):
-    log = run_objective([f"loss.estimator={estimator}", "model.backbone=test_resnet"], steps=steps,
+    # Critic widths pinned: the test is about the estimators, not the (narrow) defaults.
+    log = run_objective([f"loss.estimator={estimator}", "model.backbone=test_resnet",
+                         "loss.critic_dim=256", "loss.critic_hidden=512"], steps=steps,
                         batch=32, pool=256, log_every=10, verbose=False)
     for scope in ("global", "local"):
         key = f"mi/{scope}/{estimator}"
@@ -100,7 +102,8 @@ def test_two_views_score_each_code_against_the_other_views_features():
 
     torch.manual_seed(0)
     model = build_model(load_config(None, ["model.backbone=test_resnet", "model.fc_dim=32",
-                                           "loss.global_critic=none"])).eval()
+                                           "loss.global_critic=none", "loss.critic_dim=256",
+                                           "loss.critic_hidden=512"])).eval()
     with torch.no_grad():  # scores of order 1, so that the pairings give visibly different values
         for p in model.objective.local_critic.parameters():
             p.mul_(4.0)
