@@ -76,20 +76,22 @@ def score(results: dict) -> float:
     return (conv["linear"] + conv["knn"]) / 2
 
 
+def _cells(results: dict, model: str) -> list[str]:
+    """One row's accuracies in table order; pixels have one view, under conv."""
+    views = results[model]
+    if model == "pixels":
+        views = {"conv": views["pixels"]}
+    return ["" if views.get(v, {}).get(p) is None else f"{100 * views[v][p]:.1f}"
+            for v in VIEWS for p in PROBES]
+
+
 def table(rows: dict[str, dict]) -> str:
     head = "| row | " + " | ".join(f"{v} {p}" for v in VIEWS for p in PROBES) + " | train s |"
     lines = [head, "|" + "---|" * (len(VIEWS) * len(PROBES) + 2)]
     for name, row in rows.items():
-        cells = []
-        for model in ("dim",) if name not in ("random init", "pixels") else (name.replace(" ", "_"),):
-            views = row["results"][model]
-            for v in VIEWS:
-                for p in PROBES:
-                    acc = views.get(v if model != "pixels" else "pixels", {}).get(p)
-                    cells.append("" if acc is None or (model == "pixels" and v != "conv")
-                                 else f"{100 * acc:.1f}")
+        model = name.replace(" ", "_") if name in ("random init", "pixels") else "dim"
         train = f"{row['train_s']:.0f}" if "train_s" in row else ""
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {train} |")
+        lines.append(f"| {name} | " + " | ".join(_cells(row["results"], model)) + f" | {train} |")
     return "\n".join(lines)
 
 

@@ -12,8 +12,8 @@ broken baseline, not a fair one) and ``pixels`` (flattened, normalised images).
 Views ``conv``/``fc``/``y`` are described in ``pipeline.features``; probes are
 ``linear`` (L-BFGS logistic regression), ``mlp`` (the DIM paper's 200-unit MLP) and
 ``knn`` (weighted cosine k-NN). The JSON is ``{model: {view: {probe: accuracy}}}``
-with accuracies as fractions in [0, 1]. The
-table also goes into the export's model card (its ``README.md``), replacing an earlier one.
+with accuracies as fractions in [0, 1]. The table also goes into the export's model
+card (its ``README.md``), replacing an earlier one.
 """
 from __future__ import annotations
 

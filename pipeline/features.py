@@ -18,7 +18,7 @@ in the middle of training. Batches are any iterable of ``{"image", "label"}`` di
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -64,38 +64,45 @@ def views_of(out: EncoderOutput, conv_source: str = "grid") -> dict[str, torch.T
     return {"conv": conv.flatten(1), "fc": out.fc.flatten(1), "y": out.mu.flatten(1)}
 
 
+def _first(batches: Iterable[dict], limit: int | None) -> Iterator[dict]:
+    """The batches, the last one cut so that at most ``limit`` samples come out."""
+    seen = 0
+    for batch in batches:
+        if limit is not None:
+            batch = {k: v[:limit - seen] if torch.is_tensor(v) and v.ndim else v
+                     for k, v in batch.items()}
+        n = batch["image"].shape[0]
+        if n == 0:
+            return
+        yield batch
+        seen += n
+        if limit is not None and seen >= limit:
+            return
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(encoder: nn.Module, batches: Iterable[dict], *,
                           device: torch.device | str = "cpu", limit: int | None = None) -> int:
-    """Re-estimate every BatchNorm's running statistics on ``batches`` (exact averages).
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (exact averages,
+    torch's ``update_bn``).
 
     A randomly initialised network evaluated with BatchNorm's initial statistics (mean 0,
     variance 1) feeds wildly unnormalised activations forward; a fair random-init
     baseline takes its statistics from the data it is probed on, as a trained network
     does. Returns the number of images seen; the encoder is left in eval mode.
     """
-    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: every batch weighs the same
-    encoder.train()
     seen = 0
-    try:
-        for batch in batches:
-            images = batch["image"]
-            if limit is not None:
-                images = images[:limit - seen]
-            if images.shape[0] < 2:
-                break
-            encoder(images.to(device).float())
-            seen += images.shape[0]
-            if limit is not None and seen >= limit:
-                break
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        encoder.eval()
+
+    def images() -> Iterator[torch.Tensor]:
+        nonlocal seen
+        for batch in _first(batches, limit):
+            if batch["image"].shape[0] < 2:  # BatchNorm1d cannot normalise one sample
+                return
+            seen += batch["image"].shape[0]
+            yield batch["image"].float()
+
+    torch.optim.swa_utils.update_bn(images(), encoder, device=device)
+    encoder.eval()
     return seen
 
 
@@ -131,14 +138,9 @@ def extract_features(encoders: Mapping[str, nn.Module], batches: Iterable[dict],
     if pixels:
         parts[PIXELS] = {}
     labels: list[torch.Tensor] = []
-    seen = 0
     with _eval_mode(encoders.values()):
-        for batch in batches:
+        for batch in _first(batches, limit):
             images, y = batch["image"], batch["label"]
-            if limit is not None:
-                images, y = images[:limit - seen], y[:limit - seen]
-            if images.shape[0] == 0:
-                break
             x = images.to(device, non_blocking=True).float()
             for name, enc in encoders.items():
                 for view, feats in views_of(enc(x), conv_source).items():
@@ -146,9 +148,6 @@ def extract_features(encoders: Mapping[str, nn.Module], batches: Iterable[dict],
             if pixels:
                 parts[PIXELS].setdefault(PIXELS, []).append(images.float().flatten(1).cpu())
             labels.append(y.long().cpu())
-            seen += images.shape[0]
-            if limit is not None and seen >= limit:
-                break
     if not labels:
         raise ValueError("no labelled samples to extract features from")
     feats = {m: {v: torch.cat(chunks) for v, chunks in views.items()} for m, views in parts.items()}

@@ -66,12 +66,10 @@ def receptive_field(backbone: nn.Module, index: int, img_size: int, in_chans: in
         return dense.forward_intermediates(x, indices=[index], stop_early=True,
                                            intermediates_only=True)[0]
 
-    generator = torch.Generator().manual_seed(0)
-    for size in (3 * img_size, img_size):
-        image = torch.rand(1, in_chans, size, size, generator=generator) + 0.5
-        try:
-            return gradient_extent(stage, image)
-        except (RuntimeError, AssertionError, ValueError):  # fixed-size models refuse the canvas
-            if size == img_size:
-                raise
-    raise AssertionError("unreachable")
+    def canvas(size: int) -> torch.Tensor:
+        return torch.rand(1, in_chans, size, size, generator=torch.Generator().manual_seed(0)) + 0.5
+
+    try:
+        return gradient_extent(stage, canvas(3 * img_size))
+    except (RuntimeError, AssertionError, ValueError):  # fixed-size models refuse the canvas
+        return gradient_extent(stage, canvas(img_size))

@@ -151,22 +151,24 @@ def use_default_data(accelerator, cfg: Config) -> None:
         cfg.data.val_shards = str(val_manifest)
 
 
-def report_receptive_field(accelerator, encoder, cfg: Config) -> int:
+def report_receptive_field(accelerator, encoder, cfg: Config) -> None:
     """Log what one local-map location sees; warn when it sees the whole image, where
-    local MI degenerates into telling whole images apart."""
+    local MI degenerates into telling whole images apart. Main process only: every rank
+    holds the same architecture."""
     import warnings
 
+    if not accelerator.is_main_process:
+        return
     size = cfg.model.img_size
     rf = encoder.receptive_field(size)
     h = size // encoder.backbone.feature_info[encoder.local_index]["reduction"]
     accelerator.print(f"local map: stage {encoder.local_index} of {cfg.model.backbone} "
                       f"(~{h}x{h}x{encoder.local_channels}), receptive field {rf} px of {size} px")
-    if rf >= size and accelerator.is_main_process:
+    if rf >= size:
         warnings.warn(f"the local map (model.local_layer={cfg.model.local_layer}) sees the whole "
                       f"{size} px input ({rf} px receptive field): local MI will not be local; "
                       f"use an earlier stage or a small-image backbone (dim_conv32, resnet18_cifar)",
                       stacklevel=2)
-    return rf
 
 
 def export(accelerator, model, cfg: Config, folder: Path, *, step: int, samples_seen: int,
