@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Deep InfoMax pretraining entry point: ``accelerate launch pretrain.py [--config FILE] [key=value ...]``.
+"""Deep InfoMax pretraining: ``accelerate launch pretrain.py [--config FILE] [key=value ...]``.
 
 Everything lives in ``pipeline.train`` (also installed as the ``dim-pretrain`` command).
 """
+
 from pipeline.train import main
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The DIM ablation at CPU scale: DIM(G), DIM(L), DIM(G+L) x JSD / DV / infoNCE, then
 the best of those with the KL prior switched on (the shipped configs leave it off), with
-one view instead of two, and with narrower or linear critic embeddings. Every row trains the same number of steps from the same base config and is
-evaluated the same way (pipeline.evaluate: conv / fc / y x linear / mlp / k-NN, probes
-fit on ``--limit-train`` training images, scored on the held-out split).
+one view instead of two, and with narrower or linear critic embeddings. Every row trains the
+same number of steps from the same base config and is evaluated the same way
+(pipeline.evaluate: conv / fc / y x linear / mlp / k-NN, probes fit on ``--limit-train``
+training images, scored on the held-out split).
 
     python benchmarks/ablation.py --base configs/cifar10_cpu.yaml --steps 300 \\
         --out runs/ablation --markdown docs/results.md
@@ -11,6 +12,7 @@ Rows already trained (an export in their folder) are only re-evaluated when thei
 ``eval.json`` is missing, so an interrupted ablation picks up where it stopped.
 ``--markdown`` rewrites the block between the ablation markers of that file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,14 +57,41 @@ def train_and_evaluate(name: str, overrides: list[str], args, baselines: bool = 
     result_file = folder / "eval.json"
     timing_file = folder / "timing.json"
     if result_file.is_file() and timing_file.is_file():
-        return {"results": json.loads(result_file.read_text()), **json.loads(timing_file.read_text())}
+        return {
+            "results": json.loads(result_file.read_text()),
+            **json.loads(timing_file.read_text()),
+        }
     py = sys.executable
-    train_s = run([py, "pretrain.py", "--config", str(args.base), f"train.output_dir={folder}",
-                   f"train.max_steps={args.steps}", "train.eval_every=0", "wandb.mode=disabled",
-                   *args.set, *overrides], folder / "train.log")
-    eval_cmd = [py, "-m", "pipeline.evaluate", "--checkpoint", str(folder), "--train-shards",
-                args.train_shards, "--test-shards", args.test_shards, "--json", str(result_file),
-                "--limit-train", str(args.limit_train)]
+    train_s = run(
+        [
+            py,
+            "pretrain.py",
+            "--config",
+            str(args.base),
+            f"train.output_dir={folder}",
+            f"train.max_steps={args.steps}",
+            "train.eval_every=0",
+            "wandb.mode=disabled",
+            *args.set,
+            *overrides,
+        ],
+        folder / "train.log",
+    )
+    eval_cmd = [
+        py,
+        "-m",
+        "pipeline.evaluate",
+        "--checkpoint",
+        str(folder),
+        "--train-shards",
+        args.train_shards,
+        "--test-shards",
+        args.test_shards,
+        "--json",
+        str(result_file),
+        "--limit-train",
+        str(args.limit_train),
+    ]
     eval_s = run(eval_cmd + ([] if baselines else ["--no-baselines"]), folder / "eval.log")
     timing = {"train_s": train_s, "eval_s": eval_s, "overrides": overrides}
     timing_file.write_text(json.dumps(timing, indent=2))
@@ -81,8 +110,11 @@ def _cells(results: dict, model: str) -> list[str]:
     views = results[model]
     if model == "pixels":
         views = {"conv": views["pixels"]}
-    return ["" if views.get(v, {}).get(p) is None else f"{100 * views[v][p]:.1f}"
-            for v in VIEWS for p in PROBES]
+    return [
+        "" if views.get(v, {}).get(p) is None else f"{100 * views[v][p]:.1f}"
+        for v in VIEWS
+        for p in PROBES
+    ]
 
 
 def table(rows: dict[str, dict]) -> str:
@@ -96,7 +128,9 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--base", type=Path, default=ROOT / "configs/cifar10_cpu.yaml")
     p.add_argument("--steps", type=int, default=300, help="training steps of every row")
     p.add_argument("--out", type=Path, default=ROOT / "runs/ablation")
@@ -104,43 +138,53 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-shards", default="data/cifar10/val.json")
     p.add_argument("--limit-train", type=int, default=5000, help="probe-training images")
     p.add_argument("--set", nargs="*", default=[], help="extra overrides for every row")
-    p.add_argument("--markdown", type=Path, default=None, help="file whose ablation block to rewrite")
+    p.add_argument(
+        "--markdown", type=Path, default=None, help="file whose ablation block to rewrite"
+    )
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
     for scope, scope_overrides in SCOPES.items():
         for estimator in ESTIMATORS:
             name = f"DIM({scope}) {estimator}"
-            rows[name] = train_and_evaluate(name, [f"loss.estimator={estimator}", *scope_overrides],
-                                            args, baselines=not rows)
+            rows[name] = train_and_evaluate(
+                name, [f"loss.estimator={estimator}", *scope_overrides], args, baselines=not rows
+            )
     best = max(rows, key=lambda n: score(rows[n]["results"]))
     first = rows[next(iter(rows))]["results"]
-    baselines = {"random init": {"results": {"random_init": first["random_init"]}},
-                 "pixels": {"results": {"pixels": first["pixels"]}}}
+    baselines = {
+        "random init": {"results": {"random_init": first["random_init"]}},
+        "pixels": {"results": {"pixels": first["pixels"]}},
+    }
     for variant, extra in VARIANTS.items():
-        rows[f"{best}, {variant}"] = train_and_evaluate(f"{best}, {variant}",
-                                                        [*rows[best]["overrides"], *extra], args)
+        rows[f"{best}, {variant}"] = train_and_evaluate(
+            f"{best}, {variant}", [*rows[best]["overrides"], *extra], args
+        )
     # Wall time of every row's training and evaluation (rows cached from an earlier,
     # interrupted invocation count with the time they took then).
     total = sum(r["train_s"] + r["eval_s"] for r in rows.values())
 
     body = table({**rows, **baselines})
     load = os.getloadavg()
-    report = (f"{START}\n{body}\n\nBest of the nine rows (conv, mean of linear and k-NN): **{best}**. "
-              f"{args.steps} steps per row from `{args.base.relative_to(ROOT) if args.base.is_absolute() else args.base}`"
-              f"{' with ' + ' '.join(args.set) if args.set else ''}; probes fit on {args.limit_train} "
-              f"training images, scored on `{args.test_shards}`. Machine: {os.cpu_count()} CPUs "
-              f"({platform.processor() or platform.machine()}), load average at the end "
-              f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (other jobs shared it: wall times compare "
-              f"rows only roughly); training and evaluation of all rows {total / 60:.0f} min.\n"
-              f"Command: `python benchmarks/ablation.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n{END}")
+    base = args.base.relative_to(ROOT) if args.base.is_absolute() else args.base
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    report = (
+        f"{START}\n{body}\n\nBest of the nine rows (conv, mean of linear and k-NN): **{best}**. "
+        f"{args.steps} steps per row from `{base}`"
+        f"{' with ' + ' '.join(args.set) if args.set else ''}; probes fit on {args.limit_train} "
+        f"training images, scored on `{args.test_shards}`. Machine: {os.cpu_count()} CPUs "
+        f"({platform.processor() or platform.machine()}), load average at the end "
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (other jobs shared it: wall times compare "
+        f"rows only roughly); training and evaluation of all rows {total / 60:.0f} min.\n"
+        f"Command: `python benchmarks/ablation.py {command}`\n{END}"
+    )
     (args.out / "results.md").write_text(report + "\n")
     (args.out / "results.json").write_text(json.dumps(rows | baselines, indent=2) + "\n")
     print(report)
     if args.markdown is not None:
         text = args.markdown.read_text() if args.markdown.is_file() else ""
         if START in text and END in text:
-            text = text[:text.index(START)] + report + text[text.index(END) + len(END):]
+            text = text[: text.index(START)] + report + text[text.index(END) + len(END) :]
         else:
             text = text.rstrip() + "\n\n" + report + "\n"
         args.markdown.write_text(text)

@@ -14,6 +14,7 @@ writer (``pipeline.prepare.prepare_folder``), then read back by ``pipeline.data.
 
 The first batch of each run (worker start-up, filling the shuffle buffer) is not timed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,22 @@ def measure(manifest: Path, workers: int, args: argparse.Namespace) -> float:
     from pipeline.config import DataConfig
     from pipeline.data import train_loader
 
-    cfg = DataConfig(train_shards=str(manifest), num_workers=workers, augment=args.augment,
-                     color_jitter=args.color_jitter, augment_on=args.augment_on)
-    loader = train_loader(cfg, batch_size=args.batch_size, img_size=args.img_size, in_chans=3,
-                          seed=0, rank=0, world_size=1)
+    cfg = DataConfig(
+        train_shards=str(manifest),
+        num_workers=workers,
+        augment=args.augment,
+        color_jitter=args.color_jitter,
+        augment_on=args.augment_on,
+    )
+    loader = train_loader(
+        cfg,
+        batch_size=args.batch_size,
+        img_size=args.img_size,
+        in_chans=3,
+        seed=0,
+        rank=0,
+        world_size=1,
+    )
     augment = build_batch_augment(cfg, img_size=args.img_size, seed=0, rank=0)
     batches = iter(loader)
     next(batches)
@@ -83,9 +96,11 @@ def main() -> None:
         raise SystemExit(f"{args.tar} not found (see ../shared/data/README.md)")
     with tempfile.TemporaryDirectory(prefix="dim-bench-") as tmp:
         manifest = cifar_shards(args.tar, Path(tmp))
-        print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}, "
-              f"batch {args.batch_size}, augment {args.augment} on {args.augment_on}, "
-              f"color_jitter {args.color_jitter}, img_size {args.img_size}")
+        print(
+            f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}, "
+            f"batch {args.batch_size}, augment {args.augment} on {args.augment_on}, "
+            f"color_jitter {args.color_jitter}, img_size {args.img_size}"
+        )
         print("workers  images/s")
         for workers in (int(w) for w in args.workers.split(",")):
             print(f"{workers:7d}  {measure(manifest, workers, args):8,.0f}", flush=True)

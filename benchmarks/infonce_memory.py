@@ -18,14 +18,15 @@ memory (scores, their clipped copies, the masked negatives, gradients), allocato
 overhead included. The subprocess runs with a fixed glibc mmap threshold
 (``MALLOC_MMAP_THRESHOLD_``), so every large buffer is its own mapping and goes back to
 the OS when freed: the resident peak then follows the live tensors instead of heap
-reuse, which otherwise varies from run to run. A second number comes from autograd itself: the bytes of the
-distinct tensors saved for backward (``torch.autograd.graph.saved_tensors_hooks``).
+reuse, which otherwise varies from run to run. A second number comes from autograd itself:
+the bytes of the distinct tensors saved for backward (``torch.autograd.graph.saved_tensors_hooks``).
 Time is the best of a few further forward+backward passes (the least disturbed by
 whatever else runs on the machine).
 
     .venv/bin/python benchmarks/infonce_memory.py            # markdown table on stdout
     .venv/bin/python benchmarks/infonce_memory.py --b-local 128 --sizes 128,1024
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-MIB = 2 ** 20
-DIM = 256        # critic embedding size (LossConfig.critic_dim default)
-LOCATIONS = 64   # an 8x8 local map (resnet stage 1 at 32x32 input)
-TCLIP = 20.0     # LossConfig.tclip default
+MIB = 2**20
+DIM = 256  # critic embedding size (LossConfig.critic_dim default)
+LOCATIONS = 64  # an 8x8 local map (resnet stage 1 at 32x32 input)
+TCLIP = 20.0  # LossConfig.tclip default
 
 
 def _precomputed_critic(local: bool):
@@ -132,8 +133,18 @@ def measure(critic: str, mode: str, b_global: int, args) -> dict | None:
     rows = args.b_local if mode == "rows" else b_global
     if score_mib(critic, rows, b_global) > args.max_score_mib:
         return None
-    cmd = [sys.executable, __file__, "--one", critic, mode, str(b_global),
-           "--b-local", str(args.b_local), "--repeats", str(args.repeats)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        critic,
+        mode,
+        str(b_global),
+        "--b-local",
+        str(args.b_local),
+        "--repeats",
+        str(args.repeats),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -152,31 +163,47 @@ def main() -> None:
     parser.add_argument("--b-local", type=int, default=256)
     parser.add_argument("--sizes", default="256,512,1024,2048,4096,8192")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per run (1: stable timings on a shared machine)")
-    parser.add_argument("--max-score-mib", type=float, default=1024,
-                        help="skip configurations whose score tensor alone is larger")
-    parser.add_argument("--one", nargs=3, metavar=("CRITIC", "MODE", "B_GLOBAL"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per run (1: stable timings on a shared machine)",
+    )
+    parser.add_argument(
+        "--max-score-mib",
+        type=float,
+        default=1024,
+        help="skip configurations whose score tensor alone is larger",
+    )
+    parser.add_argument(
+        "--one", nargs=3, metavar=("CRITIC", "MODE", "B_GLOBAL"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.one:
         critic, mode, b_global = args.one
         print(json.dumps(run_one(critic, mode, int(b_global), args.b_local, args.repeats)))
         return
 
-    print(f"B_local = {args.b_local} per rank, P = B_global / B_local ranks; dot critic, "
-          f"D = {DIM}, local map {LOCATIONS} locations; torch {torch.__version__}, "
-          f"{args.threads} thread(s). Memory in MiB, time in ms (forward+backward).\n")
-    print("| critic | B_global | P | scores/rank rows | peak rows | saved rows | ms rows "
-          "| scores/rank full | peak full | saved full | ms full |")
+    print(
+        f"B_local = {args.b_local} per rank, P = B_global / B_local ranks; dot critic, "
+        f"D = {DIM}, local map {LOCATIONS} locations; torch {torch.__version__}, "
+        f"{args.threads} thread(s). Memory in MiB, time in ms (forward+backward).\n"
+    )
+    print(
+        "| critic | B_global | P | scores/rank rows | peak rows | saved rows | ms rows "
+        "| scores/rank full | peak full | saved full | ms full |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for critic in ("global", "local"):
         for b_global in map(int, args.sizes.split(",")):
             rows = measure(critic, "rows", b_global, args)
             full = measure(critic, "full", b_global, args)
-            print(f"| {critic} | {b_global} | {b_global // args.b_local} "
-                  f"| {score_mib(critic, args.b_local, b_global):.1f} | {_cell(rows)} "
-                  f"| {score_mib(critic, b_global, b_global):.1f} | {_cell(full)} |", flush=True)
+            print(
+                f"| {critic} | {b_global} | {b_global // args.b_local} "
+                f"| {score_mib(critic, args.b_local, b_global):.1f} | {_cell(rows)} "
+                f"| {score_mib(critic, b_global, b_global):.1f} | {_cell(full)} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ Without ``--shards``: the CIFAR-10 config builds shards from
 writes the digits shards to a temporary folder. One image = one source image (its two
 views count once), so input and step figures compare directly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,15 @@ def build(cfg, *, rank: int = 0):
     from pipeline.batch_augment import build_batch_augment
     from pipeline.data import train_loader
 
-    loader = train_loader(cfg.data, batch_size=cfg.train.batch_size, img_size=cfg.model.img_size,
-                          in_chans=cfg.model.in_chans, seed=0, rank=rank, world_size=1)
+    loader = train_loader(
+        cfg.data,
+        batch_size=cfg.train.batch_size,
+        img_size=cfg.model.img_size,
+        in_chans=cfg.model.in_chans,
+        seed=0,
+        rank=rank,
+        world_size=1,
+    )
     augment = build_batch_augment(cfg.data, img_size=cfg.model.img_size, seed=0, rank=rank)
     return loader, augment
 
@@ -125,10 +133,14 @@ def end_to_end(cfg, steps: int, warmup: int = 2) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default="configs/cifar10_cpu.yaml")
     p.add_argument("--shards", default=None, help="train shards (default: built, see above)")
-    p.add_argument("--tar", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10-train-jpg.tar")
+    p.add_argument(
+        "--tar", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10-train-jpg.tar"
+    )
     p.add_argument("--augment", default="amdim", choices=("none", "simple", "amdim"))
     p.add_argument("--places", default="worker,batch", help="data.augment_on values to compare")
     p.add_argument("--batches", type=int, default=20, help="timed loader batches")
@@ -139,20 +151,34 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="dim-bench-") as tmp:
         shards = args.shards or make_shards(args.config, tmp, args.tar)
-        print(f"{args.config}  augment={args.augment}  threads={torch.get_num_threads()}  "
-              f"load average {os.getloadavg()[0]:.1f}  {' '.join(args.overrides)}")
-        print(f"{'augment_on':<11}{'workers':>8}{'batch':>6}{'input img/s':>13}"
-              f"{'step img/s':>12}{'input/step':>11}{'end-to-end img/s':>18}")
+        print(
+            f"{args.config}  augment={args.augment}  threads={torch.get_num_threads()}  "
+            f"load average {os.getloadavg()[0]:.1f}  {' '.join(args.overrides)}"
+        )
+        print(
+            f"{'augment_on':<11}{'workers':>8}{'batch':>6}{'input img/s':>13}"
+            f"{'step img/s':>12}{'input/step':>11}{'end-to-end img/s':>18}"
+        )
         for place in args.places.split(","):
-            cfg = load_config(args.config, [f"data.train_shards={shards}", "data.val_shards=",
-                                            f"data.augment={args.augment}",
-                                            f"data.augment_on={place}", *args.overrides])
+            cfg = load_config(
+                args.config,
+                [
+                    f"data.train_shards={shards}",
+                    "data.val_shards=",
+                    f"data.augment={args.augment}",
+                    f"data.augment_on={place}",
+                    *args.overrides,
+                ],
+            )
             fed = input_rate(cfg, args.batches)
             used = step_rate(cfg, args.steps)
             e2e = end_to_end(cfg, args.steps)
-            print(f"{place:<11}{cfg.data.num_workers:>8}{cfg.train.batch_size:>6}{fed:>13,.0f}"
-                  f"{used:>12,.1f}{fed / used:>11.1f}{e2e:>18,.1f}  "
-                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+            print(
+                f"{place:<11}{cfg.data.num_workers:>8}{cfg.train.batch_size:>6}{fed:>13,.0f}"
+                f"{used:>12,.1f}{fed / used:>11.1f}{e2e:>18,.1f}  "
+                f"(load {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ each and their ratios (the target for dot critics is DIM/bare <= 1.15x), in wall
 in CPU time and in FLOPs (forward + backward, torch's FLOP counter). Single
 process: the cross-device gather is the identity here. "cpu" ratios use the process's
 CPU time (``time.process_time``), which on one thread leaves out the time other jobs
-held the cores: steadier than wall time on a shared machine (GPU steps: use wall). ``--views 2``: DIM gets two
-views of the batch (the encoder runs on 2B images), so the baseline runs on 2B too.
+held the cores: steadier than wall time on a shared machine (GPU steps: use wall).
+``--views 2``: DIM gets two views of the batch (the encoder runs on 2B images), so the
+baseline runs on 2B too.
 ``--compile`` / ``--channels-last``: the ``train.compile`` / ``train.channels_last``
 options, applied to all three models alike (compilation happens in the warm-up steps);
 an eager copy of DIM then alternates with them, for compiled (or NHWC) vs eager.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +70,18 @@ def step_flops(model: torch.nn.Module, loss_fn, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def measure(backbone: str, size: int, batch: int, overrides: list[str], steps: int, warmup: int,
-            device: str, *, config: str | None = None, views: int = 1) -> dict[str, float]:
+def measure(
+    backbone: str,
+    size: int,
+    batch: int,
+    overrides: list[str],
+    steps: int,
+    warmup: int,
+    device: str,
+    *,
+    config: str | None = None,
+    views: int = 1,
+) -> dict[str, float]:
     """Fastest step, in seconds, of the bare backbone, the DIM encoder alone and full DIM
     (and of eager DIM when compile or channels_last is on), plus FLOPs of bare and DIM.
 
@@ -84,10 +96,15 @@ def measure(backbone: str, size: int, batch: int, overrides: list[str], steps: i
     bare = create_backbone(backbone, in_chans=cfg.model.in_chans, img_size=size).to(device)
     dim = build_model(cfg).to(device)
     encoder_only = copy.deepcopy(dim.encoder)
-    losses = {"bare": lambda m, x: m(x).mean(), "encoder": lambda m, x: m(x).z.mean(),
-              "dim": lambda m, x: m(*x.chunk(views))[0]}
-    flops = {"bare_flops": step_flops(bare, losses["bare"], x),
-             "dim_flops": step_flops(dim, losses["dim"], x)}
+    losses = {
+        "bare": lambda m, x: m(x).mean(),
+        "encoder": lambda m, x: m(x).z.mean(),
+        "dim": lambda m, x: m(*x.chunk(views))[0],
+    }
+    flops = {
+        "bare_flops": step_flops(bare, losses["bare"], x),
+        "dim_flops": step_flops(dim, losses["dim"], x),
+    }
     models = {"bare": bare, "encoder": encoder_only, "dim": dim}
     if tc.compile or tc.channels_last:
         models["eager"] = copy.deepcopy(dim)
@@ -103,12 +120,17 @@ def measure(backbone: str, size: int, batch: int, overrides: list[str], steps: i
     for i in range(warmup + steps):
         for name, s in steppers.items():
             s.step(plain if name == "eager" else x, record=i >= warmup)
-    return {**{name: min(s.times) for name, s in steppers.items()},
-            **{f"{name}_cpu": min(s.cpu) for name, s in steppers.items()}, **flops}
+    return {
+        **{name: min(s.times) for name, s in steppers.items()},
+        **{f"{name}_cpu": min(s.cpu) for name, s in steppers.items()},
+        **flops,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--backbones", default="resnet18")
     p.add_argument("--sizes", default="32,64")
     p.add_argument("--batch", type=int, default=64)
@@ -119,29 +141,53 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--views", type=int, default=1, choices=(1, 2))
     p.add_argument("--compile", action="store_true", help="train.compile=true for all three")
     p.add_argument("--channels-last", action="store_true", help="train.channels_last=true")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. loss.estimator=jsd "
-                                                "(default: the dot critics with infoNCE)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides, e.g. loss.estimator=jsd (default: the dot critics with infoNCE)",
+    )
     args = p.parse_args(argv)
-    args.overrides += ["train.compile=true"] * args.compile + \
-        ["train.channels_last=true"] * args.channels_last
-    print(f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} "
-          f"views={args.views} config={args.config or '(built-in)'} load={os.getloadavg()[0]:.1f} "
-          f"overrides={' '.join(args.overrides) or '(defaults: infonce, dot critics)'}")
+    args.overrides += ["train.compile=true"] * args.compile + [
+        "train.channels_last=true"
+    ] * args.channels_last
+    print(
+        f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} "
+        f"views={args.views} config={args.config or '(built-in)'} load={os.getloadavg()[0]:.1f} "
+        f"overrides={' '.join(args.overrides) or '(defaults: infonce, dot critics)'}"
+    )
     optimised = args.compile or args.channels_last
-    print(f"{'backbone':<20}{'size':>5}{'bare ms':>10}{'encoder ms':>12}{'DIM ms':>10}"
-          f"{'enc/bare':>10}{'DIM/bare':>10}{'cpu':>7}{'flops':>7}"
-          + (f"{'eager DIM ms':>14}{'DIM/eager':>10}{'cpu':>7}" if optimised else ""))
+    print(
+        f"{'backbone':<20}{'size':>5}{'bare ms':>10}{'encoder ms':>12}{'DIM ms':>10}"
+        f"{'enc/bare':>10}{'DIM/bare':>10}{'cpu':>7}{'flops':>7}"
+        + (f"{'eager DIM ms':>14}{'DIM/eager':>10}{'cpu':>7}" if optimised else "")
+    )
     for backbone in args.backbones.split(","):
         for size in map(int, args.sizes.split(",")):
-            t = measure(backbone, size, args.batch, args.overrides, args.steps, args.warmup,
-                        args.device, config=args.config, views=args.views)
-            print(f"{backbone:<20}{size:>5}{1e3 * t['bare']:>10.1f}{1e3 * t['encoder']:>12.1f}"
-                  f"{1e3 * t['dim']:>10.1f}{t['encoder'] / t['bare']:>10.3f}"
-                  f"{t['dim'] / t['bare']:>10.3f}{t['dim_cpu'] / t['bare_cpu']:>7.3f}"
-                  f"{t['dim_flops'] / t['bare_flops']:>7.3f}"
-                  + (f"{1e3 * t['eager']:>14.1f}{t['dim'] / t['eager']:>10.3f}"
-                     f"{t['dim_cpu'] / t['eager_cpu']:>7.3f}" if optimised else "")
-                  + f"  (load {os.getloadavg()[0]:.1f})", flush=True)
+            t = measure(
+                backbone,
+                size,
+                args.batch,
+                args.overrides,
+                args.steps,
+                args.warmup,
+                args.device,
+                config=args.config,
+                views=args.views,
+            )
+            print(
+                f"{backbone:<20}{size:>5}{1e3 * t['bare']:>10.1f}{1e3 * t['encoder']:>12.1f}"
+                f"{1e3 * t['dim']:>10.1f}{t['encoder'] / t['bare']:>10.3f}"
+                f"{t['dim'] / t['bare']:>10.3f}{t['dim_cpu'] / t['bare_cpu']:>7.3f}"
+                f"{t['dim_flops'] / t['bare_flops']:>7.3f}"
+                + (
+                    f"{1e3 * t['eager']:>14.1f}{t['dim'] / t['eager']:>10.3f}"
+                    f"{t['dim_cpu'] / t['eager_cpu']:>7.3f}"
+                    if optimised
+                    else ""
+                )
+                + f"  (load {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Every view ends in ``[-1, 1]`` (mean 0.5, std 0.5 per channel), the same range a
 ``pipeline.digits.digits_tensor``, so shards and the in-memory digits look alike to a model.
 Grayscale sources are expanded to RGB at decode time; ``in_chans=1`` converts back.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,14 +32,19 @@ def _channels(in_chans: int) -> list[v2.Transform]:
 
 
 def _finish(in_chans: int) -> list[v2.Transform]:
-    return [v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize([0.5] * in_chans, [0.5] * in_chans)]
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * in_chans, [0.5] * in_chans)]
 
 
 def eval_transform(img_size: int, in_chans: int) -> v2.Compose:
     """Resize the short side, centre-crop, normalise: no randomness."""
-    return v2.Compose([*_channels(in_chans), v2.Resize(img_size, antialias=True),
-                       v2.CenterCrop(img_size), *_finish(in_chans)])
+    return v2.Compose(
+        [
+            *_channels(in_chans),
+            v2.Resize(img_size, antialias=True),
+            v2.CenterCrop(img_size),
+            *_finish(in_chans),
+        ]
+    )
 
 
 class FixedSize:
@@ -49,40 +55,60 @@ class FixedSize:
 
     def __init__(self, img_size: int, in_chans: int):
         self.shape = (in_chans, img_size, img_size)
-        self.transform = v2.Compose([*_channels(in_chans), v2.Resize(img_size, antialias=True),
-                                     v2.CenterCrop(img_size)])
+        self.transform = v2.Compose(
+            [*_channels(in_chans), v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)]
+        )
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return image if tuple(image.shape) == self.shape else self.transform(image)
 
 
-def train_transform(img_size: int, in_chans: int, *, crop_scale_min: float, flip: bool,
-                    color_jitter: float, grayscale_p: float = 0.0) -> v2.Compose:
+def train_transform(
+    img_size: int,
+    in_chans: int,
+    *,
+    crop_scale_min: float,
+    flip: bool,
+    color_jitter: float,
+    grayscale_p: float = 0.0,
+) -> v2.Compose:
     """Random resized crop, optional flip, colour jitter (p=0.8) and random grayscale."""
-    steps: list[v2.Transform] = [*_channels(in_chans),
-                                 v2.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0),
-                                                      antialias=True)]
+    steps: list[v2.Transform] = [
+        *_channels(in_chans),
+        v2.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0), antialias=True),
+    ]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
     colour = in_chans == 3
     if color_jitter > 0:
         s = color_jitter
-        jitter = v2.ColorJitter(brightness=s, contrast=s, saturation=s if colour else 0,
-                                hue=min(s / 4, 0.5) if colour else 0)
+        jitter = v2.ColorJitter(
+            brightness=s,
+            contrast=s,
+            saturation=s if colour else 0,
+            hue=min(s / 4, 0.5) if colour else 0,
+        )
         steps.append(v2.RandomApply([jitter], p=0.8))
     if grayscale_p > 0 and colour:
         steps.append(v2.RandomGrayscale(p=grayscale_p))
     return v2.Compose([*steps, *_finish(in_chans)])
 
 
-def build_views(augment: str, *, img_size: int, in_chans: int, crop_scale_min: float = 0.5,
-                flip: bool = True, color_jitter: float = 0.4) -> Views:
+def build_views(
+    augment: str,
+    *,
+    img_size: int,
+    in_chans: int,
+    crop_scale_min: float = 0.5,
+    flip: bool = True,
+    color_jitter: float = 0.4,
+) -> Views:
     """``image -> [view]``, or two independent views for AMDIM-style training."""
     if augment not in AUGMENTS:
         raise ConfigError(f"data.augment must be one of {AUGMENTS}, got {augment!r}")
     if augment == "none":
         return Views(eval_transform(img_size, in_chans))
-    kw = dict(crop_scale_min=crop_scale_min, flip=flip, color_jitter=color_jitter)
+    kw = {"crop_scale_min": crop_scale_min, "flip": flip, "color_jitter": color_jitter}
     if augment == "simple":
         return Views(train_transform(img_size, in_chans, **kw))
     # AMDIM (Bachman et al. 2019): crop, jitter and grayscale drawn independently per view.

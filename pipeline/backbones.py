@@ -15,6 +15,7 @@ export like any other backbone:
 - ``resnet{18,34,50}_cifar``: timm ResNets with the CIFAR stem (3x3 stride-1 first
   conv, no max-pool), four times the resolution at every stage.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,24 +24,36 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-__all__ = ["DIMConvNet", "CifarResNet"]
+__all__ = ["CifarResNet", "DIMConvNet"]
 
 
 def _cfg(size: int, pool: int, **kwargs) -> dict:
     # Normalisation as pipeline.augment applies it: [-1, 1] per channel.
-    return {"url": "", "num_classes": 0, "input_size": (3, size, size), "pool_size": (pool, pool),
-            "crop_pct": 1.0, "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),
-            "std": (0.5, 0.5, 0.5), "first_conv": "stages.0.conv", "classifier": "head",
-            "license": "mit", **kwargs}
+    return {
+        "url": "",
+        "num_classes": 0,
+        "input_size": (3, size, size),
+        "pool_size": (pool, pool),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "first_conv": "stages.0.conv",
+        "classifier": "head",
+        "license": "mit",
+        **kwargs,
+    }
 
 
-default_cfgs = generate_default_cfgs({
-    "dim_conv32": _cfg(32, 4),
-    "dim_conv64": _cfg(64, 4),
-    "resnet18_cifar": _cfg(32, 4, first_conv="conv1", classifier="fc"),
-    "resnet34_cifar": _cfg(32, 4, first_conv="conv1", classifier="fc"),
-    "resnet50_cifar": _cfg(32, 4, first_conv="conv1", classifier="fc"),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "dim_conv32": _cfg(32, 4),
+        "dim_conv64": _cfg(64, 4),
+        "resnet18_cifar": _cfg(32, 4, first_conv="conv1", classifier="fc"),
+        "resnet34_cifar": _cfg(32, 4, first_conv="conv1", classifier="fc"),
+        "resnet50_cifar": _cfg(32, 4, first_conv="conv1", classifier="fc"),
+    }
+)
 
 
 class _ConvBlock(nn.Sequential):
@@ -59,9 +72,15 @@ class DIMConvNet(nn.Module):
     ("avg", "max", ...) pools it instead.
     """
 
-    def __init__(self, channels: tuple[int, ...] = (64, 128, 256), in_chans: int = 3,
-                 num_classes: int = 0, img_size: int | tuple[int, int] = 32, global_pool: str = "flatten",
-                 drop_rate: float = 0.0):
+    def __init__(
+        self,
+        channels: tuple[int, ...] = (64, 128, 256),
+        in_chans: int = 3,
+        num_classes: int = 0,
+        img_size: int | tuple[int, int] = 32,
+        global_pool: str = "flatten",
+        drop_rate: float = 0.0,
+    ):
         super().__init__()
         self.num_classes, self.drop_rate = num_classes, drop_rate
         self.grad_checkpointing = False
@@ -70,8 +89,10 @@ class DIMConvNet(nn.Module):
             blocks.append(_ConvBlock(prev, ch))
             prev = ch
         self.stages = nn.Sequential(*blocks)
-        self.feature_info = [dict(num_chs=ch, reduction=2 ** (i + 1), module=f"stages.{i}")
-                             for i, ch in enumerate(channels)]
+        self.feature_info = [
+            {"num_chs": ch, "reduction": 2 ** (i + 1), "module": f"stages.{i}"}
+            for i, ch in enumerate(channels)
+        ]
         self.final_size = tuple(side // 2 ** len(channels) for side in to_2tuple(img_size))
         self.global_pool_type = ""
         self.reset_classifier(num_classes, global_pool)
@@ -85,7 +106,10 @@ class DIMConvNet(nn.Module):
                 self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         chs = self.feature_info[-1]["num_chs"]
         self.num_features = self.head_hidden_size = (
-            chs * self.final_size[0] * self.final_size[1] if self.global_pool_type == "flatten" else chs)
+            chs * self.final_size[0] * self.final_size[1]
+            if self.global_pool_type == "flatten"
+            else chs
+        )
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
@@ -96,16 +120,22 @@ class DIMConvNet(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False):
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices=None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
         """timm's feature-map API: the outputs of the stages in ``indices``."""
         from timm.models._features import feature_take_indices
 
         if output_fmt != "NCHW":
             raise ValueError("DIMConvNet gives NCHW feature maps only")
         take, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
         intermediates = []
         for i, stage in enumerate(stages):
             x = stage(x)
@@ -131,21 +161,26 @@ class CifarResNet(ResNet):
 
     def __init__(self, *args, in_chans: int = 3, **kwargs):
         super().__init__(*args, in_chans=in_chans, **kwargs)
-        self.conv1 = nn.Conv2d(in_chans, self.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(
+            in_chans, self.conv1.out_channels, 3, stride=1, padding=1, bias=False
+        )
         self.maxpool = nn.Identity()
         for info in self.feature_info:  # the stem no longer reduces by 4
             info["reduction"] //= 2 if info["module"] == "act1" else 4
 
 
 def _conv_net(variant: str, pretrained: bool, channels: tuple[int, ...], **kwargs) -> DIMConvNet:
-    features = dict(flatten_sequential=True, out_indices=tuple(range(len(channels))))
-    return build_model_with_cfg(DIMConvNet, variant, pretrained, feature_cfg=features,
-                                channels=channels, **kwargs)
+    features = {"flatten_sequential": True, "out_indices": tuple(range(len(channels)))}
+    return build_model_with_cfg(
+        DIMConvNet, variant, pretrained, feature_cfg=features, channels=channels, **kwargs
+    )
 
 
 def _cifar_resnet(variant: str, pretrained: bool, block, layers, **kwargs) -> CifarResNet:
     kwargs.pop("img_size", None)  # any input size works; accepted like DIMConvNet's
-    return build_model_with_cfg(CifarResNet, variant, pretrained, block=block, layers=layers, **kwargs)
+    return build_model_with_cfg(
+        CifarResNet, variant, pretrained, block=block, layers=layers, **kwargs
+    )
 
 
 @register_model
@@ -158,7 +193,9 @@ def dim_conv32(pretrained: bool = False, **kwargs) -> DIMConvNet:
 def dim_conv64(pretrained: bool = False, **kwargs) -> DIMConvNet:
     """64x64 sibling: conv 64-128-256-512, local map = stage 2 (8x8x256)."""
     kwargs.setdefault("img_size", 64)
-    return _conv_net("dim_conv64", pretrained, kwargs.pop("channels", (64, 128, 256, 512)), **kwargs)
+    return _conv_net(
+        "dim_conv64", pretrained, kwargs.pop("channels", (64, 128, 256, 512)), **kwargs
+    )
 
 
 @register_model

@@ -19,6 +19,7 @@ the image is clamped instead of re-drawn; and jitter runs in the fixed order bri
 contrast, saturation, hue (torchvision shuffles the order; without the [0, 1] clamps
 the first three commute exactly, hue is the one that does not).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,11 +31,20 @@ import torch.nn.functional as F
 
 from .config import DataConfig
 
-__all__ = ["BatchAugment", "ViewParams", "build_batch_augment", "color_jitter", "crop_flip",
-           "draw_params", "grayscale", "on_batch", "rgb_to_gray"]
+__all__ = [
+    "BatchAugment",
+    "ViewParams",
+    "build_batch_augment",
+    "color_jitter",
+    "crop_flip",
+    "draw_params",
+    "grayscale",
+    "on_batch",
+    "rgb_to_gray",
+]
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
-JITTER_P = 0.8                         # as the worker path's RandomApply([ColorJitter], p=0.8)
+JITTER_P = 0.8  # as the worker path's RandomApply([ColorJitter], p=0.8)
 AMDIM_GRAYSCALE_P = 0.25
 LOG_RATIOS = (math.log(3 / 4), math.log(4 / 3))  # RandomResizedCrop's default aspect range
 
@@ -54,20 +64,28 @@ def seed_of(seed: int, rank: int, step: int, micro: int = 0) -> int:
 class ViewParams:
     """One view's per-image parameters, each a (B,) float tensor on the CPU."""
 
-    crop_w: torch.Tensor      # crop width and height as fractions of the source side
+    crop_w: torch.Tensor  # crop width and height as fractions of the source side
     crop_h: torch.Tensor
-    centre_x: torch.Tensor    # crop centre in [-1, 1] (grid_sample coordinates)
+    centre_x: torch.Tensor  # crop centre in [-1, 1] (grid_sample coordinates)
     centre_y: torch.Tensor
-    flip: torch.Tensor        # -1 mirrors, +1 keeps
+    flip: torch.Tensor  # -1 mirrors, +1 keeps
     brightness: torch.Tensor  # jitter factors; 1, 1, 1, 0 where jitter is skipped
     contrast: torch.Tensor
     saturation: torch.Tensor
-    hue: torch.Tensor         # shift in turns, [-0.5, 0.5]
-    gray: torch.Tensor        # 1 where the view becomes grayscale
+    hue: torch.Tensor  # shift in turns, [-0.5, 0.5]
+    gray: torch.Tensor  # 1 where the view becomes grayscale
 
 
-def draw_params(batch: int, generator: torch.Generator, *, crop_scale_min: float, flip: bool,
-                jitter: float, grayscale_p: float, colour: bool) -> ViewParams:
+def draw_params(
+    batch: int,
+    generator: torch.Generator,
+    *,
+    crop_scale_min: float,
+    flip: bool,
+    jitter: float,
+    grayscale_p: float,
+    colour: bool,
+) -> ViewParams:
     """Independent parameters for ``batch`` images from one fixed-layout draw."""
     u = torch.rand(batch, 11, generator=generator, dtype=torch.float64)
     area = crop_scale_min + (1 - crop_scale_min) * u[:, 0]
@@ -85,7 +103,11 @@ def draw_params(batch: int, generator: torch.Generator, *, crop_scale_min: float
 
     s = jitter
     return ViewParams(
-        crop_w=w, crop_h=h, centre_x=cx, centre_y=cy, flip=mirror,
+        crop_w=w,
+        crop_h=h,
+        centre_x=cx,
+        centre_y=cy,
+        flip=mirror,
         brightness=factor(u[:, 6], s, 1.0).clamp(min=0),
         contrast=factor(u[:, 7], s, 1.0).clamp(min=0),
         saturation=factor(u[:, 8], s if colour else 0.0, 1.0).clamp(min=0),
@@ -104,8 +126,7 @@ def crop_flip(images: torch.Tensor, p: ViewParams, size: int) -> torch.Tensor:
     theta[:, 1, 2] = p.centre_y
     theta = theta.to(images.device, images.dtype)
     grid = F.affine_grid(theta, [b, images.shape[1], size, size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border",
-                         align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
@@ -127,8 +148,11 @@ def _hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     delta = value - x.min(1).values
     sat = delta / value.clamp(min=1e-8)
     safe = delta.clamp(min=1e-8)
-    hue = torch.where(value == r, ((g - b) / safe) % 6,
-                      torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = torch.where(
+        value == r,
+        ((g - b) / safe) % 6,
+        torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4),
+    )
     hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
     hue = (hue + shift.view(-1, 1, 1)) % 1.0
     # HSV -> RGB without branches: channel n is V - V S clamp(min(k, 4 - k), 0, 1),
@@ -140,6 +164,7 @@ def _hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 def color_jitter(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
     """Brightness, contrast, saturation, hue with per-image factors; x in [0, 1]."""
+
     def col(t: torch.Tensor) -> torch.Tensor:
         return t.to(x.device, x.dtype).view(-1, 1, 1, 1)
 
@@ -164,22 +189,38 @@ def grayscale(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
 class BatchAugment:
     """``(uint8 batch, step) -> [view] * views``: the train-side half of ``augment_on=batch``."""
 
-    def __init__(self, *, img_size: int, seed: int, rank: int, crop_scale_min: float = 0.5,
-                 flip: bool = True, color_jitter: float = 0.4, grayscale_p: float = 0.0,
-                 views: int = 1):
+    def __init__(
+        self,
+        *,
+        img_size: int,
+        seed: int,
+        rank: int,
+        crop_scale_min: float = 0.5,
+        flip: bool = True,
+        color_jitter: float = 0.4,
+        grayscale_p: float = 0.0,
+        views: int = 1,
+    ):
         self.img_size, self.seed, self.rank, self.views = img_size, seed, rank, views
-        self.kw = {"crop_scale_min": crop_scale_min, "flip": flip, "jitter": color_jitter,
-                   "grayscale_p": grayscale_p}
+        self.kw = {
+            "crop_scale_min": crop_scale_min,
+            "flip": flip,
+            "jitter": color_jitter,
+            "grayscale_p": grayscale_p,
+        }
 
-    def params(self, batch: int, step: int, micro: int = 0, colour: bool = True) -> list[ViewParams]:
+    def params(
+        self, batch: int, step: int, micro: int = 0, colour: bool = True
+    ) -> list[ViewParams]:
         """The parameters ``__call__`` uses: a pure function of (seed, rank, step, micro)."""
         gen = torch.Generator().manual_seed(seed_of(self.seed, self.rank, step, micro))
         return [draw_params(batch, gen, colour=colour, **self.kw) for _ in range(self.views)]
 
     def __call__(self, images: torch.Tensor, step: int, micro: int = 0) -> list[torch.Tensor]:
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"expected a uint8 (B, C, H, W) batch, got {images.dtype} "
-                             f"{tuple(images.shape)}")
+            raise ValueError(
+                f"expected a uint8 (B, C, H, W) batch, got {images.dtype} {tuple(images.shape)}"
+            )
         x = images.float().div_(255)
         out = []
         for p in self.params(len(images), step, micro, colour=images.shape[1] == 3):
@@ -188,13 +229,20 @@ class BatchAugment:
         return out
 
 
-def build_batch_augment(cfg: DataConfig, *, img_size: int, seed: int, rank: int) -> BatchAugment | None:
+def build_batch_augment(
+    cfg: DataConfig, *, img_size: int, seed: int, rank: int
+) -> BatchAugment | None:
     """The batched augmentation ``cfg`` asks for, or None (worker-side or no augmentation)."""
     if not on_batch(cfg):
         return None
     amdim = cfg.augment == "amdim"
-    return BatchAugment(img_size=img_size, seed=seed, rank=rank,
-                        crop_scale_min=cfg.crop_scale_min, flip=cfg.flip,
-                        color_jitter=cfg.color_jitter,
-                        grayscale_p=AMDIM_GRAYSCALE_P if amdim else 0.0,
-                        views=2 if amdim else 1)
+    return BatchAugment(
+        img_size=img_size,
+        seed=seed,
+        rank=rank,
+        crop_scale_min=cfg.crop_scale_min,
+        flip=cfg.flip,
+        color_jitter=cfg.color_jitter,
+        grayscale_p=AMDIM_GRAYSCALE_P if amdim else 0.0,
+        views=2 if amdim else 1,
+    )

@@ -7,6 +7,7 @@ blocks between HTML comments, ``usage`` (re-rendered when pushing, to name the r
 and ``evaluation`` (written by ``pipeline.evaluate``): tools replace a block in place,
 so re-running replaces the table and the rest of the card, edits included, stays.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,8 +29,12 @@ __all__ = [
 TAGS = ("timm", "image-feature-extraction", "self-supervised", "deep-infomax", "dim-pretrain")
 LICENSE = "unknown"  # the weights' license follows the training data; dim-export --license sets it
 # torchvision dataset names (as pipeline.prepare records them) -> Hugging Face dataset ids
-HUB_DATASETS = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100",
-                "mnist": "ylecun/mnist", "fashionmnist": "zalando-datasets/fashion_mnist"}
+HUB_DATASETS = {
+    "cifar10": "uoft-cs/cifar10",
+    "cifar100": "uoft-cs/cifar100",
+    "mnist": "ylecun/mnist",
+    "fashionmnist": "zalando-datasets/fashion_mnist",
+}
 PROBE_NAMES = {"linear": "linear probe", "mlp": "MLP probe", "knn": "k-NN"}
 CITATION = """@inproceedings{hjelm2019learning,
   title={Learning deep representations by mutual information estimation and maximization},
@@ -87,30 +92,41 @@ def _shards(spec: str) -> tuple[str, dict]:
 
     try:
         m = read_manifest(spec)
-    except Exception:  # noqa: BLE001  a card never fails a finished run
+    except Exception:
         return f"`{spec}`", {}
     source = m.info.get("source") or {}
     origin = ", ".join(f"{k}={v}" for k, v in source.items())
-    return (f"`{spec}`: {m.num_samples:,} images in {len(m.shards)} shard(s), "
-            f"{len(m.classes)} classes (labels unused in pretraining)"
-            + (f"; written by pipeline.prepare from {origin}" if origin else "")), source
+    return (
+        f"`{spec}`: {m.num_samples:,} images in {len(m.shards)} shard(s), "
+        f"{len(m.classes)} classes (labels unused in pretraining)"
+        + (f"; written by pipeline.prepare from {origin}" if origin else "")
+    ), source
 
 
 def _registered_here(backbone: str) -> bool:
     import timm
 
-    return timm.is_model(backbone) and timm.models.model_entrypoint(backbone).__module__.startswith("pipeline")
+    return timm.is_model(backbone) and timm.models.model_entrypoint(backbone).__module__.startswith(
+        "pipeline"
+    )
 
 
 def usage_block(ref: str, backbone: str) -> str:
     """How to load the folder, ``ref`` being ``local-dir:PATH`` or ``hf-hub:org/name``."""
-    register = ("import pipeline  # registers " + backbone + " with timm\n"
-                if _registered_here(backbone) else "")
+    register = (
+        "import pipeline  # registers " + backbone + " with timm\n"
+        if _registered_here(backbone)
+        else ""
+    )
     where = ref.split(":", 1)[1]
-    full = (f'encoder = load_encoder("{where}")  # local map, mu, logvar, z'
-            if ref.startswith("local-dir:") else
-            f'encoder = load_encoder(snapshot_download("{where}"))  # local map, mu, logvar, z')
-    download = "from huggingface_hub import snapshot_download\n" if ref.startswith("hf-hub:") else ""
+    full = (
+        f'encoder = load_encoder("{where}")  # local map, mu, logvar, z'
+        if ref.startswith("local-dir:")
+        else f'encoder = load_encoder(snapshot_download("{where}"))  # local map, mu, logvar, z'
+    )
+    download = (
+        "from huggingface_hub import snapshot_download\n" if ref.startswith("hf-hub:") else ""
+    )
     return f"""The backbone, as timm loads any shared model:
 
 ```python
@@ -129,18 +145,33 @@ The whole DIM encoder (backbone + head), with this project installed:
 ```"""
 
 
-def render_card(config: dict, *, step: int, samples_seen: int, world_size: int,
-                location: str, wandb_run: dict | None = None, name: str | None = None) -> str:
+def render_card(
+    config: dict,
+    *,
+    step: int,
+    samples_seen: int,
+    world_size: int,
+    location: str,
+    wandb_run: dict | None = None,
+    name: str | None = None,
+) -> str:
     """The card of a run's export: ``config`` is the resolved run config (as a dict)."""
     from huggingface_hub import ModelCardData
 
     m, loss, data, tr = config["model"], config["loss"], config["data"], config["train"]
     shards, source = _shards(data["train_shards"])
-    front = ModelCardData(library_name="timm", license=LICENSE, tags=list(TAGS),
-                          datasets=_datasets(source) or None,
-                          pipeline_tag="image-feature-extraction").to_yaml()
-    init = (f"timm's pretrained `{m['backbone']}` weights" if m.get("pretrained")
-            else "random initialisation")
+    front = ModelCardData(
+        library_name="timm",
+        license=LICENSE,
+        tags=list(TAGS),
+        datasets=_datasets(source) or None,
+        pipeline_tag="image-feature-extraction",
+    ).to_yaml()
+    init = (
+        f"timm's pretrained `{m['backbone']}` weights"
+        if m.get("pretrained")
+        else "random initialisation"
+    )
     batch = tr["batch_size"] * tr.get("grad_accum", 1) * world_size
     wb = ""
     if wandb_run and wandb_run.get("id"):
@@ -151,40 +182,41 @@ def render_card(config: dict, *, step: int, samples_seen: int, world_size: int,
 {front}
 ---
 
-# {name or m['backbone'] + '-dim'}
+# {name or m["backbone"] + "-dim"}
 
-A `{m['backbone']}` image encoder pretrained without labels by Deep InfoMax (Hjelm et al.,
+A `{m["backbone"]}` image encoder pretrained without labels by Deep InfoMax (Hjelm et al.,
 ICLR 2019): maximising the mutual information between the image's local features and its
 global code, with a KL prior on the code. Trained with dim-pretrain.
 
 ## Model details
 
-- **Backbone:** timm `{m['backbone']}` ({init}), classifier removed; `model.safetensors` is
+- **Backbone:** timm `{m["backbone"]}` ({init}), classifier removed; `model.safetensors` is
   its timm state dict, `config.json` its timm config
-- **DIM head** (`dim_head.safetensors`): pooled features -> fc ({m['fc_dim']}) -> a
-  {m['code_dim']}-d Gaussian code (mu, logvar); local map from feature stage {m['local_layer']}
-- **Input:** {m['in_chans']} x {m['img_size']} x {m['img_size']}, normalisation in
+- **DIM head** (`dim_head.safetensors`): pooled features -> fc ({m["fc_dim"]}) -> a
+  {m["code_dim"]}-d Gaussian code (mu, logvar); local map from feature stage {m["local_layer"]}
+- **Input:** {m["in_chans"]} x {m["img_size"]} x {m["img_size"]}, normalisation in
   `config.json` (`pretrained_cfg`)
-- **Objective:** {loss['estimator']} estimator, global critic `{loss['global_critic']}`,
-  local critic `{loss['local_critic']}`; alpha {loss['alpha']}, beta {loss['beta']}, gamma {loss['gamma']}
+- **Objective:** {loss["estimator"]} estimator, global critic `{loss["global_critic"]}`,
+  local critic `{loss["local_critic"]}`;
+  alpha {loss["alpha"]}, beta {loss["beta"]}, gamma {loss["gamma"]}
 - **Training data:** {shards}
-- **Training:** {step:,} optimizer steps of {batch} images ({tr['batch_size']} per process x
-  {world_size} process(es) x {tr.get('grad_accum', 1)} accumulation), {samples_seen:,} images
-  seen; {tr['optimizer']}, lr {tr['lr']}, {tr['warmup_steps']} warm-up steps, precision
-  {tr.get('mixed_precision', 'no')}{wb}
+- **Training:** {step:,} optimizer steps of {batch} images ({tr["batch_size"]} per process x
+  {world_size} process(es) x {tr.get("grad_accum", 1)} accumulation), {samples_seen:,} images
+  seen; {tr["optimizer"]}, lr {tr["lr"]}, {tr["warmup_steps"]} warm-up steps, precision
+  {tr.get("mixed_precision", "no")}{wb}
 
 ## How to use
 
-{_markers('usage')[0]}
-{usage_block('local-dir:' + location, m['backbone'])}
-{_markers('usage')[1]}
+{_markers("usage")[0]}
+{usage_block("local-dir:" + location, m["backbone"])}
+{_markers("usage")[1]}
 
 ## Evaluation
 
-{_markers('evaluation')[0]}
+{_markers("evaluation")[0]}
 Not evaluated yet: `python -m pipeline.evaluate --checkpoint FOLDER --train-shards ...
 --test-shards ...` writes its table here.
-{_markers('evaluation')[1]}
+{_markers("evaluation")[1]}
 
 ## Training configuration
 
@@ -208,18 +240,24 @@ def evaluation_block(results: dict, settings: dict) -> str:
 
     One column per probe found in ``results``, in the order evaluate ran them.
     """
-    probes = list(dict.fromkeys(p for views in results.values() for cell in views.values()
-                                for p in cell))
-    rows = ["| model | view | " + " | ".join(PROBE_NAMES.get(p, p) for p in probes) + " |",
-            "|---|---|" + "---|" * len(probes)]
+    probes = list(
+        dict.fromkeys(p for views in results.values() for cell in views.values() for p in cell)
+    )
+    rows = [
+        "| model | view | " + " | ".join(PROBE_NAMES.get(p, p) for p in probes) + " |",
+        "|---|---|" + "---|" * len(probes),
+    ]
     for model, views in results.items():
         for view, cell in views.items():
             cells = [f"{100 * cell[p]:.2f}%" if p in cell else "-" for p in probes]
             rows.append(f"| {model} | {view} | {' | '.join(cells)} |")
     how = ", ".join(f"{k}: `{v}`" for k, v in settings.items() if v is not None)
-    return ("Frozen features, `python -m pipeline.evaluate`, beside the same architecture "
-            "at random init and raw pixels. Accuracy on the test shards:\n\n"
-            + "\n".join(rows) + (f"\n\n{how}" if how else ""))
+    return (
+        "Frozen features, `python -m pipeline.evaluate`, beside the same architecture "
+        "at random init and raw pixels. Accuracy on the test shards:\n\n"
+        + "\n".join(rows)
+        + (f"\n\n{how}" if how else "")
+    )
 
 
 def update_evaluation(folder: str | Path, results: dict, settings: dict) -> Path | None:
@@ -229,8 +267,9 @@ def update_evaluation(folder: str | Path, results: dict, settings: dict) -> Path
     path = Path(folder) / EXPORT_CARD
     if not path.is_file():
         return None
-    text = set_block(path.read_text(), "evaluation", evaluation_block(results, settings),
-                     heading="Evaluation")
+    text = set_block(
+        path.read_text(), "evaluation", evaluation_block(results, settings), heading="Evaluation"
+    )
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)

@@ -6,6 +6,7 @@ A checkpoint is written into a hidden temporary folder by ``accelerator.save_sta
 crash or a kill during a save leaves at most a stray temporary folder, never a broken
 ``step_*``: the latest good checkpoint stays the latest.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,15 @@ from typing import Any
 
 from .filemode import share_mode
 
-__all__ = ["checkpoint_dir", "list_checkpoints", "latest_checkpoint", "save_checkpoint",
-           "load_checkpoint", "read_meta", "clean_partial"]
+__all__ = [
+    "checkpoint_dir",
+    "clean_partial",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "read_meta",
+    "save_checkpoint",
+]
 
 META = "meta.json"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -33,8 +41,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _NAME.match(p.name)) and (p / META).is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _NAME.match(p.name)) and (p / META).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -55,8 +66,9 @@ def clean_partial(output_dir: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, meta: dict[str, Any],
-                    keep_last: int) -> Path:
+def save_checkpoint(
+    accelerator, output_dir: str | Path, step: int, meta: dict[str, Any], keep_last: int
+) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
     root = checkpoint_dir(output_dir)
     final = root / f"step_{step:07d}"

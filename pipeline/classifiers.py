@@ -4,6 +4,7 @@ Shared by the offline evaluation (``pipeline.evaluate``) and the online probe du
 pretraining (``pipeline.probe``), so both report the same quantity. No data loading,
 no model, no logging here: tensors in, predictions or accuracies out.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -12,8 +13,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["knn_predict", "knn_accuracy", "standardize", "fit_linear", "LinearProbeResult",
-           "linear_probe", "mlp_probe", "MLPProbeResult", "accuracy", "L2_GRID"]
+__all__ = [
+    "L2_GRID",
+    "LinearProbeResult",
+    "MLPProbeResult",
+    "accuracy",
+    "fit_linear",
+    "knn_accuracy",
+    "knn_predict",
+    "linear_probe",
+    "mlp_probe",
+    "standardize",
+]
 
 L2_GRID: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -28,9 +39,16 @@ def _num_classes(*labels: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, *,
-                k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
-                chunk: int = 1024) -> torch.Tensor:
+def knn_predict(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """Weighted k-NN on cosine similarity (DINO-style): each of the k nearest bank items
     votes for its class with weight exp(sim / temperature); the heaviest class wins.
 
@@ -41,7 +59,7 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
     bank_n = F.normalize(bank.float(), dim=1)
     preds = []
     for start in range(0, queries.shape[0], chunk):
-        q = F.normalize(queries[start:start + chunk].float(), dim=1)
+        q = F.normalize(queries[start : start + chunk].float(), dim=1)
         sims, idx = (q @ bank_n.T).topk(k, dim=1)
         weights = (sims / temperature).exp()
         votes = torch.zeros(q.shape[0], num_classes, dtype=weights.dtype, device=q.device)
@@ -50,8 +68,15 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
     return torch.cat(preds) if preds else bank_labels.new_empty(0)
 
 
-def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor,
-                 query_labels: torch.Tensor, *, k: int = 20, temperature: float = 0.07) -> float:
+def knn_accuracy(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> float:
     """Accuracy of ``knn_predict`` on labelled queries."""
     n = _num_classes(bank_labels, query_labels)
     pred = knn_predict(bank, bank_labels, queries, k=k, temperature=temperature, num_classes=n)
@@ -66,8 +91,9 @@ def standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor
     return [(t.float() - mean) / std for t in (train, *others)]
 
 
-def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, l2: float,
-               max_iter: int = 200) -> torch.nn.Linear:
+def fit_linear(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, *, l2: float, max_iter: int = 200
+) -> torch.nn.Linear:
     """Multinomial logistic regression, full-batch L-BFGS, L2 penalty on the weights.
 
     Full batch keeps the fit deterministic and free of learning-rate tuning; the
@@ -77,9 +103,15 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, l2: float,
     layer = torch.nn.Linear(x.shape[1], num_classes, device=x.device)
     torch.nn.init.zeros_(layer.weight)
     torch.nn.init.zeros_(layer.bias)
-    opt = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=max_iter,
-                            history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-6, tolerance_change=1e-9)
+    opt = torch.optim.LBFGS(
+        layer.parameters(),
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -94,15 +126,22 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, l2: float,
 
 @dataclass
 class LinearProbeResult:
-    accuracy: float          # on the test features
-    l2: float                # the regularisation chosen on the validation split
-    val_accuracy: float      # its validation accuracy
+    accuracy: float  # on the test features
+    l2: float  # the regularisation chosen on the validation split
+    val_accuracy: float  # its validation accuracy
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                 test_y: torch.Tensor, *, l2_grid: Sequence[float] = L2_GRID,
-                 val_fraction: float = 0.2, seed: int = 0, max_iter: int = 200,
-                 ) -> LinearProbeResult:
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    l2_grid: Sequence[float] = L2_GRID,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    max_iter: int = 200,
+) -> LinearProbeResult:
     """Linear probe accuracy on standardised features.
 
     A seeded ``val_fraction`` of the training features picks the L2 strength from
@@ -112,7 +151,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     n = train_x.shape[0]
     num_classes = _num_classes(train_y, test_y)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(train_x.device)
-    n_val = int(round(n * val_fraction)) if len(l2_grid) > 1 else 0
+    n_val = round(n * val_fraction) if len(l2_grid) > 1 else 0
     n_val = min(max(n_val, 1), n - 1) if len(l2_grid) > 1 and n > 1 else 0
     best_l2, best_val = float(l2_grid[-1]), float("nan")
     if n_val:
@@ -131,15 +170,25 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 @dataclass
 class MLPProbeResult:
-    accuracy: float          # on the test features, with the weights of the best epoch
-    epoch: int               # the epoch chosen on the validation split
+    accuracy: float  # on the test features, with the weights of the best epoch
+    epoch: int  # the epoch chosen on the validation split
     val_accuracy: float
 
 
-def mlp_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-              test_y: torch.Tensor, *, hidden: int = 200, dropout: float = 0.1,
-              epochs: int = 30, batch_size: int = 128, lr: float = 1e-3,
-              val_fraction: float = 0.1, seed: int = 0) -> MLPProbeResult:
+def mlp_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    hidden: int = 200,
+    dropout: float = 0.1,
+    epochs: int = 30,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> MLPProbeResult:
     """The DIM paper's non-linear probe: Linear-BN-ReLU-Dropout-Linear, trained with Adam.
 
     Features are standardised with training statistics. A seeded ``val_fraction`` of
@@ -151,15 +200,19 @@ def mlp_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor
     n = train_x.shape[0]
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=gen)
-    n_val = min(max(int(round(n * val_fraction)), 1), n - 1)
+    n_val = min(max(round(n * val_fraction), 1), n - 1)
     val_idx, fit_idx = perm[:n_val], perm[n_val:]
     fx, vx, sx = standardize(train_x[fit_idx], train_x[val_idx], test_x)
     fy, vy = train_y[fit_idx], train_y[val_idx]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = torch.nn.Sequential(torch.nn.Linear(fx.shape[1], hidden), torch.nn.BatchNorm1d(hidden),
-                                  torch.nn.ReLU(), torch.nn.Dropout(dropout),
-                                  torch.nn.Linear(hidden, num_classes)).to(fx.device)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(fx.shape[1], hidden),
+            torch.nn.BatchNorm1d(hidden),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(dropout),
+            torch.nn.Linear(hidden, num_classes),
+        ).to(fx.device)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         best = (-1.0, 0, None)
         with torch.enable_grad():
@@ -167,7 +220,7 @@ def mlp_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor
                 net.train()
                 order = torch.randperm(len(fy), generator=gen).to(fx.device)
                 for start in range(0, len(fy) - 1, batch_size):  # BN needs >= 2 per batch
-                    idx = order[start:start + batch_size]
+                    idx = order[start : start + batch_size]
                     if idx.numel() < 2:
                         continue
                     loss = F.cross_entropy(net(fx[idx]), fy[idx])

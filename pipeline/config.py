@@ -6,12 +6,12 @@ overrides. Unknown keys and values of the wrong type are one ``ConfigError`` tha
 the key; values are parsed as YAML scalars, so ``train.lr=3e-4`` is a float and
 ``data.train_shards=[a.tar,b.tar]`` a list.
 """
+
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,14 @@ def _choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> No
         raise unknown(f"{section}.{name}", value, choices)
 
 
-def _bounds(obj, section: str, *, positive: tuple[str, ...] = (),
-            non_negative: tuple[str, ...] = ()) -> None:
+def _bounds(
+    obj, section: str, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()
+) -> None:
     """One line naming the key, its value and what is allowed, for out-of-range numbers."""
-    for names, ok, allowed in ((positive, lambda v: v > 0, "> 0"),
-                               (non_negative, lambda v: v >= 0, ">= 0")):
+    for names, ok, allowed in (
+        (positive, lambda v: v > 0, "> 0"),
+        (non_negative, lambda v: v >= 0, ">= 0"),
+    ):
         for name in names:
             value = getattr(obj, name)
             if not ok(value):
@@ -44,11 +47,11 @@ def _bounds(obj, section: str, *, positive: tuple[str, ...] = (),
 @dataclass
 class ModelConfig:
     backbone: str = "dim_conv32"  # any timm model name (dim_conv32: the DIM paper's 32 px encoder)
-    pretrained: bool = False      # never downloads unless asked
-    local_layer: int = 1          # index into the backbone's feature stages (negative ok)
-    code_dim: int = 64            # size of the global code z
-    fc_dim: int = 1024            # hidden layer between backbone and (mu, logvar)
-    img_size: int = 32            # input resolution (also sizes ViT position embeddings)
+    pretrained: bool = False  # never downloads unless asked
+    local_layer: int = 1  # index into the backbone's feature stages (negative ok)
+    code_dim: int = 64  # size of the global code z
+    fc_dim: int = 1024  # hidden layer between backbone and (mu, logvar)
+    img_size: int = 32  # input resolution (also sizes ViT position embeddings)
     in_chans: int = 3
     backbone_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs
 
@@ -58,52 +61,60 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    estimator: str = "infonce"    # jsd | dv | infonce
-    global_critic: str = "dot"    # zz | feature | dot | none
-    local_critic: str = "dot"     # concat | dot | none
-    alpha: float = 0.5            # weight of the global MI term
-    beta: float = 1.0             # weight of the mean local MI term
-    gamma: float = 0.1            # weight of E[KL(N(mu, sigma^2) || N(0, I))]
-    critic_dim: int = 64          # embedding size of dot critics (256/512 was within noise of
-                                  # 64/128 in the ablation, docs/results.md, at ~1.4x the FLOPs)
-    critic_hidden: int = 128      # hidden width of every critic MLP; 0: dot critics embed
-                                  # linearly (cheapest local critic), concat ones need > 0
-    tclip: float = 10.0           # soft score clip tclip*tanh(s/tclip) (AMDIM); 0 disables
-    score_penalty: float = 0.05   # weight of mean(score^2): keeps scores off the clip (AMDIM)
+    estimator: str = "infonce"  # jsd | dv | infonce
+    global_critic: str = "dot"  # zz | feature | dot | none
+    local_critic: str = "dot"  # concat | dot | none
+    alpha: float = 0.5  # weight of the global MI term
+    beta: float = 1.0  # weight of the mean local MI term
+    gamma: float = 0.1  # weight of E[KL(N(mu, sigma^2) || N(0, I))]
+    critic_dim: int = 64  # embedding size of dot critics (256/512 was within noise of
+    # 64/128 in the ablation, docs/results.md, at ~1.4x the FLOPs)
+    critic_hidden: int = 128  # hidden width of every critic MLP; 0: dot critics embed
+    # linearly (cheapest local critic), concat ones need > 0
+    tclip: float = 10.0  # soft score clip tclip*tanh(s/tclip) (AMDIM); 0 disables
+    score_penalty: float = 0.05  # weight of mean(score^2): keeps scores off the clip (AMDIM)
     allow_negative_weights: bool = False  # a negative alpha/beta/gamma minimises a term
 
     def __post_init__(self):
         weights = () if self.allow_negative_weights else ("alpha", "beta", "gamma")
-        _bounds(self, "loss", positive=("critic_dim",),
-                non_negative=(*weights, "critic_hidden", "tclip", "score_penalty"))
+        _bounds(
+            self,
+            "loss",
+            positive=("critic_dim",),
+            non_negative=(*weights, "critic_hidden", "tclip", "score_penalty"),
+        )
         _choice("loss", "estimator", self.estimator, ESTIMATORS)
         _choice("loss", "global_critic", self.global_critic, GLOBAL_CRITICS)
         _choice("loss", "local_critic", self.local_critic, LOCAL_CRITICS)
         mlps = [c for c in (self.global_critic, self.local_critic) if c not in ("dot", "none")]
         if self.critic_hidden == 0 and mlps:
-            raise ConfigError(f"loss.critic_hidden=0 (linear embeddings) works with dot critics "
-                              f"only; {mlps[0]!r} needs a hidden layer")
+            raise ConfigError(
+                f"loss.critic_hidden=0 (linear embeddings) works with dot critics "
+                f"only; {mlps[0]!r} needs a hidden layer"
+            )
         if self.global_critic == "none" and self.local_critic == "none":
-            raise ConfigError("loss.global_critic and loss.local_critic are both 'none': "
-                              "nothing would estimate mutual information")
+            raise ConfigError(
+                "loss.global_critic and loss.local_critic are both 'none': "
+                "nothing would estimate mutual information"
+            )
 
 
 @dataclass
 class DataConfig:
-    train_shards: str = ""        # brace pattern, comma list, or a prepare.py manifest;
-                                  # empty: the embedded default (digits, written on first use)
-    val_shards: str = ""          # held-out shards for the online probe
-    epoch_samples: int = 0        # samples per epoch across all ranks (0: from manifest)
-    num_workers: int = 2          # DataLoader workers per process (0: read in the main process)
-    shuffle_buffer: int = 2000    # samples (undecoded) in the shuffle buffer; < 2 disables
-    augment: str = "simple"       # none | simple | amdim (two independent views)
-    augment_on: str = "batch"     # batch: workers decode, the train loop augments the batch
-                                  # on its device | worker: per-image transforms in workers
-    crop_scale_min: float = 0.5   # RandomResizedCrop lower area bound
+    train_shards: str = ""  # brace pattern, comma list, or a prepare.py manifest;
+    # empty: the embedded default (digits, written on first use)
+    val_shards: str = ""  # held-out shards for the online probe
+    epoch_samples: int = 0  # samples per epoch across all ranks (0: from manifest)
+    num_workers: int = 2  # DataLoader workers per process (0: read in the main process)
+    shuffle_buffer: int = 2000  # samples (undecoded) in the shuffle buffer; < 2 disables
+    augment: str = "simple"  # none | simple | amdim (two independent views)
+    augment_on: str = "batch"  # batch: workers decode, the train loop augments the batch
+    # on its device | worker: per-image transforms in workers
+    crop_scale_min: float = 0.5  # RandomResizedCrop lower area bound
     flip: bool = True
-    color_jitter: float = 0.4     # strength; 0 disables
-    label_key: str = "auto"       # auto (.cls, else .json "label") | cls | json:<field> | none
-    max_bad_streak: int = 1000    # bad samples or shards in a row that stop a run
+    color_jitter: float = 0.4  # strength; 0 disables
+    label_key: str = "auto"  # auto (.cls, else .json "label") | cls | json:<field> | none
+    max_bad_streak: int = 1000  # bad samples or shards in a row that stop a run
 
     def __post_init__(self):
         _choice("data", "augment", self.augment, ("none", "simple", "amdim"))
@@ -119,47 +130,55 @@ class DataConfig:
     @staticmethod
     def check_label_key(label_key: str) -> str:
         """Where labels live: ``auto``, ``cls``, ``none`` or ``json:<field>`` (dots nest)."""
-        if label_key in ("auto", "cls", "none") or (label_key.startswith("json:") and label_key[5:]):
+        if label_key in ("auto", "cls", "none") or (
+            label_key.startswith("json:") and label_key[5:]
+        ):
             return label_key
-        raise ConfigError(f"data.label_key must be auto, cls, none or json:<field>, got {label_key!r}")
+        raise ConfigError(
+            f"data.label_key must be auto, cls, none or json:<field>, got {label_key!r}"
+        )
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
-    batch_size: int = 128         # per process
+    batch_size: int = 128  # per process
     max_steps: int = 1000
     lr: float = 1e-3
     weight_decay: float = 1e-5
     warmup_steps: int = 100
-    optimizer: str = "adamw"      # adamw | lars
+    optimizer: str = "adamw"  # adamw | lars
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (the DIM paper: 0.5, 0.999)
-    grad_clip: float = 1.0        # max grad norm; 0 disables
+    grad_clip: float = 1.0  # max grad norm; 0 disables
     grad_accum: int = 1
-    mixed_precision: str = "no"   # no | bf16 | fp16
-    compile: bool = False         # torch.compile the encoder and the objective (in place)
-    channels_last: bool = False   # NHWC weights and inputs (faster convolutions on GPUs)
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    compile: bool = False  # torch.compile the encoder and the objective (in place)
+    channels_last: bool = False  # NHWC weights and inputs (faster convolutions on GPUs)
     seed: int = 0
     log_every: int = 10
     save_every: int = 500
-    keep_last: int = 2            # checkpoints kept
-    eval_every: int = 0           # online k-NN probe period in steps (0: off)
+    keep_last: int = 2  # checkpoints kept
+    eval_every: int = 0  # online k-NN probe period in steps (0: off)
     export_checkpoints: bool = False  # also write a model folder (export/) in each checkpoint
 
     def __post_init__(self):
         _choice("train", "optimizer", self.optimizer, ("adamw", "lars"))
         _choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
-        _bounds(self, "train", positive=("lr", "batch_size", "max_steps", "grad_accum",
-                                         "log_every", "save_every"),
-                non_negative=("weight_decay", "warmup_steps", "grad_clip", "keep_last",
-                              "eval_every"))
-        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+        _bounds(
+            self,
+            "train",
+            positive=("lr", "batch_size", "max_steps", "grad_accum", "log_every", "save_every"),
+            non_negative=("weight_decay", "warmup_steps", "grad_clip", "keep_last", "eval_every"),
+        )
+        if len(self.betas) != 2 or not all(
+            isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas
+        ):
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "auto"            # auto (online if an API key is set) | online | offline | disabled
+    mode: str = "auto"  # auto (online if an API key is set) | online | offline | disabled
     project: str = "dim-pretrain"
     entity: str = ""
     name: str = ""
@@ -183,30 +202,34 @@ class Config:
 
 # ---------------------------------------------------------------- loading and checking
 
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field's type; ints are accepted where floats are."""
-    target = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict,
-              "list": list}.get(annotation, annotation)
+    target = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}.get(
+        annotation, annotation
+    )
     if target is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if target is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     if target is float and isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if isinstance(value, dict) and target is not dict:
-        raise ConfigError(f"{key} is a single value, not a section: give it a "
-                          f"{getattr(target, '__name__', target)}, got {value!r}")
+        raise ConfigError(
+            f"{key} is a single value, not a section: give it a "
+            f"{getattr(target, '__name__', target)}, got {value!r}"
+        )
     if target is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if target is list and isinstance(value, str):
         return [v for v in value.split(",") if v]
-    if isinstance(target, type) and (not isinstance(value, target) or
-                                     (target is int and isinstance(value, bool))):
-        raise ConfigError(f"{key} expects {target.__name__}, got {value!r} "
-                          f"({type(value).__name__})")
+    if isinstance(target, type) and (
+        not isinstance(value, target) or (target is int and isinstance(value, bool))
+    ):
+        raise ConfigError(
+            f"{key} expects {target.__name__}, got {value!r} ({type(value).__name__})"
+        )
     return value
 
 
@@ -238,7 +261,9 @@ def _build(cls, data: dict):
         if name not in data:
             continue
         sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-        kwargs[name] = _build(type(sub), data[name]) if dataclasses.is_dataclass(sub) else data[name]
+        kwargs[name] = (
+            _build(type(sub), data[name]) if dataclasses.is_dataclass(sub) else data[name]
+        )
     return cls(**kwargs)
 
 
@@ -267,8 +292,10 @@ def parse_overrides(overrides: list[str]) -> dict:
         for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):  # "a.b=1 a.b.c=2": a.b was given a value
-                raise ConfigError(f"override {key}: {'.'.join(parents[:depth + 1])} is a "
-                                  f"single value, not a section")
+                raise ConfigError(
+                    f"override {key}: {'.'.join(parents[: depth + 1])} is a "
+                    f"single value, not a section"
+                )
         node[leaf] = value
     return tree
 
@@ -301,7 +328,8 @@ def describe(cfg: Config | None = None) -> str:
     lines = []
     for section, sub in dataclasses.asdict(cfg).items():
         for key, value in sub.items():
-            lines.append(f"  {section}.{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+            text = yaml.safe_dump(value, default_flow_style=True).strip()
+            lines.append(f"  {section}.{key}={text.removesuffix('...').strip()}")
     return "\n".join(lines)
 
 

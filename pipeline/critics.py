@@ -13,6 +13,7 @@ each of its H*W locations; embeddings are then (N, L, D) with L = H*W.
 - ``DotCritic``: separable T(a, b) = f(a) . g(b) / sqrt(D): all pairs are one matrix
   product, which is what makes cross-device infoNCE cheap.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["Critic", "ConcatCritic", "DotCritic", "flatten_map"]
+__all__ = ["ConcatCritic", "Critic", "DotCritic", "flatten_map"]
 
 
 def flatten_map(a: torch.Tensor) -> torch.Tensor:
@@ -55,8 +56,13 @@ class _ResidualMLP(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int):
         super().__init__()
-        self.block = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True),
-                                   nn.Linear(hidden, out_dim)) if hidden else None
+        self.block = (
+            nn.Sequential(
+                nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
+            )
+            if hidden
+            else None
+        )
         self.shortcut = nn.Linear(in_dim, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,8 +73,9 @@ class _ResidualMLP(nn.Module):
 class DotCritic(Critic):
     """T(a, b) = f(a) . g(b) / sqrt(dim); f and g are residual MLPs (1x1 convs if local)."""
 
-    def __init__(self, a_dim: int, b_dim: int, dim: int = 256, hidden: int = 512,
-                 local: bool = False):
+    def __init__(
+        self, a_dim: int, b_dim: int, dim: int = 256, hidden: int = 512, local: bool = False
+    ):
         super().__init__()
         self.local = local
         self.f = _ResidualMLP(a_dim, dim, hidden)
@@ -100,8 +107,9 @@ class ConcatCritic(Critic):
         self.local = local
         self.first_a = nn.Linear(a_dim, hidden, bias=False)
         self.first_b = nn.Linear(b_dim, hidden)
-        self.rest = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                  nn.Linear(hidden, 1))
+        self.rest = nn.Sequential(
+            nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
+        )
 
     def embed_a(self, a: torch.Tensor) -> torch.Tensor:
         return self.first_a(flatten_map(a) if self.local else a)

@@ -29,6 +29,7 @@ progress bar there can print them cleanly). A stream that sees ``data.max_bad_st
 bad samples or shards in a row stops with one ``ConfigError`` naming the shards and the
 most common reason.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,32 +55,37 @@ from .config import DataConfig
 from .errors import ConfigError
 from .shards import dataset_size, resolve_shards, resolve_spec
 
-__all__ = ["train_loader", "eval_loader", "resolve_shards", "dataset_size", "StreamLoader",
-           "IMAGE_EXTS"]
+__all__ = [
+    "IMAGE_EXTS",
+    "StreamLoader",
+    "dataset_size",
+    "eval_loader",
+    "resolve_shards",
+    "train_loader",
+]
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-MAX_BAD_STREAK = 1000        # bad shards/samples in a row before a stream gives up
-WARN_IN_FULL = 3             # warnings per stream in full; after that, counts per shard
-NOMINAL_EPOCH = 10_000       # samples per epoch when neither config nor manifest says
-_LOST = "__lost__"           # key of the marker a failed or short shard leaves in the stream
+MAX_BAD_STREAK = 1000  # bad shards/samples in a row before a stream gives up
+WARN_IN_FULL = 3  # warnings per stream in full; after that, counts per shard
+NOMINAL_EPOCH = 10_000  # samples per epoch when neither config nor manifest says
+_LOST = "__lost__"  # key of the marker a failed or short shard leaves in the stream
 
 
 class _StreamState:
     """What one copy of a stream (one rank, one worker) knows: who it is, its epoch, its
     seeds, and how much bad data it skipped. Shared by the stages of one pipeline."""
 
-    def __init__(self, seed: int, rank: int, world_size: int,
-                 max_bad_streak: int = MAX_BAD_STREAK):
+    def __init__(self, seed: int, rank: int, world_size: int, max_bad_streak: int = MAX_BAD_STREAK):
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world_size {world_size}")
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.worker, self.num_workers, self.epoch = 0, 1, -1
         self.skipped = self.bad_streak = self.warned = 0
         self.max_bad_streak = max_bad_streak
-        self.messages: list[str] = []                # warnings not yet handed to the loader
-        self.counted: Counter[str] = Counter()       # shard -> bad reads since the last report
+        self.messages: list[str] = []  # warnings not yet handed to the loader
+        self.counted: Counter[str] = Counter()  # shard -> bad reads since the last report
         self.streak_shards: Counter[str] = Counter()
         self.streak_reasons: Counter[str] = Counter()
         self.torch_state = torch.get_rng_state()
@@ -113,8 +119,10 @@ class _StreamState:
             self.warned += 1
             where = f"sample {sample!r} of shard {url}" if sample is not None else f"shard {url}"
             last = "; further bad data is counted per shard" if self.warned == WARN_IN_FULL else ""
-            self.messages.append(f"skipped {count} sample(s), {where}: {reason} [rank {self.rank} "
-                                 f"worker {self.worker}]{last}")
+            self.messages.append(
+                f"skipped {count} sample(s), {where}: {reason} [rank {self.rank} "
+                f"worker {self.worker}]{last}"
+            )
         else:
             self.counted[url] += 1
         if self.bad_streak >= self.max_bad_streak:
@@ -125,16 +133,20 @@ class _StreamState:
         reason, times = self.streak_reasons.most_common(1)[0]
         shards = sorted(self.streak_shards)
         shown = ", ".join(shards[:5]) + (f" and {len(shards) - 5} more" if len(shards) > 5 else "")
-        return (f"the data is unusable: {self.bad_streak} bad samples or shards in a row "
-                f"(data.max_bad_streak={self.max_bad_streak}) from {len(shards)} shard(s): "
-                f"{shown}; most common reason ({times} of {self.bad_streak}): {reason}")
+        return (
+            f"the data is unusable: {self.bad_streak} bad samples or shards in a row "
+            f"(data.max_bad_streak={self.max_bad_streak}) from {len(shards)} shard(s): "
+            f"{shown}; most common reason ({times} of {self.bad_streak}): {reason}"
+        )
 
     def report(self) -> None:
         """Queue one line of per-shard counts for what was not warned about in full."""
         if self.counted:
             counts = ", ".join(f"{url}: {n}" for url, n in sorted(self.counted.items()))
-            self.messages.append(f"bad samples or shards skipped since the last report "
-                                 f"[rank {self.rank} worker {self.worker}]: {counts}")
+            self.messages.append(
+                f"bad samples or shards skipped since the last report "
+                f"[rank {self.rank} worker {self.worker}]: {counts}"
+            )
             self.counted.clear()
 
     def take_messages(self) -> list[str]:
@@ -159,7 +171,7 @@ def _read_shards(sources: Iterable[dict], *, sizes: dict[str, int]) -> Iterator[
         url, got, error = source["url"], 0, None
         try:
             with contextlib.closing(wds.gopen(url)) as stream:
-                for sample in group_by_keys(tar_file_expander([dict(url=url, stream=stream)])):
+                for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
                     got += 1
                     yield sample
         except Exception as exn:  # truncated tar, unreachable URL, failing pipe, ...
@@ -167,9 +179,13 @@ def _read_shards(sources: Iterable[dict], *, sizes: dict[str, int]) -> Iterator[
         expected = sizes.get(url)
         lost = max(expected - got, 0) if expected is not None else int(error is not None)
         if error is not None or lost or not got:
-            what = (f"read error after {got} samples: {_short(error)}" if error else
-                    "no samples in it" if expected is None else
-                    f"{got} samples read, the manifest says {expected}")
+            what = (
+                f"read error after {got} samples: {_short(error)}"
+                if error
+                else "no samples in it"
+                if expected is None
+                else f"{got} samples read, the manifest says {expected}"
+            )
             yield {_LOST: lost, "__url__": url, "__reason__": what}
 
 
@@ -239,8 +255,16 @@ def _own_rng(state: _StreamState, active: bool) -> Iterator[None]:
         state.torch_state = torch.get_rng_state()
 
 
-def _decode(samples: Iterable[dict], *, state: _StreamState, views: Views, in_chans: int,
-            label_key: str, random_views: bool, with_keys: bool) -> Iterator[dict]:
+def _decode(
+    samples: Iterable[dict],
+    *,
+    state: _StreamState,
+    views: Views,
+    in_chans: int,
+    label_key: str,
+    random_views: bool,
+    with_keys: bool,
+) -> Iterator[dict]:
     """Raw samples -> {"image"[, "image2"], "label"[, "key"]}; bad ones are counted, not raised.
     Grayscale output is decoded as such (exact for gray sources; webp can only give RGB)."""
     gray = ImageReadMode.GRAY if in_chans == 1 else ImageReadMode.RGB
@@ -273,8 +297,13 @@ def _collate(rows: list[dict]) -> dict:
     batch: dict[str, Any] = {}
     for key, first in rows[0].items():
         values = [row[key] for row in rows]
-        batch[key] = torch.stack(values) if isinstance(first, torch.Tensor) else \
-            torch.tensor(values, dtype=torch.long) if isinstance(first, int) else values
+        batch[key] = (
+            torch.stack(values)
+            if isinstance(first, torch.Tensor)
+            else torch.tensor(values, dtype=torch.long)
+            if isinstance(first, int)
+            else values
+        )
     return batch
 
 
@@ -292,20 +321,32 @@ class _Stream(IterableDataset):
         if self.batches is None:
             batches: Iterable[dict] = self.pipeline
         else:  # this worker's share of the rank's epoch
-            share = self.batches // state.num_workers + (state.worker < self.batches % state.num_workers)
+            share = self.batches // state.num_workers + (
+                state.worker < self.batches % state.num_workers
+            )
             batches = self.pipeline.with_epoch(share) if share else []
         try:
             for batch in batches:
-                batch.update(_skipped=state.skipped, _worker=state.worker,
-                             _log=state.take_messages())
+                batch.update(
+                    _skipped=state.skipped, _worker=state.worker, _log=state.take_messages()
+                )
                 yield batch
         except _Unusable as err:  # raised here it would reach the user as a worker traceback
-            yield {"_skipped": state.skipped, "_worker": state.worker, "_final": True,
-                   "_log": state.take_messages(), "_error": str(err)}
+            yield {
+                "_skipped": state.skipped,
+                "_worker": state.worker,
+                "_final": True,
+                "_log": state.take_messages(),
+                "_error": str(err),
+            }
             return
         state.report()
-        yield {"_skipped": state.skipped, "_worker": state.worker, "_final": True,
-               "_log": state.take_messages()}
+        yield {
+            "_skipped": state.skipped,
+            "_worker": state.worker,
+            "_final": True,
+            "_log": state.take_messages(),
+        }
 
 
 class StreamLoader:
@@ -315,11 +356,22 @@ class StreamLoader:
     training, per pass for evaluation). ``epochs=None`` iterates forever.
     """
 
-    def __init__(self, stream: _Stream, *, num_workers: int, epochs: int | None,
-                 batches_per_epoch: int | None = None, num_samples: int | None = None):
-        self.loader = wds.WebLoader(stream, batch_size=None, num_workers=num_workers,
-                                    persistent_workers=num_workers > 0 and epochs != 1,
-                                    pin_memory=torch.cuda.is_available())
+    def __init__(
+        self,
+        stream: _Stream,
+        *,
+        num_workers: int,
+        epochs: int | None,
+        batches_per_epoch: int | None = None,
+        num_samples: int | None = None,
+    ):
+        self.loader = wds.WebLoader(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0 and epochs != 1,
+            pin_memory=torch.cuda.is_available(),
+        )
         self.epochs, self.skipped = epochs, 0
         self.batches_per_epoch, self.num_samples = batches_per_epoch, num_samples
 
@@ -363,14 +415,25 @@ class StreamLoader:
                     yielded += 1
                     yield item
             if self.epochs is None and not yielded:
-                raise ConfigError(f"the training stream produced no batch in a whole epoch "
-                                  f"({self.skipped} samples skipped)")
+                raise ConfigError(
+                    f"the training stream produced no batch in a whole epoch "
+                    f"({self.skipped} samples skipped)"
+                )
             epoch += 1
 
 
-def train_loader(cfg: DataConfig, *, batch_size: int, img_size: int, in_chans: int, seed: int,
-                 rank: int, world_size: int, epochs: int | None = None,
-                 with_keys: bool = False) -> StreamLoader:
+def train_loader(
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    img_size: int,
+    in_chans: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    epochs: int | None = None,
+    with_keys: bool = False,
+) -> StreamLoader:
     """Endless (or ``epochs`` long) augmented batches for one rank; see the module doc.
 
     Batches: ``image`` (B, in_chans, img_size, img_size) in [-1, 1], ``label`` (B,) long
@@ -384,30 +447,63 @@ def train_loader(cfg: DataConfig, *, batch_size: int, img_size: int, in_chans: i
     sizes = {url: n for url, n in shards if n is not None}
     epoch_samples = cfg.epoch_samples or (sum(sizes.values()) if len(sizes) == len(urls) else 0)
     if not epoch_samples:
-        log.warning("size of %s unknown (no manifest): nominal epoch of %d samples; set "
-                    "data.epoch_samples", cfg.train_shards, NOMINAL_EPOCH)
+        log.warning(
+            "size of %s unknown (no manifest): nominal epoch of %d samples; set data.epoch_samples",
+            cfg.train_shards,
+            NOMINAL_EPOCH,
+        )
         epoch_samples = NOMINAL_EPOCH
     state = _StreamState(seed, rank, world_size, cfg.max_bad_streak)
     batched = on_batch(cfg)
-    views = Views(FixedSize(img_size, in_chans)) if batched else \
-        build_views(cfg.augment, img_size=img_size, in_chans=in_chans,
-                    crop_scale_min=cfg.crop_scale_min, flip=cfg.flip, color_jitter=cfg.color_jitter)
+    views = (
+        Views(FixedSize(img_size, in_chans))
+        if batched
+        else build_views(
+            cfg.augment,
+            img_size=img_size,
+            in_chans=in_chans,
+            crop_scale_min=cfg.crop_scale_min,
+            flip=cfg.flip,
+            color_jitter=cfg.color_jitter,
+        )
+    )
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, worker_seed=state.shard_seed, deterministic=True),
         partial(_read_shards, sizes=sizes),
         partial(_shuffle, state=state, size=cfg.shuffle_buffer),
-        partial(_decode, state=state, views=views, in_chans=in_chans, label_key=cfg.label_key,
-                random_views=cfg.augment != "none" and not batched, with_keys=with_keys),
+        partial(
+            _decode,
+            state=state,
+            views=views,
+            in_chans=in_chans,
+            label_key=cfg.label_key,
+            random_views=cfg.augment != "none" and not batched,
+            with_keys=with_keys,
+        ),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
     )
     batches = max(1, epoch_samples // (batch_size * world_size))
-    return StreamLoader(_Stream(pipeline, state, batches), num_workers=cfg.num_workers,
-                        epochs=epochs, batches_per_epoch=batches, num_samples=epoch_samples)
+    return StreamLoader(
+        _Stream(pipeline, state, batches),
+        num_workers=cfg.num_workers,
+        epochs=epochs,
+        batches_per_epoch=batches,
+        num_samples=epoch_samples,
+    )
 
 
-def eval_loader(spec: str, *, batch_size: int, img_size: int, in_chans: int, rank: int = 0,
-                world_size: int = 1, num_workers: int = 0, label_key: str = "auto",
-                with_keys: bool = False) -> StreamLoader:
+def eval_loader(
+    spec: str,
+    *,
+    batch_size: int,
+    img_size: int,
+    in_chans: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    label_key: str = "auto",
+    with_keys: bool = False,
+) -> StreamLoader:
     """Every sample of ``spec`` exactly once over ranks x workers, in a fixed order,
     resized and normalised only; the last batch may be partial.
 
@@ -427,9 +523,22 @@ def eval_loader(spec: str, *, batch_size: int, img_size: int, in_chans: int, ran
     if not by_shard:
         stages.append(partial(_every_slot, state=state))
     views = build_views("none", img_size=img_size, in_chans=in_chans)
-    stages += [partial(_decode, state=state, views=views, in_chans=in_chans, random_views=False,
-                       label_key=DataConfig.check_label_key(label_key), with_keys=with_keys),
-               wds.batched(batch_size, collation_fn=_collate, partial=True)]
+    stages += [
+        partial(
+            _decode,
+            state=state,
+            views=views,
+            in_chans=in_chans,
+            random_views=False,
+            label_key=DataConfig.check_label_key(label_key),
+            with_keys=with_keys,
+        ),
+        wds.batched(batch_size, collation_fn=_collate, partial=True),
+    ]
     total = sum(sizes.values()) if len(sizes) == len(urls) else None
-    return StreamLoader(_Stream(wds.DataPipeline(*stages), state, None),
-                        num_workers=num_workers, epochs=1, num_samples=total)
+    return StreamLoader(
+        _Stream(wds.DataPipeline(*stages), state, None),
+        num_workers=num_workers,
+        epochs=1,
+        num_samples=total,
+    )

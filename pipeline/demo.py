@@ -3,6 +3,7 @@
 ``python -m pipeline.demo`` needs no shards, no accelerate and no network: it shows
 the objective at work in a minute on a CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,16 @@ from .digits import digits_tensor
 from .model import build_model
 
 
-def run_objective(overrides: list[str], steps: int = 200, batch: int = 64, pool: int = 512,
-                  lr: float = 1e-3, seed: int = 0, log_every: int = 20,
-                  verbose: bool = True) -> list[dict[str, float]]:
+def run_objective(
+    overrides: list[str],
+    steps: int = 200,
+    batch: int = 64,
+    pool: int = 512,
+    lr: float = 1e-3,
+    seed: int = 0,
+    log_every: int = 20,
+    verbose: bool = True,
+) -> list[dict[str, float]]:
     """Train encoder + critics on ``pool`` digits for ``steps`` steps; return the log."""
     torch.manual_seed(seed)
     cfg = load_config(None, overrides)
@@ -35,7 +43,9 @@ def run_objective(overrides: list[str], steps: int = 200, batch: int = 64, pool:
             history.append(row)
             if verbose:
                 mi = "  ".join(f"{k}={v:+.3f}" for k, v in row.items() if k.startswith("mi/"))
-                print(f"step {step:4d}  loss={row['loss']:+.3f}  {mi}  kl={row['kl']:.2f}", flush=True)
+                print(
+                    f"step {step:4d}  loss={row['loss']:+.3f}  {mi}  kl={row['kl']:.2f}", flush=True
+                )
         if step < steps:
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,4 +1,5 @@
 """scikit-learn's bundled digits (1,797 8x8 images): the embedded default data set."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,11 +1,12 @@
 """Rank helpers and the differentiable all-gather behind cross-device negatives."""
+
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
-__all__ = ["is_distributed", "rank", "world_size", "gather_with_grad"]
+__all__ = ["gather_with_grad", "is_distributed", "rank", "world_size"]
 
 
 def is_distributed() -> bool:
@@ -50,4 +51,3 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
-

@@ -6,6 +6,7 @@ map comes from ``forward_intermediates`` at a configurable stage (CNN stages and
 blocks alike: ViT patch tokens arrive as an (N, C, H, W) map); the code comes from the
 backbone's pooled features through the DIM head fc -> (mu, logvar).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -16,26 +17,35 @@ from torch import nn
 
 from .errors import ConfigError, unknown
 
-__all__ = ["EncoderOutput", "DIMEncoder", "create_backbone"]
+__all__ = ["DIMEncoder", "EncoderOutput", "create_backbone"]
 
 
 class EncoderOutput(NamedTuple):
-    local: torch.Tensor   # (N, c, h, w) local feature map C(x)
-    final: torch.Tensor   # the backbone's last feature map ((N, C, H, W) for CNNs)
+    local: torch.Tensor  # (N, c, h, w) local feature map C(x)
+    final: torch.Tensor  # the backbone's last feature map ((N, C, H, W) for CNNs)
     pooled: torch.Tensor  # (N, F) backbone pre-logits ("conv" view in evaluation)
-    fc: torch.Tensor      # (N, fc_dim) the layer before the code ("fc" view)
-    mu: torch.Tensor      # (N, d) code mean ("y" view)
+    fc: torch.Tensor  # (N, fc_dim) the layer before the code ("fc" view)
+    mu: torch.Tensor  # (N, d) code mean ("y" view)
     logvar: torch.Tensor  # (N, d) code log-variance
-    z: torch.Tensor       # (N, d) reparameterised sample (mu itself in eval mode)
+    z: torch.Tensor  # (N, d) reparameterised sample (mu itself in eval mode)
 
 
-def create_backbone(name: str, *, in_chans: int = 3, img_size: int | None = None,
-                    pretrained: bool = False, **kwargs) -> nn.Module:
+def create_backbone(
+    name: str, *, in_chans: int = 3, img_size: int | None = None, pretrained: bool = False, **kwargs
+) -> nn.Module:
     """``timm.create_model`` with no classifier, and a clear error for unknown names."""
     if not timm.is_model(name):
         raise unknown("backbone", name, timm.list_models())
-    make = lambda **kw: timm.create_model(name, pretrained=pretrained, num_classes=0,  # noqa: E731
-                                          in_chans=in_chans, **kw)
+
+    def make(**kw):
+        return timm.create_model(
+            name,
+            pretrained=pretrained,
+            num_classes=0,
+            in_chans=in_chans,
+            **kw,
+        )
+
     if img_size is not None and "img_size" not in kwargs:
         try:  # transformers build their position embeddings for the input size
             model = make(img_size=img_size, **kwargs)
@@ -44,30 +54,51 @@ def create_backbone(name: str, *, in_chans: int = 3, img_size: int | None = None
     else:
         model = make(**kwargs)
     if not hasattr(model, "forward_intermediates"):
-        raise ConfigError(f"backbone {name!r} has no forward_intermediates in timm "
-                          f"{timm.__version__}; pick a model that supports feature maps")
+        raise ConfigError(
+            f"backbone {name!r} has no forward_intermediates in timm "
+            f"{timm.__version__}; pick a model that supports feature maps"
+        )
     return model
 
 
 class DIMEncoder(nn.Module):
     """Encoder E(x) = (C(x), mu(x), logvar(x)) with z = mu + exp(logvar / 2) * eps."""
 
-    def __init__(self, backbone: str = "resnet18", *, code_dim: int = 64, fc_dim: int = 1024,
-                 local_layer: int = 2, in_chans: int = 3, img_size: int | None = None,
-                 pretrained: bool = False, backbone_kwargs: dict | None = None):
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        *,
+        code_dim: int = 64,
+        fc_dim: int = 1024,
+        local_layer: int = 2,
+        in_chans: int = 3,
+        img_size: int | None = None,
+        pretrained: bool = False,
+        backbone_kwargs: dict | None = None,
+    ):
         super().__init__()
         self.backbone_name = backbone
-        self.backbone = create_backbone(backbone, in_chans=in_chans, img_size=img_size,
-                                        pretrained=pretrained, **(backbone_kwargs or {}))
+        self.backbone = create_backbone(
+            backbone,
+            in_chans=in_chans,
+            img_size=img_size,
+            pretrained=pretrained,
+            **(backbone_kwargs or {}),
+        )
         stages = self.backbone.feature_info
         if not -len(stages) <= local_layer < len(stages):
-            raise ConfigError(f"model.local_layer={local_layer} is out of range: {backbone!r} "
-                              f"has {len(stages)} feature stages "
-                              f"({', '.join(s['module'] for s in stages)})")
+            raise ConfigError(
+                f"model.local_layer={local_layer} is out of range: {backbone!r} "
+                f"has {len(stages)} feature stages "
+                f"({', '.join(s['module'] for s in stages)})"
+            )
         self.local_index = local_layer % len(stages)
         self.local_channels = stages[self.local_index]["num_chs"]
-        self.fc = nn.Sequential(nn.Linear(self.backbone.num_features, fc_dim),
-                                nn.BatchNorm1d(fc_dim), nn.ReLU(inplace=True))
+        self.fc = nn.Sequential(
+            nn.Linear(self.backbone.num_features, fc_dim),
+            nn.BatchNorm1d(fc_dim),
+            nn.ReLU(inplace=True),
+        )
         self.mu = nn.Linear(fc_dim, code_dim)
         self.logvar = nn.Linear(fc_dim, code_dim)
         self.code_dim, self.in_chans = code_dim, in_chans

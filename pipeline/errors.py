@@ -1,4 +1,5 @@
 """The one exception type users see for bad configuration or bad input."""
+
 from __future__ import annotations
 
 import difflib

@@ -4,6 +4,7 @@ Every estimator returns the value to *maximise*, in nats. Scores are the critic'
 outputs T(a, b): ``pos`` on pairs drawn from the joint p(a, b), ``neg`` on pairs drawn
 from the product of marginals p(a) p(b).
 """
+
 from __future__ import annotations
 
 import math
@@ -12,14 +13,14 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "jsd",
-    "jsd_to_nats",
-    "dv",
-    "infonce",
-    "infonce_shared_negatives",
-    "gaussian_kl",
     "clip_scores",
     "derangement",
+    "dv",
+    "gaussian_kl",
+    "infonce",
+    "infonce_shared_negatives",
+    "jsd",
+    "jsd_to_nats",
 ]
 
 LOG4 = math.log(4.0)
@@ -93,8 +94,9 @@ def clip_scores(scores: torch.Tensor, tclip: float) -> torch.Tensor:
     return tclip * torch.tanh(scores / tclip)
 
 
-def derangement(n: int, *, generator: torch.Generator | None = None,
-                device: torch.device | str | None = None) -> torch.Tensor:
+def derangement(
+    n: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
     """A random permutation with no fixed point: ``perm[i] != i`` for every i.
 
     Built as a uniformly random n-cycle: shuffle the indices, then send each to the

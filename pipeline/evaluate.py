@@ -15,6 +15,7 @@ Views ``conv``/``fc``/``y`` are described in ``pipeline.features``; probes are
 with accuracies as fractions in [0, 1]. The table also goes into the export's model
 card (its ``README.md``), replacing an earlier one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ from .errors import ConfigError
 from .export import encoder_from_meta, find_export, load_encoder, read_export_meta
 from .features import CONV_SOURCES, extract_features, recalibrate_batchnorm
 
-__all__ = ["find_export", "random_like", "probe_all", "format_table", "evaluate", "main"]
+__all__ = ["evaluate", "find_export", "format_table", "main", "probe_all", "random_like"]
 
 Results = dict[str, dict[str, dict[str, float]]]
 PROBES = ("linear", "mlp", "knn")
@@ -44,17 +45,28 @@ def random_like(meta: dict, seed: int = 0) -> DIMEncoder:
     return encoder_from_meta(meta)
 
 
-def probe_all(train: dict[str, dict[str, torch.Tensor]], train_y: torch.Tensor,
-              test: dict[str, dict[str, torch.Tensor]], test_y: torch.Tensor, *,
-              probes: tuple[str, ...] = PROBES, k: int = 20, temperature: float = 0.07,
-              l2_grid=L2_GRID, seed: int = 0, log=print) -> Results:
+def probe_all(
+    train: dict[str, dict[str, torch.Tensor]],
+    train_y: torch.Tensor,
+    test: dict[str, dict[str, torch.Tensor]],
+    test_y: torch.Tensor,
+    *,
+    probes: tuple[str, ...] = PROBES,
+    k: int = 20,
+    temperature: float = 0.07,
+    l2_grid=L2_GRID,
+    seed: int = 0,
+    log=print,
+) -> Results:
     """Every probe in ``probes`` on every (model, view) pair of feature tensors."""
     results: Results = {}
     for model, views in train.items():
         for view, feats in views.items():
             t0, cell, notes = time.perf_counter(), {}, []
             if "linear" in probes:
-                lin = linear_probe(feats, train_y, test[model][view], test_y, l2_grid=l2_grid, seed=seed)
+                lin = linear_probe(
+                    feats, train_y, test[model][view], test_y, l2_grid=l2_grid, seed=seed
+                )
                 cell["linear"] = lin.accuracy
                 notes.append(f"l2={lin.l2:g}")
             if "mlp" in probes:
@@ -62,12 +74,15 @@ def probe_all(train: dict[str, dict[str, torch.Tensor]], train_y: torch.Tensor,
                 cell["mlp"] = mlp.accuracy
                 notes.append(f"mlp epoch={mlp.epoch}")
             if "knn" in probes:
-                cell["knn"] = knn_accuracy(feats, train_y, test[model][view], test_y, k=k,
-                                           temperature=temperature)
+                cell["knn"] = knn_accuracy(
+                    feats, train_y, test[model][view], test_y, k=k, temperature=temperature
+                )
             results.setdefault(model, {})[view] = cell
             scores = " ".join(f"{p}={cell[p]:.4f}" for p in PROBES if p in cell)
-            log(f"[evaluate] {model:>11s}/{view:<6s} dim={feats.shape[1]:5d} {scores} "
-                f"({', '.join(notes)}; {time.perf_counter() - t0:.1f}s)")
+            log(
+                f"[evaluate] {model:>11s}/{view:<6s} dim={feats.shape[1]:5d} {scores} "
+                f"({', '.join(notes)}; {time.perf_counter() - t0:.1f}s)"
+            )
     return results
 
 
@@ -76,8 +91,9 @@ def format_table(results: Results) -> str:
     rows = [f"{'model':<12s} {'view':<7s} " + " ".join(f"{p:>7s}" for p in PROBES)]
     for model, views in results.items():
         for view, probes in views.items():
-            cells = " ".join(f"{100 * probes[p]:6.2f}%" if p in probes else f"{'-':>7s}"
-                             for p in PROBES)
+            cells = " ".join(
+                f"{100 * probes[p]:6.2f}%" if p in probes else f"{'-':>7s}" for p in PROBES
+            )
             rows.append(f"{model:<12s} {view:<7s} {cells}")
     return "\n".join(rows)
 
@@ -99,7 +115,11 @@ def _training_run(folder: Path | None) -> dict:
     folder = _run_folder(folder)
     if folder is None:
         return {}
-    found = {"id": (folder / "wandb_id.txt").read_text().strip(), "resume": "allow", "dir": str(folder)}
+    found = {
+        "id": (folder / "wandb_id.txt").read_text().strip(),
+        "resume": "allow",
+        "dir": str(folder),
+    }
     if (folder / "config.yaml").is_file():
         import yaml
 
@@ -108,8 +128,13 @@ def _training_run(folder: Path | None) -> dict:
     return found
 
 
-def log_to_wandb(results: Results, *, start: bool = False, project: str = "dim-pretrain",
-                 run_dir: Path | None = None) -> None:
+def log_to_wandb(
+    results: Results,
+    *,
+    start: bool = False,
+    project: str = "dim-pretrain",
+    run_dir: Path | None = None,
+) -> None:
     """Put the table in the active W&B run, or (``start``) in the training run that wrote
     ``run_dir`` when it has one, else a new ``eval`` run: one summary key per cell,
     ``eval/<model>/<view>/<probe>``, and a table ``eval/table``."""
@@ -123,10 +148,16 @@ def log_to_wandb(results: Results, *, start: bool = False, project: str = "dim-p
     if run is None:
         kwargs = {"project": project, "job_type": "eval", **_training_run(run_dir)}
         run = wandb.init(mode=wandb_mode("auto"), **kwargs)
-    flat = {f"eval/{m}/{v}/{p}": acc for m, views in results.items()
-            for v, probes in views.items() for p, acc in probes.items()}
-    table = wandb.Table(columns=["model", "view", "probe", "accuracy"],
-                        data=[k.split("/")[1:] + [acc] for k, acc in flat.items()])
+    flat = {
+        f"eval/{m}/{v}/{p}": acc
+        for m, views in results.items()
+        for v, probes in views.items()
+        for p, acc in probes.items()
+    }
+    table = wandb.Table(
+        columns=["model", "view", "probe", "accuracy"],
+        data=[[*k.split("/")[1:], acc] for k, acc in flat.items()],
+    )
     run.log({**flat, "eval/table": table})
     run.summary.update(flat)
     if start:
@@ -136,15 +167,33 @@ def log_to_wandb(results: Results, *, start: bool = False, project: str = "dim-p
 def _loader(spec: str, meta: dict, batch_size: int, workers: int):
     from .data import eval_loader  # the data side stays out of this module's import time
 
-    return eval_loader(spec, batch_size=batch_size, img_size=meta["img_size"],
-                       in_chans=meta["in_chans"], num_workers=workers)
+    return eval_loader(
+        spec,
+        batch_size=batch_size,
+        img_size=meta["img_size"],
+        in_chans=meta["in_chans"],
+        num_workers=workers,
+    )
 
 
-def evaluate(checkpoint: str | Path, train_shards: str, test_shards: str, *, batch_size: int = 256,
-             k: int = 20, temperature: float = 0.07, seed: int = 0, device: str = "cpu",
-             limit_train: int | None = None, limit_test: int | None = None,
-             conv_source: str = "grid", num_workers: int = 0, probes: tuple[str, ...] = PROBES,
-             baselines: bool = True, log=print) -> Results:
+def evaluate(
+    checkpoint: str | Path,
+    train_shards: str,
+    test_shards: str,
+    *,
+    batch_size: int = 256,
+    k: int = 20,
+    temperature: float = 0.07,
+    seed: int = 0,
+    device: str = "cpu",
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    conv_source: str = "grid",
+    num_workers: int = 0,
+    probes: tuple[str, ...] = PROBES,
+    baselines: bool = True,
+    log=print,
+) -> Results:
     """Features of the checkpoint (and, with ``baselines``, of its random-init twin and
     the pixels) -> every probe."""
     folder = find_export(checkpoint)
@@ -153,55 +202,112 @@ def evaluate(checkpoint: str | Path, train_shards: str, test_shards: str, *, bat
     if baselines:
         encoders["random_init"] = random_like(meta, seed).to(device)
         t0 = time.perf_counter()
-        seen = recalibrate_batchnorm(encoders["random_init"], _loader(train_shards, meta, batch_size, num_workers),
-                                     device=device, limit=limit_train)
-        log(f"[evaluate] random_init: BatchNorm statistics re-estimated on {seen} probe-training "
-            f"images ({time.perf_counter() - t0:.1f}s)")
+        seen = recalibrate_batchnorm(
+            encoders["random_init"],
+            _loader(train_shards, meta, batch_size, num_workers),
+            device=device,
+            limit=limit_train,
+        )
+        log(
+            f"[evaluate] random_init: BatchNorm statistics re-estimated on {seen} probe-training "
+            f"images ({time.perf_counter() - t0:.1f}s)"
+        )
     feats = {}
-    for split, spec, limit in (("train", train_shards, limit_train), ("test", test_shards, limit_test)):
+    for split, spec, limit in (
+        ("train", train_shards, limit_train),
+        ("test", test_shards, limit_test),
+    ):
         t0 = time.perf_counter()
-        feats[split] = extract_features(encoders, _loader(spec, meta, batch_size, num_workers),
-                                        device=device, pixels=baselines, limit=limit,
-                                        conv_source=conv_source)
-        log(f"[evaluate] {split}: {len(feats[split][1])} samples in {time.perf_counter() - t0:.1f}s")
+        feats[split] = extract_features(
+            encoders,
+            _loader(spec, meta, batch_size, num_workers),
+            device=device,
+            pixels=baselines,
+            limit=limit,
+            conv_source=conv_source,
+        )
+        log(
+            f"[evaluate] {split}: {len(feats[split][1])} samples in {time.perf_counter() - t0:.1f}s"
+        )
     (train, train_y), (test, test_y) = feats["train"], feats["test"]
-    return probe_all(train, train_y, test, test_y, probes=probes, k=k, temperature=temperature,
-                     seed=seed, log=log)
+    return probe_all(
+        train,
+        train_y,
+        test,
+        test_y,
+        probes=probes,
+        k=k,
+        temperature=temperature,
+        seed=seed,
+        log=log,
+    )
 
 
 def _probe_list(text: str) -> tuple[str, ...]:
     chosen = tuple(p.strip() for p in text.split(",") if p.strip())
     bad = [p for p in chosen if p not in PROBES]
     if bad or not chosen:
-        raise argparse.ArgumentTypeError(f"probes must be a comma list of {', '.join(PROBES)}; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"probes must be a comma list of {', '.join(PROBES)}; got {text!r}"
+        )
     return chosen
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dim-evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run output folder, model folder (export/) or a file in one")
-    p.add_argument("--train-shards", required=True, help="labelled shards: probe training set / k-NN bank")
-    p.add_argument("--test-shards", required=True, help="labelled shards: probe test set / k-NN queries")
+    p = argparse.ArgumentParser(
+        prog="dim-evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run output folder, model folder (export/) or a file in one",
+    )
+    p.add_argument(
+        "--train-shards", required=True, help="labelled shards: probe training set / k-NN bank"
+    )
+    p.add_argument(
+        "--test-shards", required=True, help="labelled shards: probe test set / k-NN queries"
+    )
     p.add_argument("--json", help="write {model: {view: {probe: accuracy}}} here")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--knn-k", type=int, default=20)
     p.add_argument("--knn-temperature", type=float, default=0.07)
     p.add_argument("--seed", type=int, default=0, help="random-init baseline and validation split")
-    p.add_argument("--limit-train", type=int, default=None, help="use at most this many train samples")
-    p.add_argument("--limit-test", type=int, default=None, help="use at most this many test samples")
-    p.add_argument("--conv-source", choices=CONV_SOURCES, default="grid",
-                   help="conv view: last conv map pooled to a <=4x4 grid (default), the "
-                        "backbone's pooled pre-logits, or the mean-pooled local map")
-    p.add_argument("--probes", type=_probe_list, default=PROBES,
-                   help="comma list of linear, mlp, knn (default: all three)")
-    p.add_argument("--no-baselines", dest="baselines", action="store_false",
-                   help="skip the random-init and pixel baselines (ablations compute them once)")
+    p.add_argument(
+        "--limit-train", type=int, default=None, help="use at most this many train samples"
+    )
+    p.add_argument(
+        "--limit-test", type=int, default=None, help="use at most this many test samples"
+    )
+    p.add_argument(
+        "--conv-source",
+        choices=CONV_SOURCES,
+        default="grid",
+        help="conv view: last conv map pooled to a <=4x4 grid (default), the "
+        "backbone's pooled pre-logits, or the mean-pooled local map",
+    )
+    p.add_argument(
+        "--probes",
+        type=_probe_list,
+        default=PROBES,
+        help="comma list of linear, mlp, knn (default: all three)",
+    )
+    p.add_argument(
+        "--no-baselines",
+        dest="baselines",
+        action="store_false",
+        help="skip the random-init and pixel baselines (ablations compute them once)",
+    )
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--wandb", action="store_true",
-                   help="log to W&B (offline without an API key): into the training run of "
-                        "--checkpoint when its folder holds wandb_id.txt, else a new eval run")
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="log to W&B (offline without an API key): into the training run of "
+        "--checkpoint when its folder holds wandb_id.txt, else a new eval run",
+    )
     p.add_argument("--wandb-project", default="dim-pretrain")
     return p
 
@@ -210,12 +316,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  table alone on stdout
     try:
-        results = evaluate(args.checkpoint, args.train_shards, args.test_shards,
-                           batch_size=args.batch_size, k=args.knn_k,
-                           temperature=args.knn_temperature, seed=args.seed, device=args.device,
-                           limit_train=args.limit_train, limit_test=args.limit_test,
-                           conv_source=args.conv_source, num_workers=args.num_workers,
-                           probes=args.probes, baselines=args.baselines, log=log)
+        results = evaluate(
+            args.checkpoint,
+            args.train_shards,
+            args.test_shards,
+            batch_size=args.batch_size,
+            k=args.knn_k,
+            temperature=args.knn_temperature,
+            seed=args.seed,
+            device=args.device,
+            limit_train=args.limit_train,
+            limit_test=args.limit_test,
+            conv_source=args.conv_source,
+            num_workers=args.num_workers,
+            probes=args.probes,
+            baselines=args.baselines,
+            log=log,
+        )
     except ConfigError as err:
         print(f"dim-evaluate: error: {err}", file=sys.stderr)
         return 2
@@ -223,13 +340,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    card = update_evaluation(find_export(args.checkpoint), results, {
-        "train shards": args.train_shards, "test shards": args.test_shards,
-        "limit train": args.limit_train, "limit test": args.limit_test, "k": args.knn_k,
-        "conv view": args.conv_source, "seed": args.seed})
+    card = update_evaluation(
+        find_export(args.checkpoint),
+        results,
+        {
+            "train shards": args.train_shards,
+            "test shards": args.test_shards,
+            "limit train": args.limit_train,
+            "limit test": args.limit_test,
+            "k": args.knn_k,
+            "conv view": args.conv_source,
+            "seed": args.seed,
+        },
+    )
     if card is not None:
         log(f"[evaluate] table written into the model card {card}")
-    run_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+    run_dir = (
+        Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+    )
     log_to_wandb(results, start=args.wandb, project=args.wandb_project, run_dir=run_dir)
     return 0
 

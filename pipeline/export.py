@@ -15,6 +15,7 @@ gives the whole ``DIMEncoder``. Folders of the earlier layout (``encoder.safeten
 ``head.safetensors``, ``encoder.json``) still load; ``dim-export OLD --out NEW``
 converts them.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,20 +46,34 @@ __all__ = [
     "remove_partial_export",
 ]
 
-EXPORT_DIR = "export"                      # the model folder inside a run's output_dir
-EXPORT_CONFIG = "config.json"              # timm's config.json + the "dim" block
-EXPORT_BACKBONE = "model.safetensors"      # timm state dict of the backbone alone
-EXPORT_HEAD = "dim_head.safetensors"       # fc, mu, logvar of the DIM head
-EXPORT_CARD = "README.md"                  # the model card
+EXPORT_DIR = "export"  # the model folder inside a run's output_dir
+EXPORT_CONFIG = "config.json"  # timm's config.json + the "dim" block
+EXPORT_BACKBONE = "model.safetensors"  # timm state dict of the backbone alone
+EXPORT_HEAD = "dim_head.safetensors"  # fc, mu, logvar of the DIM head
+EXPORT_CARD = "README.md"  # the model card
 EXPORT_FILES = (EXPORT_CONFIG, EXPORT_BACKBONE, EXPORT_HEAD, EXPORT_CARD)
 EXPORT_FORMAT = "dim-pretrain/export/2"
 
-LEGACY_META, LEGACY_BACKBONE, LEGACY_HEAD = "encoder.json", "encoder.safetensors", "head.safetensors"
+LEGACY_META, LEGACY_BACKBONE, LEGACY_HEAD = (
+    "encoder.json",
+    "encoder.safetensors",
+    "head.safetensors",
+)
 
 # pretrained_cfg fields that describe the weights timm would download for this name,
 # not the weights in this folder
-_SOURCE_FIELDS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes",
-                  "description", "hf_hub_filename", "hf_hub_id", "url")
+_SOURCE_FIELDS = (
+    "tag",
+    "license",
+    "origin_url",
+    "paper_ids",
+    "paper_name",
+    "notes",
+    "description",
+    "hf_hub_filename",
+    "hf_hub_id",
+    "url",
+)
 
 
 def data_config(img_size: int, in_chans: int) -> dict:
@@ -75,18 +90,27 @@ def data_config(img_size: int, in_chans: int) -> dict:
     norm = next(t for t in steps if isinstance(t, v2.Normalize))
     resize = next(t for t in steps if isinstance(t, v2.Resize))
     interpolation = getattr(resize.interpolation, "value", resize.interpolation)  # enum or str
-    return {"input_size": (in_chans, img_size, img_size), "mean": tuple(norm.mean),
-            "std": tuple(norm.std), "interpolation": str(interpolation),
-            "crop_pct": 1.0, "crop_mode": "center"}
+    return {
+        "input_size": (in_chans, img_size, img_size),
+        "mean": tuple(norm.mean),
+        "std": tuple(norm.std),
+        "interpolation": str(interpolation),
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
 
 
 def _write_folder(encoder: DIMEncoder, folder: Path, meta: dict, card: str | None) -> None:
     from safetensors.torch import save_file
     from timm.models import save_for_hf
 
-    save_for_hf(encoder.backbone, str(folder), safe_serialization=True,
-                model_config={"dim": {"format": EXPORT_FORMAT, **meta}},
-                data_config=data_config(meta["img_size"], meta["in_chans"]))
+    save_for_hf(
+        encoder.backbone,
+        str(folder),
+        safe_serialization=True,
+        model_config={"dim": {"format": EXPORT_FORMAT, **meta}},
+        data_config=data_config(meta["img_size"], meta["in_chans"]),
+    )
     config_file = folder / EXPORT_CONFIG
     config = json.loads(config_file.read_text())
     pcfg = config["pretrained_cfg"]
@@ -99,8 +123,11 @@ def _write_folder(encoder: DIMEncoder, folder: Path, meta: dict, card: str | Non
         # holds, which every model accepts (not all take a pair)
         config["model_args"]["img_size"] = size[0]
     config_file.write_text(json.dumps(config, indent=2) + "\n")
-    head = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()
-            if not k.startswith("backbone.")}
+    head = {
+        k: v.detach().contiguous().cpu()
+        for k, v in encoder.state_dict().items()
+        if not k.startswith("backbone.")
+    }
     save_file(head, str(folder / EXPORT_HEAD))
     if card is not None:
         (folder / EXPORT_CARD).write_text(card)
@@ -115,8 +142,9 @@ def make_readable(folder: Path) -> None:
         p.chmod(0o644 & ~umask)
 
 
-def export_encoder(encoder: DIMEncoder, folder: str | Path, meta: dict,
-                   card: str | None = None) -> Path:
+def export_encoder(
+    encoder: DIMEncoder, folder: str | Path, meta: dict, card: str | None = None
+) -> Path:
     """Write the model folder ``folder`` (replacing one there); returns the folder.
 
     ``meta`` is the model config (backbone, code_dim, fc_dim, local_layer, img_size,
@@ -178,13 +206,18 @@ def find_export(path: str | Path) -> Path:
     found = []
     if path.is_dir():
         for name in (EXPORT_CONFIG, LEGACY_META):
-            found += [p.parent for p in path.rglob(name)  # not a half-written .tmp-* one
-                      if not any(part.startswith(".") for part in p.relative_to(path).parts)
-                      and is_export(p.parent)]
+            found += [
+                p.parent
+                for p in path.rglob(name)  # not a half-written .tmp-* one
+                if not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and is_export(p.parent)
+            ]
     if not found:
-        raise ConfigError(f"no exported encoder at {path}: expected a model folder "
-                          f"({EXPORT_CONFIG} + {EXPORT_BACKBONE}) there, in {EXPORT_DIR}/ "
-                          f"or below (pass a run's output folder or its export)")
+        raise ConfigError(
+            f"no exported encoder at {path}: expected a model folder "
+            f"({EXPORT_CONFIG} + {EXPORT_BACKBONE}) there, in {EXPORT_DIR}/ "
+            f"or below (pass a run's output folder or its export)"
+        )
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
@@ -212,17 +245,26 @@ def load_encoder(path: str | Path, map_location: str = "cpu") -> DIMEncoder:
     encoder = encoder_from_meta(meta)
     backbone_file, head_file = (folder / name for name in files)
     encoder.backbone.load_state_dict(load_file(str(backbone_file), device=map_location))
-    result = encoder.load_state_dict(load_file(str(head_file), device=map_location),
-                                     strict=False)  # the backbone was loaded above
+    result = encoder.load_state_dict(
+        load_file(str(head_file), device=map_location), strict=False
+    )  # the backbone was loaded above
     missing = [k for k in result.missing_keys if not k.startswith("backbone.")]
     if missing or result.unexpected_keys:
-        raise ConfigError(f"{head_file} does not match {meta['backbone']!r}: missing "
-                          f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+        raise ConfigError(
+            f"{head_file} does not match {meta['backbone']!r}: missing "
+            f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
     return encoder.eval()
 
 
 def encoder_from_meta(meta: dict) -> DIMEncoder:
     """A freshly initialised ``DIMEncoder`` of the architecture ``meta`` describes."""
-    return DIMEncoder(meta["backbone"], code_dim=meta["code_dim"], fc_dim=meta["fc_dim"],
-                      local_layer=meta["local_layer"], in_chans=meta["in_chans"],
-                      img_size=meta["img_size"], backbone_kwargs=meta.get("backbone_kwargs"))
+    return DIMEncoder(
+        meta["backbone"],
+        code_dim=meta["code_dim"],
+        fc_dim=meta["fc_dim"],
+        local_layer=meta["local_layer"],
+        in_chans=meta["in_chans"],
+        img_size=meta["img_size"],
+        backbone_kwargs=meta.get("backbone_kwargs"),
+    )

@@ -16,6 +16,7 @@ Encoders run in eval mode (BatchNorm running statistics, no sampling) and their
 previous train/eval state is restored afterwards, so the online probe can call this
 in the middle of training. Batches are any iterable of ``{"image", "label"}`` dicts.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
@@ -27,8 +28,15 @@ from torch import nn
 
 from .encoder import EncoderOutput
 
-__all__ = ["VIEWS", "CONV_SOURCES", "views_of", "conv_grid", "extract_features", "unwrap_encoder",
-           "recalibrate_batchnorm"]
+__all__ = [
+    "CONV_SOURCES",
+    "VIEWS",
+    "conv_grid",
+    "extract_features",
+    "recalibrate_batchnorm",
+    "unwrap_encoder",
+    "views_of",
+]
 
 VIEWS = ("conv", "fc", "y")
 CONV_SOURCES = ("grid", "pooled", "local")
@@ -69,8 +77,10 @@ def _first(batches: Iterable[dict], limit: int | None) -> Iterator[dict]:
     seen = 0
     for batch in batches:
         if limit is not None:
-            batch = {k: v[:limit - seen] if torch.is_tensor(v) and v.ndim else v
-                     for k, v in batch.items()}
+            batch = {
+                k: v[: limit - seen] if torch.is_tensor(v) and v.ndim else v
+                for k, v in batch.items()
+            }
         n = batch["image"].shape[0]
         if n == 0:
             return
@@ -81,8 +91,13 @@ def _first(batches: Iterable[dict], limit: int | None) -> Iterator[dict]:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(encoder: nn.Module, batches: Iterable[dict], *,
-                          device: torch.device | str = "cpu", limit: int | None = None) -> int:
+def recalibrate_batchnorm(
+    encoder: nn.Module,
+    batches: Iterable[dict],
+    *,
+    device: torch.device | str = "cpu",
+    limit: int | None = None,
+) -> int:
     """Re-estimate every BatchNorm's running statistics on ``batches`` (exact averages,
     torch's ``update_bn``).
 
@@ -115,15 +130,20 @@ def _eval_mode(modules: Iterable[nn.Module]):
             m.eval()
         yield
     finally:
-        for m, state in zip(modules, states):
+        for m, state in zip(modules, states, strict=True):
             m.train(state)
 
 
 @torch.no_grad()
-def extract_features(encoders: Mapping[str, nn.Module], batches: Iterable[dict], *,
-                     device: torch.device | str = "cpu", pixels: bool = False,
-                     limit: int | None = None, conv_source: str = "grid",
-                     ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+def extract_features(
+    encoders: Mapping[str, nn.Module],
+    batches: Iterable[dict],
+    *,
+    device: torch.device | str = "cpu",
+    pixels: bool = False,
+    limit: int | None = None,
+    conv_source: str = "grid",
+) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
     """Run every encoder over the batches once; return ``{model: {view: (N, D)}}``
     (CPU float tensors) and the labels (N,).
 

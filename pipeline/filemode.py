@@ -3,6 +3,7 @@
 Some writers choose their own (safetensors creates 0600 files), which would leave
 checkpoints and exports unreadable to a group sharing a run folder.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,7 +1,7 @@
 """``dim-export``: write, convert or share a model folder.
 
-    dim-export RUN_OR_FOLDER --out DIR                    # a model folder at DIR (converts the old layout)
-    dim-export RUN_OR_FOLDER --push org/name              # upload it to the Hugging Face Hub
+    dim-export RUN_OR_FOLDER --out DIR       # a model folder at DIR (converts the old layout)
+    dim-export RUN_OR_FOLDER --push org/name # upload it to the Hugging Face Hub
     dim-export RUN_OR_FOLDER --push org/name --dry-run    # build what would be uploaded, list it
 
 The upload is staged first (the export's files, the card's usage block naming the repo),
@@ -11,6 +11,7 @@ used as is: it re-serialises the backbone alone and writes its own card only whe
 repo has none, so the DIM head and this card would not travel; the calls here are the
 ones it makes (``create_repo``, then ``upload_folder``) on the staged folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,14 @@ def _legacy_card(folder: Path, location: str) -> str | None:
         return None
     meta = read_meta(ckpt)
     config = yaml.safe_load((folder / "config.yaml").read_text())
-    return render_card(config, step=meta["step"], samples_seen=meta.get("samples_seen", 0),
-                       world_size=meta.get("world_size", 1), location=location,
-                       name=f"{folder.resolve().name}-{config['model']['backbone']}")
+    return render_card(
+        config,
+        step=meta["step"],
+        samples_seen=meta.get("samples_seen", 0),
+        world_size=meta.get("world_size", 1),
+        location=location,
+        name=f"{folder.resolve().name}-{config['model']['backbone']}",
+    )
 
 
 def _build(src: Path, dest: Path) -> None:
@@ -74,13 +80,23 @@ def _finish_card(dest: Path, ref: str, license: str | None, datasets: list[str] 
     path = dest / EXPORT_CARD
     if not path.is_file():
         return
-    text = set_block(path.read_text(), "usage", usage_block(ref, read_export_meta(dest)["backbone"]),
-                     heading="How to use")
+    text = set_block(
+        path.read_text(),
+        "usage",
+        usage_block(ref, read_export_meta(dest)["backbone"]),
+        heading="How to use",
+    )
     path.write_text(set_front_matter(text, license=license, datasets=datasets or None))
 
 
-def stage(src: str | Path, dest: str | Path, *, repo_id: str | None = None,
-          license: str | None = None, datasets: list[str] | None = None) -> list[Path]:
+def stage(
+    src: str | Path,
+    dest: str | Path,
+    *,
+    repo_id: str | None = None,
+    license: str | None = None,
+    datasets: list[str] | None = None,
+) -> list[Path]:
     """Build the model folder for ``src`` at ``dest``; returns its files, sorted.
 
     The card's usage block names ``hf-hub:repo_id`` when given, else ``dest``. An existing
@@ -89,7 +105,7 @@ def stage(src: str | Path, dest: str | Path, *, repo_id: str | None = None,
     from .export import is_export, make_readable
 
     dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir()) and not is_export(dest)):
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not is_export(dest))):
         raise ConfigError(f"{dest} exists and is not a model folder; pick an empty or new --out")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
@@ -106,8 +122,14 @@ def stage(src: str | Path, dest: str | Path, *, repo_id: str | None = None,
     return sorted(p for p in dest.iterdir() if p.is_file())
 
 
-def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-         message: str = "Add DIM encoder") -> str:
+def push(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    message: str = "Add DIM encoder",
+) -> str:
     """Upload ``folder`` to ``repo_id`` as one commit; returns the commit URL."""
     import timm
     from huggingface_hub import HfApi, get_token
@@ -115,24 +137,29 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
 
     token = get_token()
     if not token:
-        raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login`; "
-                        "nothing was uploaded")
+        raise PushError(
+            "no Hugging Face token: set HF_TOKEN or run `hf auth login`; nothing was uploaded"
+        )
     api = HfApi(token=token, library_name="timm", library_version=timm.__version__)
     try:
         api.whoami()  # the token and the network, before anything is created remotely
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", None)
-        raise PushError(f"the Hugging Face Hub refused the token ({status}); "
-                        f"nothing was uploaded") from None
-    except Exception as err:  # noqa: BLE001  no network, offline mode, DNS, proxy...
+        raise PushError(
+            f"the Hugging Face Hub refused the token ({status}); nothing was uploaded"
+        ) from None
+    except Exception as err:
         first = str(err).splitlines()[0] if str(err) else ""
-        raise PushError(f"cannot reach the Hugging Face Hub ({type(err).__name__}: {first}); "
-                        f"nothing was uploaded") from None
+        raise PushError(
+            f"cannot reach the Hugging Face Hub ({type(err).__name__}: {first}); "
+            f"nothing was uploaded"
+        ) from None
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder),
-                                   revision=revision, commit_message=message)
-    except Exception as err:  # noqa: BLE001  a single commit: nothing partial is left
+        commit = api.upload_folder(
+            repo_id=repo.repo_id, folder_path=str(folder), revision=revision, commit_message=message
+        )
+    except Exception as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise PushError(f"upload to {repo_id} failed: {first}") from None
     return commit.commit_url
@@ -147,26 +174,36 @@ def _human(n: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dim-export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="dim-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("source", help="run output folder, model folder, or an old-layout export")
     p.add_argument("--out", help="write the model folder here (kept after --dry-run too)")
     p.add_argument("--push", metavar="ORG/NAME", help="upload to this Hugging Face model repo")
-    p.add_argument("--dry-run", action="store_true",
-                   help="with --push: build exactly what would be uploaded and list it; send nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --push: build exactly what would be uploaded and list it; send nothing",
+    )
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--revision", default=None, help="branch to push to")
     p.add_argument("--license", default=None, help="the card's license id (e.g. mit, cc-by-4.0)")
-    p.add_argument("--dataset", action="append", default=None,
-                   help="a Hugging Face dataset id for the card (repeatable)")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        help="a Hugging Face dataset id for the card (repeatable)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.out and not args.push:
-        print("dim-export: error: nothing to do: give --out DIR and/or --push ORG/NAME",
-              file=sys.stderr)
+        print(
+            "dim-export: error: nothing to do: give --out DIR and/or --push ORG/NAME",
+            file=sys.stderr,
+        )
         return 2
     if args.push and args.push.count("/") != 1:
         print(f"dim-export: error: --push expects ORG/NAME, got {args.push!r}", file=sys.stderr)
@@ -174,17 +211,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dim-export-") as scratch:
         dest = Path(args.out) if args.out else Path(scratch) / "model"
         try:
-            files = stage(args.source, dest, repo_id=args.push, license=args.license,
-                          datasets=args.dataset)
+            files = stage(
+                args.source, dest, repo_id=args.push, license=args.license, datasets=args.dataset
+            )
         except ConfigError as err:
             print(f"dim-export: error: {err}", file=sys.stderr)
             return 2
         if not args.push:
             print(f"wrote {dest}: {', '.join(p.name for p in files)}")
             return 0
-        head = (f"dry run: would upload {len(files)} files to "
-                f"https://huggingface.co/{args.push} (nothing sent)" if args.dry_run else
-                f"uploading {len(files)} files to https://huggingface.co/{args.push}")
+        head = (
+            f"dry run: would upload {len(files)} files to "
+            f"https://huggingface.co/{args.push} (nothing sent)"
+            if args.dry_run
+            else f"uploading {len(files)} files to https://huggingface.co/{args.push}"
+        )
         print(head)
         for p in files:
             print(f"  {p.name:<24s} {_human(p.stat().st_size):>9s}")

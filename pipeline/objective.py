@@ -23,6 +23,7 @@ terms, and no rescaling restores those), and do not compute the full B_global x 
 matrix on every rank (P times the work and B_global^2 memory for the same gradient).
 tests/test_distributed.py checks this on two real processes; docs/distributed.md derives it.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -36,7 +37,7 @@ from .critics import ConcatCritic, Critic, DotCritic
 from .distributed import gather_with_grad, rank
 from .encoder import EncoderOutput
 
-__all__ = ["Estimate", "mi_estimate", "build_critic", "DIMObjective"]
+__all__ = ["DIMObjective", "Estimate", "build_critic", "mi_estimate"]
 
 
 def _diagonal(scores: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,10 +56,10 @@ def _diagonal(scores: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torc
 
 
 class Estimate(NamedTuple):
-    bound: torch.Tensor     # the value to maximise (differentiable)
-    nats: torch.Tensor      # the MI estimate in nats (for JSD, the JS divergence in [0, log 2])
+    bound: torch.Tensor  # the value to maximise (differentiable)
+    nats: torch.Tensor  # the MI estimate in nats (for JSD, the JS divergence in [0, log 2])
     score_sq: torch.Tensor  # mean(score^2) of the raw scores, for the score penalty
-    clipped: torch.Tensor   # fraction of raw scores beyond +-tclip (where the soft clip bites)
+    clipped: torch.Tensor  # fraction of raw scores beyond +-tclip (where the soft clip bites)
 
 
 def _stats(raw: torch.Tensor, tclip: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +67,15 @@ def _stats(raw: torch.Tensor, tclip: float) -> tuple[torch.Tensor, torch.Tensor]
     return raw.pow(2).mean(), clipped
 
 
-def mi_estimate(estimator: str, critic: Critic, a: torch.Tensor, b: torch.Tensor, *,
-                tclip: float = 0.0, generator: torch.Generator | None = None) -> Estimate:
+def mi_estimate(
+    estimator: str,
+    critic: Critic,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    tclip: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Estimate:
     """Estimate I(a; b) from aligned samples (a_i, b_i) of the joint."""
     ea, eb = critic.embed_a(a), critic.embed_b(b)
     if estimator == "jsd":
@@ -118,14 +126,19 @@ class DIMObjective(nn.Module):
         self.cfg = cfg
         a_dim = code_dim if cfg.global_critic == "zz" else local_channels
         self.global_critic = build_critic(cfg.global_critic, a_dim, code_dim, cfg, local=False)
-        self.local_critic = build_critic(cfg.local_critic, local_channels, code_dim, cfg, local=True)
+        self.local_critic = build_critic(
+            cfg.local_critic, local_channels, code_dim, cfg, local=True
+        )
 
     def _global_input(self, out: EncoderOutput) -> torch.Tensor:
         return out.mu if self.cfg.global_critic == "zz" else out.local.mean(dim=(2, 3))
 
-    def forward(self, out: EncoderOutput, other: EncoderOutput | None = None,
-                generator: torch.Generator | None = None,
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        out: EncoderOutput,
+        other: EncoderOutput | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and logged terms.
 
         ``other``: the encoding of a second, independently augmented view (AMDIM). The
@@ -148,9 +161,17 @@ class DIMObjective(nn.Module):
         ):
             if critic is None:
                 continue
-            parts = [mi_estimate(name, critic, image_side(image).float(), code.z.float(),
-                                 tclip=cfg.tclip, generator=generator)
-                     for code, image in directions]
+            parts = [
+                mi_estimate(
+                    name,
+                    critic,
+                    image_side(image).float(),
+                    code.z.float(),
+                    tclip=cfg.tclip,
+                    generator=generator,
+                )
+                for code, image in directions
+            ]
             bound = sum(p.bound for p in parts) * share
             loss = loss - weight * bound
             score_sq = score_sq + sum(p.score_sq for p in parts) * share

@@ -4,6 +4,7 @@ Biases and normalisation parameters (every parameter with fewer than two dimensi
 get no weight decay and, under LARS, no trust-ratio scaling: they are few, and scaling
 them by their own tiny norm destabilises large-batch training (You et al., 2017).
 """
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,7 @@ from torch import nn
 
 from .config import TrainConfig
 
-__all__ = ["LARS", "param_groups", "build_optimizer", "build_scheduler", "lr_factor"]
+__all__ = ["LARS", "build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
 
 
 class LARS(torch.optim.Optimizer):
@@ -25,10 +26,23 @@ class LARS(torch.optim.Optimizer):
     plain momentum-SGD step.
     """
 
-    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust: float = 1e-3, eps: float = 1e-8):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust=trust,
-                        eps=eps, lars=True)
+    def __init__(
+        self,
+        params,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust: float = 1e-3,
+        eps: float = 1e-8,
+    ):
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "trust": trust,
+            "eps": eps,
+            "lars": True,
+        }
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -64,8 +78,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else plain).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "lars": True},
-            {"params": plain, "weight_decay": 0.0, "lars": False}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars": True},
+        {"params": plain, "weight_decay": 0.0, "lars": False},
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -88,4 +104,5 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     warmup = min(cfg.warmup_steps, max(0, cfg.max_steps - 1))
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup, cfg.max_steps))
+        optimizer, lambda step: lr_factor(step, warmup, cfg.max_steps)
+    )

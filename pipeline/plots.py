@@ -4,13 +4,14 @@ Panels (each drawn only when its keys were logged): MI estimates (``mi/*``), KL
 (``kl``), loss terms (``loss`` and ``loss/*``) and probe accuracy (``probe/*``),
 all against ``step``.
 """
+
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
 
-__all__ = ["read_metrics", "plot_metrics", "PANELS"]
+__all__ = ["PANELS", "plot_metrics", "read_metrics"]
 
 # (title, y label, predicate on a key)
 PANELS = (
@@ -35,8 +36,11 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows
-           if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    pts = [
+        (r["step"], r[key])
+        for r in rows
+        if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+    ]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -52,9 +56,10 @@ def plot_metrics(metrics_jsonl_path: str | Path, out_png: str | Path) -> Path:
     keys = sorted({k for r in rows for k in r})
     panels = [(t, unit, [k for k in keys if pick(k)]) for t, unit, pick in PANELS]
     panels = [p for p in panels if p[2]]
-    fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(8, 2.6 * max(1, len(panels))),
-                             sharex=True, squeeze=False)
-    for ax, (title, unit, panel_keys) in zip(axes[:, 0], panels):
+    fig, axes = plt.subplots(
+        max(1, len(panels)), 1, figsize=(8, 2.6 * max(1, len(panels))), sharex=True, squeeze=False
+    )
+    for ax, (title, unit, panel_keys) in zip(axes[: len(panels), 0], panels, strict=True):
         for key in panel_keys:
             x, y = _series(rows, key)
             ax.plot(x, y, label=key, marker="." if len(x) < 30 else None)

@@ -5,6 +5,7 @@ the output folder, the shard specs and the backbone name. Each failure is one
 ``ConfigError`` naming the key, the value and what is allowed, raised before the run
 creates its folder. Cheap checks come first: importing timm takes seconds.
 """
+
 from __future__ import annotations
 
 from .config import Config

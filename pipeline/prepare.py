@@ -1,4 +1,4 @@
-"""Write WebDataset shards and their JSON manifests (``dim-prepare`` / ``python -m pipeline.prepare``).
+"""Write WebDataset shards and JSON manifests (``dim-prepare``, ``python -m pipeline.prepare``).
 
     python -m pipeline.prepare folder  SRC_DIR OUT_DIR   # SRC_DIR/<class>/*.jpg -> labels 0..K-1
     python -m pipeline.prepare digits  OUT_DIR           # scikit-learn's bundled 8x8 digits
@@ -11,6 +11,7 @@ names. Samples are ``{key}.{jpg|jpeg|png|webp}`` plus ``{key}.cls`` (the integer
 the layout webdataset's ShardWriter and img2dataset produce. Shards are written in a
 temporary folder and moved in place, manifests last: a manifest means a finished split.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,8 @@ from .shards import read_manifest, write_manifest
 log = logging.getLogger(__name__)
 
 FOLDER_EXTS = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
-SHARD_SAMPLES = 10_000           # default maximum samples per shard
-SHARD_BYTES = 256 * 2**20        # default maximum bytes per shard (a shard may pass it by one sample)
+SHARD_SAMPLES = 10_000  # default maximum samples per shard
+SHARD_BYTES = 256 * 2**20  # default maximum bytes per shard (a shard may pass it by one sample)
 
 # One sample source: how many items, and item index -> (image bytes, extension, label or -1).
 Loader = Callable[[int], tuple[bytes, str, int]]
@@ -47,12 +48,22 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     order = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * val_fraction))
+    n_val = round(n * val_fraction)
     return order[n_val:], order[:n_val]
 
 
-def _write_split(load: Loader, indices: Sequence[int], out_dir: Path, tmp: Path, name: str, *,
-                 classes: list[str], max_samples: int, max_bytes: int, info: dict) -> Path:
+def _write_split(
+    load: Loader,
+    indices: Sequence[int],
+    out_dir: Path,
+    tmp: Path,
+    name: str,
+    *,
+    classes: list[str],
+    max_samples: int,
+    max_bytes: int,
+    info: dict,
+) -> Path:
     """Shards of one split into ``tmp`` (then moved to ``out_dir``); returns its manifest."""
     written: list[tuple[str, int, int]] = []
     writer: wds.ShardWriter
@@ -60,8 +71,14 @@ def _write_split(load: Loader, indices: Sequence[int], out_dir: Path, tmp: Path,
     def done(fname: str) -> None:  # ShardWriter calls this as it closes each shard
         written.append((Path(fname).name, writer.count, os.path.getsize(fname)))
 
-    writer = wds.ShardWriter(str(tmp / f"{name}-%06d.tar"), maxcount=max_samples,
-                             maxsize=max_bytes, post=done, verbose=0, mtime=0)
+    writer = wds.ShardWriter(
+        str(tmp / f"{name}-%06d.tar"),
+        maxcount=max_samples,
+        maxsize=max_bytes,
+        post=done,
+        verbose=0,
+        mtime=0,
+    )
     with writer:
         for i, index in enumerate(tqdm(indices, desc=f"{name} shards", unit="img")):
             data, ext, label = load(int(index))
@@ -71,14 +88,24 @@ def _write_split(load: Loader, indices: Sequence[int], out_dir: Path, tmp: Path,
             writer.write(sample)
     for shard, _, _ in written:
         os.replace(tmp / shard, out_dir / shard)
-    return write_manifest(out_dir / f"{name}.json", split=name, shards=written, classes=classes,
-                          info=info)
+    return write_manifest(
+        out_dir / f"{name}.json", split=name, shards=written, classes=classes, info=info
+    )
 
 
-def write_dataset(load: Loader, n: int, out_dir: str | Path, *, classes: list[str],
-                  val_fraction: float = 0.1, seed: int = 0, max_samples: int = SHARD_SAMPLES,
-                  max_bytes: int = SHARD_BYTES, names: tuple[str, str] = ("train", "val"),
-                  source: dict | None = None) -> dict[str, Path]:
+def write_dataset(
+    load: Loader,
+    n: int,
+    out_dir: str | Path,
+    *,
+    classes: list[str],
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    max_samples: int = SHARD_SAMPLES,
+    max_bytes: int = SHARD_BYTES,
+    names: tuple[str, str] = ("train", "val"),
+    source: dict | None = None,
+) -> dict[str, Path]:
     """Split ``n`` items, write each non-empty split's shards and manifest; {split: manifest}.
 
     Old shards of the same split names are removed first, so a brace pattern or glob over
@@ -88,34 +115,50 @@ def write_dataset(load: Loader, n: int, out_dir: str | Path, *, classes: list[st
         raise ConfigError("nothing to write: the source has no images")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = dict(zip(names, split_indices(n, val_fraction, seed)))
+    parts = dict(zip(names, split_indices(n, val_fraction, seed), strict=True))
     if not len(parts[names[0]]):
         raise ConfigError(f"val_fraction={val_fraction} leaves no sample of {n} for {names[0]!r}")
     for name in names:
         for old in out_dir.glob(f"{name}-[0-9]*.tar"):
             old.unlink(missing_ok=True)
         (out_dir / f"{name}.json").unlink(missing_ok=True)
-    info = {"source": source or {}, "val_fraction": val_fraction, "seed": seed,
-            "written_by": "pipeline.prepare"}
+    info = {
+        "source": source or {},
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "written_by": "pipeline.prepare",
+    }
     manifests = {}
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".prepare-") as tmp:
         for name in reversed(names):  # the train manifest, written last, marks completion
             if len(parts[name]):
-                manifests[name] = _write_split(load, parts[name], out_dir, Path(tmp), name,
-                                               classes=classes, max_samples=max_samples,
-                                               max_bytes=max_bytes, info=info)
+                manifests[name] = _write_split(
+                    load,
+                    parts[name],
+                    out_dir,
+                    Path(tmp),
+                    name,
+                    classes=classes,
+                    max_samples=max_samples,
+                    max_bytes=max_bytes,
+                    info=info,
+                )
     return dict(sorted(manifests.items(), key=lambda kv: names.index(kv[0])))
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
     out = io.BytesIO()
-    image.save(out, format={"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[fmt],
-               **({"quality": 95} if fmt == "jpg" else {}))
+    image.save(
+        out,
+        format={"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[fmt],
+        **({"quality": 95} if fmt == "jpg" else {}),
+    )
     return out.getvalue()
 
 
-def _existing(out_dir: str | Path, overwrite: bool, names: tuple[str, str],
-              **params: Any) -> Path | None:
+def _existing(
+    out_dir: str | Path, overwrite: bool, names: tuple[str, str], **params: Any
+) -> Path | None:
     """The first split's manifest from an earlier run, unless ``overwrite``; warns if
     it was written with other parameters."""
     path = Path(out_dir) / f"{names[0]}.json"
@@ -125,16 +168,29 @@ def _existing(out_dir: str | Path, overwrite: bool, names: tuple[str, str],
     for key, value in params.items():
         recorded = info[key] if key in info else info.get("source", {}).get(key)
         if recorded != value:
-            log.warning("%s exists with %s=%r (asked %r); reusing it (overwrite=True rewrites)",
-                        path, key, recorded, value)
+            log.warning(
+                "%s exists with %s=%r (asked %r); reusing it (overwrite=True rewrites)",
+                path,
+                key,
+                recorded,
+                value,
+            )
     return path
 
 
 # ----------------------------------------------------------------------------- sources
 
-def prepare_folder(src: str | Path, out_dir: str | Path, *, val_fraction: float = 0.1,
-                   seed: int = 0, overwrite: bool = False,
-                   names: tuple[str, str] = ("train", "val"), **kw: Any) -> Path:
+
+def prepare_folder(
+    src: str | Path,
+    out_dir: str | Path,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    overwrite: bool = False,
+    names: tuple[str, str] = ("train", "val"),
+    **kw: Any,
+) -> Path:
     """Image folder tree -> shards; returns the train manifest.
 
     ``src/<class>/**/<image>`` gives class names (sorted) and labels 0..K-1; a folder with
@@ -143,27 +199,47 @@ def prepare_folder(src: str | Path, out_dir: str | Path, *, val_fraction: float 
     src = Path(src)
     if not src.is_dir():
         raise ConfigError(f"image folder not found: {src}")
-    if (found := _existing(out_dir, overwrite, names, val_fraction=val_fraction,
-                           seed=seed)) is not None:
+    if (
+        found := _existing(out_dir, overwrite, names, val_fraction=val_fraction, seed=seed)
+    ) is not None:
         return found
     classes = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
     roots = [(src / c, label) for label, c in enumerate(classes)] or [(src, -1)]
-    items = [(p, label) for root, label in roots for p in sorted(root.rglob("*"))
-             if p.suffix.lower() in FOLDER_EXTS and p.is_file()]
+    items = [
+        (p, label)
+        for root, label in roots
+        for p in sorted(root.rglob("*"))
+        if p.suffix.lower() in FOLDER_EXTS and p.is_file()
+    ]
 
     def load(i: int) -> tuple[bytes, str, int]:
         path, label = items[i]
         return path.read_bytes(), FOLDER_EXTS[path.suffix.lower()], label
 
-    manifests = write_dataset(load, len(items), out_dir, classes=classes, val_fraction=val_fraction,
-                              seed=seed, names=names, source={"kind": "folder", "path": str(src)},
-                              **kw)
+    manifests = write_dataset(
+        load,
+        len(items),
+        out_dir,
+        classes=classes,
+        val_fraction=val_fraction,
+        seed=seed,
+        names=names,
+        source={"kind": "folder", "path": str(src)},
+        **kw,
+    )
     return manifests[names[0]]
 
 
-def prepare_digits(out_dir: str | Path, *, val_fraction: float = 0.1, seed: int = 0,
-                   size: int = 32, overwrite: bool = False,
-                   names: tuple[str, str] = ("train", "val"), **kw: Any) -> Path:
+def prepare_digits(
+    out_dir: str | Path,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    size: int = 32,
+    overwrite: bool = False,
+    names: tuple[str, str] = ("train", "val"),
+    **kw: Any,
+) -> Path:
     """scikit-learn's 1,797 digits -> grayscale PNG shards; returns the train manifest
     (``val.json`` sits beside it). Idempotent: an existing ``train.json`` is reused.
 
@@ -172,8 +248,11 @@ def prepare_digits(out_dir: str | Path, *, val_fraction: float = 0.1, seed: int 
     32-pixel granularity; ``size=8`` stores the native images. PNG keeps them lossless.
     With several processes, let one write first (``accelerator.main_process_first()``).
     """
-    if (found := _existing(out_dir, overwrite, names, val_fraction=val_fraction, seed=seed,
-                           size=size)) is not None:
+    if (
+        found := _existing(
+            out_dir, overwrite, names, val_fraction=val_fraction, seed=seed, size=size
+        )
+    ) is not None:
         return found
     from .digits import digits_tensor
 
@@ -183,29 +262,48 @@ def prepare_digits(out_dir: str | Path, *, val_fraction: float = 0.1, seed: int 
     def load(i: int) -> tuple[bytes, str, int]:
         return _encode(Image.fromarray(pixels[i]), "png"), "png", int(labels[i])
 
-    manifests = write_dataset(load, len(pixels), out_dir, classes=[str(d) for d in range(10)],
-                              val_fraction=val_fraction, seed=seed, names=names,
-                              source={"kind": "digits", "size": size}, **kw)
+    manifests = write_dataset(
+        load,
+        len(pixels),
+        out_dir,
+        classes=[str(d) for d in range(10)],
+        val_fraction=val_fraction,
+        seed=seed,
+        names=names,
+        source={"kind": "digits", "size": size},
+        **kw,
+    )
     return manifests[names[0]]
 
 
-def prepare_torchvision(name: str, root: str | Path, out_dir: str | Path, *, split: str = "train",
-                        val_fraction: float = 0.1, seed: int = 0, image_format: str = "png",
-                        overwrite: bool = False, names: tuple[str, str] = ("train", "val"),
-                        **kw: Any) -> Path:
+def prepare_torchvision(
+    name: str,
+    root: str | Path,
+    out_dir: str | Path,
+    *,
+    split: str = "train",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    image_format: str = "png",
+    overwrite: bool = False,
+    names: tuple[str, str] = ("train", "val"),
+    **kw: Any,
+) -> Path:
     """A torchvision dataset already on disk (``download=False``) -> shards.
 
     ``split`` is passed as ``train=(split == "train")`` or ``split=split``, whichever the
-    dataset takes (neither for e.g. ImageFolder). Images are re-encoded as ``image_format`` (png: lossless). Returns the
-    first split's manifest; ``names=("test", "unused"), val_fraction=0`` writes a test set.
+    dataset takes (neither for e.g. ImageFolder). Images are re-encoded as ``image_format``
+    (png: lossless). Returns the first split's manifest; ``names=("test", "unused"),
+    val_fraction=0`` writes a test set.
     """
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, name, None)
     if not (isinstance(cls, type) and issubclass(cls, tvd.VisionDataset)):
         raise ConfigError(f"torchvision.datasets has no dataset {name!r}")
-    if (found := _existing(out_dir, overwrite, names, val_fraction=val_fraction,
-                           seed=seed)) is not None:
+    if (
+        found := _existing(out_dir, overwrite, names, val_fraction=val_fraction, seed=seed)
+    ) is not None:
         return found
     params = inspect.signature(cls).parameters
     args: dict[str, Any] = {"download": False} if "download" in params else {}
@@ -226,35 +324,64 @@ def prepare_torchvision(name: str, root: str | Path, out_dir: str | Path, *, spl
         rgb = image if image.mode in ("RGB", "L") else image.convert("RGB")
         return _encode(rgb, fmt), fmt, int(target) if target is not None else -1
 
-    manifests = write_dataset(load, len(dataset), out_dir, classes=list(getattr(dataset, "classes", [])),
-                              val_fraction=val_fraction, seed=seed, names=names,
-                              source={"kind": "torchvision", "name": name, "split": split}, **kw)
+    manifests = write_dataset(
+        load,
+        len(dataset),
+        out_dir,
+        classes=list(getattr(dataset, "classes", [])),
+        val_fraction=val_fraction,
+        seed=seed,
+        names=names,
+        source={"kind": "torchvision", "name": name, "split": split},
+        **kw,
+    )
     return manifests[names[0]]
 
 
 # ----------------------------------------------------------------------------- command line
 
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--val-fraction", type=float, default=0.1,
-                        help="fraction of samples in the val split (default 0.1; 0: none)")
+    common.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="fraction of samples in the val split (default 0.1; 0: none)",
+    )
     common.add_argument("--seed", type=int, default=0, help="seed of the split permutation")
-    common.add_argument("--shard-samples", type=int, default=SHARD_SAMPLES,
-                        help=f"max samples per shard (default {SHARD_SAMPLES})")
-    common.add_argument("--shard-mb", type=float, default=SHARD_BYTES / 2**20,
-                        help=f"max MiB per shard (default {SHARD_BYTES // 2**20})")
-    common.add_argument("--names", default="train,val",
-                        help="names of the two splits (default train,val), e.g. test,unused")
+    common.add_argument(
+        "--shard-samples",
+        type=int,
+        default=SHARD_SAMPLES,
+        help=f"max samples per shard (default {SHARD_SAMPLES})",
+    )
+    common.add_argument(
+        "--shard-mb",
+        type=float,
+        default=SHARD_BYTES / 2**20,
+        help=f"max MiB per shard (default {SHARD_BYTES // 2**20})",
+    )
+    common.add_argument(
+        "--names",
+        default="train,val",
+        help="names of the two splits (default train,val), e.g. test,unused",
+    )
     common.add_argument("--force", action="store_true", help="rewrite an existing output")
-    parser = argparse.ArgumentParser(prog="dim-prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="dim-prepare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="source", required=True)
     folder = sub.add_parser("folder", parents=[common], help="image folder tree (class subfolders)")
     folder.add_argument("src")
     folder.add_argument("out")
     digits = sub.add_parser("digits", parents=[common], help="scikit-learn's bundled digits")
     digits.add_argument("out")
-    digits.add_argument("--size", type=int, default=32, help="side in pixels (8: native; default 32)")
+    digits.add_argument(
+        "--size", type=int, default=32, help="side in pixels (8: native; default 32)"
+    )
     tv = sub.add_parser("torchvision", parents=[common], help="torchvision dataset on disk")
     tv.add_argument("name", help="class in torchvision.datasets, e.g. CIFAR10")
     tv.add_argument("root", help="the dataset's root folder (never downloaded)")
@@ -270,17 +397,23 @@ def main(argv: list[str] | None = None) -> int:
     names = tuple(args.names.split(","))
     if len(names) != 2 or not all(names):
         raise SystemExit("--names takes two comma-separated names, e.g. train,val")
-    common = dict(val_fraction=args.val_fraction, seed=args.seed, overwrite=args.force,
-                  max_samples=args.shard_samples, max_bytes=int(args.shard_mb * 2**20),
-                  names=names)
+    common = {
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
+        "overwrite": args.force,
+        "max_samples": args.shard_samples,
+        "max_bytes": int(args.shard_mb * 2**20),
+        "names": names,
+    }
     try:
         if args.source == "folder":
             manifest = prepare_folder(args.src, args.out, **common)
         elif args.source == "digits":
             manifest = prepare_digits(args.out, size=args.size, **common)
         else:
-            manifest = prepare_torchvision(args.name, args.root, args.out, split=args.split,
-                                           image_format=args.format, **common)
+            manifest = prepare_torchvision(
+                args.name, args.root, args.out, split=args.split, image_format=args.format, **common
+            )
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     folder = Path(args.out)
@@ -289,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
             m = read_manifest(path)
         except ConfigError:
             continue
-        print(f"{path}: {m.num_samples} samples in {len(m.shards)} shards, {len(m.classes)} classes")
+        print(
+            f"{path}: {m.num_samples} samples in {len(m.shards)} shards, {len(m.classes)} classes"
+        )
     print(f"train with: data.train_shards={manifest}")
     return 0
 

@@ -9,6 +9,7 @@ the same numbers ``pipeline.evaluate`` reports (same maths, ``pipeline.classifie
 The decoded images are cached per process, so a probe every few hundred steps costs
 two forward passes over a few thousand images, not a re-read of the shards.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -20,14 +21,18 @@ from .classifiers import knn_accuracy, linear_probe
 from .config import Config
 from .features import extract_features
 
-__all__ = ["online_probe", "labelled_images"]
+__all__ = ["labelled_images", "online_probe"]
 
 BATCH = 256
 
 
 @lru_cache(maxsize=4)
-def labelled_images(spec: str, limit: int, img_size: int, in_chans: int,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def labelled_images(
+    spec: str,
+    limit: int,
+    img_size: int,
+    in_chans: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``limit`` labelled images of ``spec`` (deterministic order), cached."""
     from .data import eval_loader
 
@@ -46,13 +51,21 @@ def labelled_images(spec: str, limit: int, img_size: int, in_chans: int,
 
 def _batches(images: torch.Tensor, labels: torch.Tensor):
     for start in range(0, len(labels), BATCH):
-        yield {"image": images[start:start + BATCH], "label": labels[start:start + BATCH]}
+        yield {"image": images[start : start + BATCH], "label": labels[start : start + BATCH]}
 
 
-def online_probe(encoder: nn.Module, cfg: Config, device: torch.device | str, *,
-                 bank_samples: int = 5000, query_samples: int = 2000, k: int = 20,
-                 temperature: float = 0.07, linear: bool = True, view: str = "conv",
-                 ) -> dict[str, float]:
+def online_probe(
+    encoder: nn.Module,
+    cfg: Config,
+    device: torch.device | str,
+    *,
+    bank_samples: int = 5000,
+    query_samples: int = 2000,
+    k: int = 20,
+    temperature: float = 0.07,
+    linear: bool = True,
+    view: str = "conv",
+) -> dict[str, float]:
     """k-NN (and a one-fit linear probe) accuracy on held-out labelled images.
 
     Returns ``{}`` when there is no labelled train/val data to probe with. The encoder's
@@ -70,6 +83,7 @@ def online_probe(encoder: nn.Module, cfg: Config, device: torch.device | str, *,
     train, test = bank["m"][view], query["m"][view]
     out = {"probe/knn": knn_accuracy(train, bank_y, test, query_y, k=k, temperature=temperature)}
     if linear:  # one fit at a middle L2 strength: a trend line, not the final figure
-        out["probe/linear"] = linear_probe(train, bank_y, test, query_y, l2_grid=(1e-3,),
-                                           max_iter=100).accuracy
+        out["probe/linear"] = linear_probe(
+            train, bank_y, test, query_y, l2_grid=(1e-3,), max_iter=100
+        ).accuracy
     return out

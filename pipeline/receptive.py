@@ -7,6 +7,7 @@ positive, biases zeroed, normalisation statistics reset, max-pools turned into a
 pools of the same window, strictly positive input), so no gradient cancels or dies in a
 ReLU and the non-zero input gradient covers exactly the theoretical receptive field.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,16 +15,19 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["receptive_field", "gradient_extent"]
+__all__ = ["gradient_extent", "receptive_field"]
 
 
 def _densify(model: nn.Module) -> nn.Module:
     dense = copy.deepcopy(model).float().eval()
-    for name, module in list(dense.named_modules()):
+    for _name, module in list(dense.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.MaxPool2d):  # argmax routes gradient to one pixel
-                setattr(module, child_name, nn.AvgPool2d(child.kernel_size, child.stride,
-                                                         child.padding, child.ceil_mode))
+                setattr(
+                    module,
+                    child_name,
+                    nn.AvgPool2d(child.kernel_size, child.stride, child.padding, child.ceil_mode),
+                )
     with torch.no_grad():
         for module in dense.modules():
             for pname, param in module.named_parameters(recurse=False):
@@ -31,7 +35,10 @@ def _densify(model: nn.Module) -> nn.Module:
                     param.zero_()
                 else:
                     param.abs_().add_(1e-3)
-            if isinstance(module, nn.modules.batchnorm._NormBase) and module.running_mean is not None:
+            if (
+                isinstance(module, nn.modules.batchnorm._NormBase)
+                and module.running_mean is not None
+            ):
                 module.running_mean.zero_()
                 module.running_var.fill_(1.0)
     return dense
@@ -63,8 +70,9 @@ def receptive_field(backbone: nn.Module, index: int, img_size: int, in_chans: in
     dense = _densify(backbone)
 
     def stage(x: torch.Tensor) -> torch.Tensor:
-        return dense.forward_intermediates(x, indices=[index], stop_early=True,
-                                           intermediates_only=True)[0]
+        return dense.forward_intermediates(
+            x, indices=[index], stop_early=True, intermediates_only=True
+        )[0]
 
     def canvas(size: int) -> torch.Tensor:
         return torch.rand(1, in_chans, size, size, generator=torch.Generator().manual_seed(0)) + 0.5

@@ -16,6 +16,7 @@ throughput knob whose only effect is which worker reads which resampled shard. A
 else changes what is being trained (model, objective, data, optimiser, batch, seed);
 ``--force-config`` continues anyway and saves the new config once the checkpoint loads.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,15 +39,25 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.yaml"
-RESUMABLE = ("train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
-             "train.keep_last", "train.output_dir", "data.num_workers", "wandb.*")
+RESUMABLE = (
+    "train.max_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.output_dir",
+    "data.num_workers",
+    "wandb.*",
+)
 
 
 def check_output_dir(value: str) -> Path:
     """``train.output_dir`` as a Path, or one ConfigError saying why it cannot hold a run."""
     if not str(value).strip():
-        raise ConfigError("train.output_dir is empty: give the folder the run writes to "
-                          "(e.g. train.output_dir=runs/my-run)")
+        raise ConfigError(
+            "train.output_dir is empty: give the folder the run writes to "
+            "(e.g. train.output_dir=runs/my-run)"
+        )
     path = Path(value).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"train.output_dir={value!r} is a file, not a folder")
@@ -56,14 +67,19 @@ def check_output_dir(value: str) -> Path:
     if not existing.is_dir():
         raise ConfigError(f"train.output_dir={value!r} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"train.output_dir={value!r} is not writable "
-                          f"(no write permission on {existing})")
+        raise ConfigError(
+            f"train.output_dir={value!r} is not writable (no write permission on {existing})"
+        )
     return path
 
 
 def _flat(config: dict) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, body in config.items()
-            if isinstance(body, dict) for key, value in body.items()}
+    return {
+        f"{section}.{key}": value
+        for section, body in config.items()
+        if isinstance(body, dict)
+        for key, value in body.items()
+    }
 
 
 def _resumable(key: str) -> bool:
@@ -99,15 +115,16 @@ class RunState:
     checkpoint: Path | None = None
     step: int = 0
     samples_seen: int = 0
-    exported: bool = False       # an export newer than the latest checkpoint exists
+    exported: bool = False  # an export newer than the latest checkpoint exists
     changed: tuple[str, ...] = ()  # differing keys, accepted with force
 
     def complete(self, max_steps: int) -> bool:
         return self.checkpoint is not None and self.step >= max_steps
 
 
-def inspect_run(output_dir: Path, config: dict, defaults: dict, *, force: bool,
-                export_marker: str) -> RunState:
+def inspect_run(
+    output_dir: Path, config: dict, defaults: dict, *, force: bool, export_marker: str
+) -> RunState:
     """Read-only: the state of ``output_dir`` for a run of ``config``.
 
     Raises ConfigError (one line) when the folder holds a run of another configuration
@@ -119,19 +136,22 @@ def inspect_run(output_dir: Path, config: dict, defaults: dict, *, force: bool,
         try:
             saved = yaml.safe_load(saved_path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{saved_path} is not valid YAML ({err}); move it away to "
-                              f"start over") from None
+            raise ConfigError(
+                f"{saved_path} is not valid YAML ({err}); move it away to start over"
+            ) from None
         changed = config_differences(saved, config, defaults)
         if changed and not force:
             raise ConfigError(
                 f"train.output_dir={str(output_dir)!r} holds a run with another configuration "
                 f"({'; '.join(changed)}); start a new run with another train.output_dir, or "
-                f"pass --force-config to continue this one with the new values")
+                f"pass --force-config to continue this one with the new values"
+            )
     ckpt = latest_checkpoint(output_dir)
     if ckpt is None:
         return RunState(changed=tuple(changed))
     meta = read_meta(ckpt)
     marker = output_dir / export_marker
     exported = marker.is_file() and marker.stat().st_mtime >= (ckpt / "meta.json").stat().st_mtime
-    return RunState(ckpt, int(meta["step"]), int(meta.get("samples_seen", 0)), exported,
-                    tuple(changed))
+    return RunState(
+        ckpt, int(meta["step"]), int(meta.get("samples_seen", 0)), exported, tuple(changed)
+    )

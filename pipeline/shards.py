@@ -11,6 +11,7 @@ The manifest records the shards of one split and their sample counts: it is how 
 training side knows the dataset size (epoch length) and how many samples a truncated
 shard lost.
 """
+
 from __future__ import annotations
 
 import glob
@@ -47,8 +48,14 @@ class Manifest:
         return sum(self.samples)
 
 
-def write_manifest(path: str | Path, *, split: str, shards: list[tuple[str, int, int]],
-                   classes: list[str], info: dict | None = None) -> Path:
+def write_manifest(
+    path: str | Path,
+    *,
+    split: str,
+    shards: list[tuple[str, int, int]],
+    classes: list[str],
+    info: dict | None = None,
+) -> Path:
     """Write ``path`` atomically; ``shards`` are (file name beside it, samples, bytes)."""
     path = Path(path)
     body = {
@@ -75,12 +82,16 @@ def read_manifest(path: str | Path) -> Manifest:
         entries = body["shards"]
         if body.get("format") != MANIFEST_FORMAT:
             raise KeyError("format")
-        shards = [e["path"] if is_remote(e["path"]) else str(path.parent.resolve() / e["path"])
-                  for e in entries]
+        shards = [
+            e["path"] if is_remote(e["path"]) else str(path.parent.resolve() / e["path"])
+            for e in entries
+        ]
         samples = [int(e["samples"]) for e in entries]
     except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"{path} is not a shard manifest written by pipeline.prepare "
-                          f"(expected format {MANIFEST_FORMAT!r}; problem: {err})") from None
+        raise ConfigError(
+            f"{path} is not a shard manifest written by pipeline.prepare "
+            f"(expected format {MANIFEST_FORMAT!r}; problem: {err})"
+        ) from None
     info = {k: v for k, v in body.items() if k not in ("shards", "classes", "split")}
     return Manifest(path, body.get("split", ""), shards, samples, body.get("classes", []), info)
 
@@ -112,16 +123,22 @@ def _expand_local(item: str) -> list[str]:
             missing.extend([] if matches else [path])
         elif os.path.isdir(path):
             near = sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "*.json")))
-            raise ConfigError(f"shard spec {item!r} is a directory; give a brace pattern, a glob "
-                              f"or a manifest .json (manifests there: {near or 'none'})")
+            raise ConfigError(
+                f"shard spec {item!r} is a directory; give a brace pattern, a glob "
+                f"or a manifest .json (manifests there: {near or 'none'})"
+            )
         elif os.path.isfile(path):
             found.append(path)
         else:
             missing.append(path)
     if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ConfigError(f"shard pattern {item!r}: {len(missing)} of {len(paths)} expanded "
-                          f"paths match no file ({shown})")
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise ConfigError(
+            f"shard pattern {item!r}: {len(missing)} of {len(paths)} expanded "
+            f"paths match no file ({shown})"
+        )
     return found
 
 
@@ -134,21 +151,28 @@ def _manifest_counts(paths: list[str]) -> dict[str, int]:
                 manifest = read_manifest(candidate)
             except ConfigError:
                 continue  # some other JSON file
-            counts.update({os.path.realpath(s): n for s, n in zip(manifest.shards, manifest.samples)})
+            counts.update(
+                {
+                    os.path.realpath(s): n
+                    for s, n in zip(manifest.shards, manifest.samples, strict=True)
+                }
+            )
     return counts
 
 
 def resolve_spec(spec: str) -> list[tuple[str, int | None]]:
     """Every shard of ``spec`` in order, with its sample count where a manifest gives it."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError("empty shard spec: give a brace pattern, a list, a URL or a manifest .json")
+        raise ConfigError(
+            "empty shard spec: give a brace pattern, a list, a URL or a manifest .json"
+        )
     out: list[tuple[str, int | None]] = []
     for item in _top_level_items(spec):
         if item.endswith(".json") and not is_remote(item):
             manifest = read_manifest(item)
             if not manifest.shards:
                 raise ConfigError(f"shard manifest {item!r} lists no shards")
-            out.extend(zip(manifest.shards, manifest.samples))
+            out.extend(zip(manifest.shards, manifest.samples, strict=True))
         elif is_remote(item):
             out.extend((url, None) for url in expand_urls(item))
         else:
@@ -161,7 +185,7 @@ def resolve_spec(spec: str) -> list[tuple[str, int | None]]:
 
 
 def resolve_shards(spec: str) -> list[str]:
-    """The shard paths/URLs of ``spec``; ``ConfigError`` naming the pattern if one matches nothing."""
+    """The shard paths/URLs of ``spec``; ``ConfigError`` naming a pattern that matches nothing."""
     return [url for url, _ in resolve_spec(spec)]
 
 

@@ -7,6 +7,7 @@ without it (``torch.compile(module)`` would wrap it and prefix every key with
 separately: the cross-device gather inside the objective is a graph break, and the
 encoder is where almost all of the time goes.
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ folder (``wandb_id.txt``), so a resumed run continues the same W&B run
 logged step; on resume, rows past the checkpoint's step are dropped first, so a step that
 was logged after the last checkpoint and is then recomputed appears exactly once.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from typing import Any
 
 from .config import WandbConfig
 
-__all__ = ["Tracker", "wandb_mode", "truncate_metrics"]
+__all__ = ["Tracker", "truncate_metrics", "wandb_mode"]
 
 METRICS = "metrics.jsonl"
 WANDB_ID = "wandb_id.txt"
@@ -30,7 +31,8 @@ def wandb_mode(mode: str) -> str:
         return os.environ["WANDB_MODE"]
     netrc = Path.home() / ".netrc"
     has_key = bool(os.environ.get("WANDB_API_KEY")) or (
-        netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+        netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    )
     return "online" if has_key else "offline"
 
 
@@ -54,8 +56,9 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 class Tracker:
     """``log(row, step)`` to metrics.jsonl and W&B; ``close()`` at the end."""
 
-    def __init__(self, output_dir: str | Path, cfg: WandbConfig, config: dict[str, Any],
-                 resume_step: int = 0):
+    def __init__(
+        self, output_dir: str | Path, cfg: WandbConfig, config: dict[str, Any], resume_step: int = 0
+    ):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / METRICS
@@ -72,10 +75,17 @@ class Tracker:
         id_file = self.dir / WANDB_ID
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
-        return wandb.init(project=cfg.project, entity=cfg.entity or None,
-                          name=cfg.name or self.dir.name, tags=list(cfg.tags) or None,
-                          config=config, dir=str(self.dir), id=run_id, resume="allow",
-                          mode=mode)
+        return wandb.init(
+            project=cfg.project,
+            entity=cfg.entity or None,
+            name=cfg.name or self.dir.name,
+            tags=list(cfg.tags) or None,
+            config=config,
+            dir=str(self.dir),
+            id=run_id,
+            resume="allow",
+            mode=mode,
+        )
 
     @property
     def run_id(self) -> str | None:
@@ -104,8 +114,9 @@ class Tracker:
         if offline and data_dir is None:
             os.environ["WANDB_DATA_DIR"] = str(self.dir / "wandb" / "data")
         try:
-            artifact = wandb.Artifact(f"model-{self.run.id}", type="model",
-                                      metadata={"step": step, "format": "timm"})
+            artifact = wandb.Artifact(
+                f"model-{self.run.id}", type="model", metadata={"step": step, "format": "timm"}
+            )
             artifact.add_dir(str(folder))
             aliases = ["latest", f"step_{step}"] + (["final"] if final else [])
             self.run.log_artifact(artifact, aliases=aliases)

@@ -9,6 +9,7 @@ ranks all-reduce one small vector: the stop flag (SIGTERM / SIGUSR1), the loss t
 and the skipped-sample count, so every rank agrees on when to stop, a NaN anywhere stops
 all of them with the step and the term named, and the log holds cross-rank means.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ from pathlib import Path
 from .config import Config, describe, load_config, save_config
 from .errors import ConfigError
 
-__all__ = ["main", "train", "parse_args"]
+__all__ = ["main", "parse_args", "train"]
 
 USAGE = """pretrain.py [--config FILE] [key=value ...]
 
@@ -42,20 +43,31 @@ class NonFiniteLoss(RuntimeError):
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     """(the config, whether --force-config was given)."""
-    p = argparse.ArgumentParser(prog="pretrain.py", usage=USAGE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="keys (with defaults):\n" + describe())
+    p = argparse.ArgumentParser(
+        prog="pretrain.py",
+        usage=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="keys (with defaults):\n" + describe(),
+    )
     p.add_argument("--config", default=None, help="YAML file with any of the sections below")
-    p.add_argument("--force-config", action="store_true",
-                   help="continue the run in train.output_dir even though its saved "
-                        "config.yaml differs (the new config replaces it)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. train.batch_size=64 loss.estimator=jsd")
+    p.add_argument(
+        "--force-config",
+        action="store_true",
+        help="continue the run in train.output_dir even though its saved "
+        "config.yaml differs (the new config replaces it)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. train.batch_size=64 loss.estimator=jsd",
+    )
     args = p.parse_args(argv)
     return load_config(args.config, args.overrides), args.force_config
 
 
 # ------------------------------------------------------------------ set-up helpers
+
 
 class StopFlag:
     """Set by SIGTERM / SIGUSR1 (SLURM preemption); acted on at the next step boundary."""
@@ -97,9 +109,13 @@ def make_accelerator(cfg: Config):
     # and both need gloo named explicitly, or every rank believes it is rank 0 of 1.
     cpu = no_gpu and not deepspeed
     handlers = [InitProcessGroupKwargs(backend="gloo")] if no_gpu and launched else []
-    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
-                              gradient_accumulation_steps=cfg.train.grad_accum,
-                              step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
+    )
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         ds = plugin.deepspeed_config
@@ -107,8 +123,9 @@ def make_accelerator(cfg: Config):
             raise ConfigError("DeepSpeed ZeRO stage 3 is not supported (use stage 1 or 2)")
         # No dataloader goes through prepare(), so accelerate cannot fill these "auto"s.
         ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
-        ds["train_batch_size"] = (cfg.train.batch_size * cfg.train.grad_accum
-                                  * accelerator.num_processes)
+        ds["train_batch_size"] = (
+            cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
+        )
         if ds.get("gradient_clipping", "auto") == "auto":
             ds["gradient_clipping"] = cfg.train.grad_clip
     return accelerator
@@ -127,7 +144,10 @@ def deepspeed_half(accelerator, model):
     for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         if ds.get(key, {}).get("enabled") is True:
             for m in accelerator.unwrap_model(model).modules():
-                if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.running_mean is not None:
+                if (
+                    isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                    and m.running_mean is not None
+                ):
                     m.running_mean.data = m.running_mean.data.to(dtype)
                     m.running_var.data = m.running_var.data.to(dtype)
             return torch.autocast(accelerator.device.type, dtype=dtype)
@@ -162,17 +182,22 @@ def report_receptive_field(accelerator, encoder, cfg: Config) -> None:
     size = cfg.model.img_size
     rf = encoder.receptive_field(size)
     h = size // encoder.backbone.feature_info[encoder.local_index]["reduction"]
-    accelerator.print(f"local map: stage {encoder.local_index} of {cfg.model.backbone} "
-                      f"(~{h}x{h}x{encoder.local_channels}), receptive field {rf} px of {size} px")
+    accelerator.print(
+        f"local map: stage {encoder.local_index} of {cfg.model.backbone} "
+        f"(~{h}x{h}x{encoder.local_channels}), receptive field {rf} px of {size} px"
+    )
     if rf >= size:
-        warnings.warn(f"the local map (model.local_layer={cfg.model.local_layer}) sees the whole "
-                      f"{size} px input ({rf} px receptive field): local MI will not be local; "
-                      f"use an earlier stage or a small-image backbone (dim_conv32, resnet18_cifar)",
-                      stacklevel=2)
+        warnings.warn(
+            f"the local map (model.local_layer={cfg.model.local_layer}) sees the whole "
+            f"{size} px input ({rf} px receptive field): local MI will not be local; "
+            f"use an earlier stage or a small-image backbone (dim_conv32, resnet18_cifar)",
+            stacklevel=2,
+        )
 
 
-def export(accelerator, model, cfg: Config, folder: Path, *, step: int, samples_seen: int,
-           tracker=None) -> Path:
+def export(
+    accelerator, model, cfg: Config, folder: Path, *, step: int, samples_seen: int, tracker=None
+) -> Path:
     """Collective: the main process writes the model folder (pipeline.export) with its
     card, and logs it to W&B as a model artifact of this run. Returns the folder."""
     from .card import render_card
@@ -181,9 +206,15 @@ def export(accelerator, model, cfg: Config, folder: Path, *, step: int, samples_
     if accelerator.is_main_process:
         encoder = accelerator.unwrap_model(model).encoder
         wb = tracker.wandb_info() if tracker else None
-        card = render_card(cfg.to_dict(), step=step, samples_seen=samples_seen,
-                           world_size=accelerator.num_processes, location=str(folder.resolve()),
-                           wandb_run=wb, name=f"{Path(cfg.train.output_dir).name}-{cfg.model.backbone}")
+        card = render_card(
+            cfg.to_dict(),
+            step=step,
+            samples_seen=samples_seen,
+            world_size=accelerator.num_processes,
+            location=str(folder.resolve()),
+            wandb_run=wb,
+            name=f"{Path(cfg.train.output_dir).name}-{cfg.model.backbone}",
+        )
         export_encoder(encoder, folder, dataclasses.asdict(cfg.model), card=card)
         if tracker:
             tracker.log_model(folder, step=step, final=step >= cfg.train.max_steps)
@@ -202,14 +233,18 @@ def load_run(accelerator, ckpt: Path) -> dict:
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
         if len(detail) > 300:
             detail = detail[:300].rsplit(", ", 1)[0] + ", ..."
-        raise ConfigError(f"checkpoint {ckpt} does not fit the configured model ({detail}); "
-                          f"start a new run with another train.output_dir") from None
+        raise ConfigError(
+            f"checkpoint {ckpt} does not fit the configured model ({detail}); "
+            f"start a new run with another train.output_dir"
+        ) from None
 
 
 def bar_fields(row: dict) -> dict[str, str]:
     """What the progress bar shows: loss, images/s over all ranks, the MI estimates."""
     fields = {"loss": f"{row['loss']:.3f}", "img/s": f"{row['samples_per_s_total']:.0f}"}
-    fields.update({k.removeprefix("mi/"): f"{v:.3f}" for k, v in row.items() if k.startswith("mi/")})
+    fields.update(
+        {k.removeprefix("mi/"): f"{v:.3f}" for k, v in row.items() if k.startswith("mi/")}
+    )
     return fields
 
 
@@ -238,6 +273,7 @@ def plot(output_dir: Path) -> None:
 
 # ------------------------------------------------------------------ the loop
 
+
 def agree(accelerator, step: int, stop: bool, skipped: int, sums: dict) -> tuple[bool, int, dict]:
     """The one all-reduce of a step: (anyone stopping, total skipped, mean terms).
 
@@ -252,11 +288,13 @@ def agree(accelerator, step: int, stop: bool, skipped: int, sums: dict) -> tuple
     world = accelerator.num_processes
     vec = accelerator.reduce(vec, reduction="sum") if world > 1 else vec
     flag, skipped_total, *values = vec.tolist()
-    means = {k: v / world for k, v in zip(keys, values)}
+    means = {k: v / world for k, v in zip(keys, values, strict=True)}
     bad = [k for k, v in means.items() if not math.isfinite(v)]
     if bad:
-        raise NonFiniteLoss(f"non-finite loss at step {step}: {', '.join(bad)} "
-                            f"({', '.join(f'{k}={means[k]}' for k in bad)})")
+        raise NonFiniteLoss(
+            f"non-finite loss at step {step}: {', '.join(bad)} "
+            f"({', '.join(f'{k}={means[k]}' for k in bad)})"
+        )
     return flag > 0, int(skipped_total), means
 
 
@@ -291,12 +329,19 @@ def train(cfg: Config, force_config: bool = False) -> int:
     world, main = accelerator.num_processes, accelerator.is_main_process
     if not cfg.data.train_shards:
         use_default_data(accelerator, cfg)
-    state = inspect_run(out, cfg.to_dict(), Config().to_dict(), force=force_config,
-                        export_marker=f"{EXPORT_DIR}/{EXPORT_CONFIG}")
+    state = inspect_run(
+        out,
+        cfg.to_dict(),
+        Config().to_dict(),
+        force=force_config,
+        export_marker=f"{EXPORT_DIR}/{EXPORT_CONFIG}",
+    )
     if state.complete(tc.max_steps) and state.exported:
-        accelerator.print(f"{out} is complete: trained to step {state.step} "
-                          f"(train.max_steps={tc.max_steps}) and exported; raise "
-                          f"train.max_steps to train further")
+        accelerator.print(
+            f"{out} is complete: trained to step {state.step} "
+            f"(train.max_steps={tc.max_steps}) and exported; raise "
+            f"train.max_steps to train further"
+        )
         accelerator.end_training()
         return state.step
     if state.changed:
@@ -321,9 +366,15 @@ def train(cfg: Config, force_config: bool = False) -> int:
     if not finishing:
         # A resampled stream cannot be rewound; reseeding with seed + step gives a resumed
         # run fresh, reproducible data instead of replaying the first batches.
-        loader = train_loader(cfg.data, batch_size=tc.batch_size, img_size=cfg.model.img_size,
-                              in_chans=cfg.model.in_chans, seed=tc.seed + step,
-                              rank=accelerator.process_index, world_size=world)
+        loader = train_loader(
+            cfg.data,
+            batch_size=tc.batch_size,
+            img_size=cfg.model.img_size,
+            in_chans=cfg.model.in_chans,
+            seed=tc.seed + step,
+            rank=accelerator.process_index,
+            world_size=world,
+        )
         atexit.register(loader.close)  # also on an exception: no worker left to wait for
         batches = iter(loader)
         pending.append(next_batch())  # unusable data stops here, before anything is written
@@ -351,27 +402,44 @@ def train(cfg: Config, force_config: bool = False) -> int:
 
     # Random crops, jitter and the second view on the step's device, drawn from
     # (seed, rank, step): a resumed run augments step k as the first run did.
-    augment = build_batch_augment(cfg.data, img_size=cfg.model.img_size, seed=tc.seed,
-                                  rank=accelerator.process_index)
+    augment = build_batch_augment(
+        cfg.data, img_size=cfg.model.img_size, seed=tc.seed, rank=accelerator.process_index
+    )
     tracker = Tracker(out, cfg.wandb, cfg.to_dict(), resume_step=step) if main else None  # (also
     # when only the export is left: it is logged as a model artifact of the same run)
     params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not main or finishing,
-               dynamic_ncols=True, unit="step")
+    bar = tqdm(
+        total=tc.max_steps,
+        initial=step,
+        disable=not main or finishing,
+        dynamic_ncols=True,
+        unit="step",
+    )
     redirect = logging_redirect_tqdm()  # warnings print above the bar, not through it
     redirect.__enter__()
     window = {"t": time.perf_counter(), "steps": 0}
     model.train()
 
     def save(tag: str) -> None:
-        meta = {"samples_seen": samples_seen, "world_size": world, "tag": tag,
-                "wandb_id": tracker.run_id if tracker else None}
+        meta = {
+            "samples_seen": samples_seen,
+            "world_size": world,
+            "tag": tag,
+            "wandb_id": tracker.run_id if tracker else None,
+        }
         path = save_checkpoint(accelerator, out, step, meta, tc.keep_last)
         if main:
             bar.write(f"saved {path}")
         if tc.export_checkpoints:
-            export(accelerator, model, cfg, path / EXPORT_DIR, step=step,
-                   samples_seen=samples_seen, tracker=tracker)
+            export(
+                accelerator,
+                model,
+                cfg,
+                path / EXPORT_DIR,
+                step=step,
+                samples_seen=samples_seen,
+                tracker=tracker,
+            )
 
     while step < tc.max_steps:
         sums: dict[str, torch.Tensor] = {}
@@ -380,7 +448,9 @@ def train(cfg: Config, force_config: bool = False) -> int:
             batch = next_batch()
             images = batch["image"].to(accelerator.device, non_blocking=True)
             images2 = batch.get("image2")
-            images2 = images2.to(accelerator.device, non_blocking=True) if images2 is not None else None
+            images2 = (
+                images2.to(accelerator.device, non_blocking=True) if images2 is not None else None
+            )
             if augment is not None:
                 images, *second = augment(images, step, micro)
                 images2 = second[0] if second else None
@@ -407,11 +477,16 @@ def train(cfg: Config, force_config: bool = False) -> int:
         if step % tc.log_every == 0 or step == tc.max_steps or probe_now:
             elapsed = time.perf_counter() - window["t"]
             per_proc = tc.batch_size * tc.grad_accum * window["steps"] / max(elapsed, 1e-9)
-            row = {**terms_mean, "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                   "samples_per_s": per_proc, "samples_per_s_total": per_proc * world,
-                   "data/skipped": skipped_total, "samples_seen": samples_seen,
-                   "world_size": world}
+            row = {
+                **terms_mean,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "samples_per_s": per_proc,
+                "samples_per_s_total": per_proc * world,
+                "data/skipped": skipped_total,
+                "samples_seen": samples_seen,
+                "world_size": world,
+            }
             if probe_now:
                 row.update(run_probe(model, accelerator, cfg))
             if tracker:
@@ -432,8 +507,15 @@ def train(cfg: Config, force_config: bool = False) -> int:
     if loader is not None:
         loader.close()
     if step >= tc.max_steps:
-        path = export(accelerator, model, cfg, out / EXPORT_DIR, step=step,
-                      samples_seen=samples_seen, tracker=tracker)
+        path = export(
+            accelerator,
+            model,
+            cfg,
+            out / EXPORT_DIR,
+            step=step,
+            samples_seen=samples_seen,
+            tracker=tracker,
+        )
         if main:
             plot(out)
         accelerator.print(f"exported the encoder to {path}")

@@ -13,6 +13,7 @@ tests/ddp_worker.py OUT_DIR``. Each rank:
 
 Rank 0 writes ``OUT_DIR/result.json`` (and ``step0.pt``).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,17 @@ from pipeline.config import load_config
 from pipeline.model import build_model
 
 WORLD, B_LOCAL, STEPS = 2, 4, 3
-OVERRIDES = ["model.backbone=test_resnet", "model.img_size=32", "model.code_dim=16",
-             "model.fc_dim=32", "loss.critic_dim=16", "loss.critic_hidden=32",
-             "loss.estimator=infonce", "loss.global_critic=dot", "loss.local_critic=dot"]
+OVERRIDES = [
+    "model.backbone=test_resnet",
+    "model.img_size=32",
+    "model.code_dim=16",
+    "model.fc_dim=32",
+    "loss.critic_dim=16",
+    "loss.critic_hidden=32",
+    "loss.estimator=infonce",
+    "loss.global_critic=dot",
+    "loss.local_critic=dot",
+]
 
 
 def make_model() -> torch.nn.Module:
@@ -58,11 +67,13 @@ def main(out_dir: Path) -> None:
     assert isinstance(model, DistributedDataParallel), type(model)
 
     model.eval()
-    images = step0_batch()[rank * B_LOCAL:(rank + 1) * B_LOCAL]
+    images = step0_batch()[rank * B_LOCAL : (rank + 1) * B_LOCAL]
     loss, _ = model(images)
     accelerator.backward(loss)
-    step0 = {"loss": accelerator.reduce(loss.detach(), "mean"),
-             "grads": {n: p.grad.clone() for n, p in accelerator.unwrap_model(model).named_parameters()}}
+    step0 = {
+        "loss": accelerator.reduce(loss.detach(), "mean"),
+        "grads": {n: p.grad.clone() for n, p in accelerator.unwrap_model(model).named_parameters()},
+    }
     optimizer.zero_grad()
 
     model.train()
@@ -86,8 +97,9 @@ def main(out_dir: Path) -> None:
             "distributed_type": str(accelerator.distributed_type),
             "rank_checksums": all_sums.tolist(),
             "max_rank_difference": (all_sums - all_sums[0]).abs().max().item(),
-            "max_change_from_init": max((p.detach() - initial[n]).abs().max().item()
-                                        for n, p in params.items()),
+            "max_change_from_init": max(
+                (p.detach() - initial[n]).abs().max().item() for n, p in params.items()
+            ),
             "losses": losses,
         }
         (out_dir / "result.json").write_text(json.dumps(result, indent=2))

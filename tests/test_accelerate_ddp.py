@@ -9,6 +9,7 @@ selecting gloo; ``--cpu`` alone would start a single process) and checks its JSO
   equals the gradient of one process on the concatenated batch, timm backbone included;
 - after a few optimizer steps the replicas are still identical and have moved.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,11 +32,18 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> tuple[dict, dict]:
     out = tmp_path_factory.mktemp("ddp")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",  # `accelerate launch`
-           "--config_file", str(ROOT / "launch/cpu.yaml"),
-           "--num_processes", "2", str(ROOT / "tests/ddp_worker.py"), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-           "WANDB_MODE": "disabled"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",  # `accelerate launch`
+        "--config_file",
+        str(ROOT / "launch/cpu.yaml"),
+        "--num_processes",
+        "2",
+        str(ROOT / "tests/ddp_worker.py"),
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"accelerate launch failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
     return json.loads((out / "result.json").read_text()), torch.load(out / "step0.pt")
@@ -59,8 +67,13 @@ def test_ddp_gradient_equals_one_process_on_the_whole_batch(launched):
     grads = dict(model.named_parameters())
     assert step0["grads"].keys() == grads.keys()
     for name, p in grads.items():
-        torch.testing.assert_close(step0["grads"][name], p.grad, atol=ATOL, rtol=0,
-                                   msg=lambda m, name=name: f"gradient of {name}: {m}")
+        torch.testing.assert_close(
+            step0["grads"][name],
+            p.grad,
+            atol=ATOL,
+            rtol=0,
+            msg=lambda m, name=name: f"gradient of {name}: {m}",
+        )
 
 
 def test_replicas_stay_identical_and_train(launched):
@@ -69,4 +82,4 @@ def test_replicas_stay_identical_and_train(launched):
     assert len(sums) == 2 and len(sums[0]) > 10
     assert result["max_rank_difference"] == 0.0
     assert result["max_change_from_init"] > 1e-4
-    assert all(map(lambda x: x == x and abs(x) < 1e4, result["losses"]))
+    assert all(x == x and abs(x) < 1e4 for x in result["losses"])

@@ -1,5 +1,6 @@
 """Batched on-device augmentation: per-image parameters, resumable draws, exact geometry
 and colour maths (against torchvision's per-image functionals), and the loader side."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,15 +33,31 @@ def pattern(batch: int = 4, size: int = 16, chans: int = 3) -> torch.Tensor:
 
 
 def augmenter(**kw) -> ba.BatchAugment:
-    args = {"img_size": 16, "seed": 0, "rank": 0, "crop_scale_min": 0.5, "flip": True,
-            "color_jitter": 0.4}
+    args = {
+        "img_size": 16,
+        "seed": 0,
+        "rank": 0,
+        "crop_scale_min": 0.5,
+        "flip": True,
+        "color_jitter": 0.4,
+    }
     return ba.BatchAugment(**{**args, **kw})
 
 
 def identity_params(n: int, **changes) -> ba.ViewParams:
     one, zero = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    p = ba.ViewParams(crop_w=one, crop_h=one, centre_x=zero, centre_y=zero, flip=one,
-                      brightness=one, contrast=one, saturation=one, hue=zero, gray=zero)
+    p = ba.ViewParams(
+        crop_w=one,
+        crop_h=one,
+        centre_x=zero,
+        centre_y=zero,
+        flip=one,
+        brightness=one,
+        contrast=one,
+        saturation=one,
+        hue=zero,
+        gray=zero,
+    )
     return dataclasses.replace(p, **changes)
 
 
@@ -63,9 +80,12 @@ def test_same_seed_rank_step_same_views_after_a_resume():
     first = augmenter(views=2)(x, step=41)
     torch.manual_seed(123)  # a resumed process has other global RNG state
     again = augmenter(views=2)(x, step=41)
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    for other in (augmenter(views=2)(x, step=42), augmenter(views=2, rank=1)(x, step=41),
-                  augmenter(views=2)(x, step=41, micro=1)):
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    for other in (
+        augmenter(views=2)(x, step=42),
+        augmenter(views=2, rank=1)(x, step=41),
+        augmenter(views=2)(x, step=41, micro=1),
+    ):
         assert not torch.allclose(first[0], other[0])
 
 
@@ -106,15 +126,21 @@ def test_colour_maths_match_torchvision_per_image():
     x = torch.rand(4, 3, 12, 12)
     f = torch.tensor([0.6, 1.0, 1.3, 0.9], dtype=torch.float64)
     hue = torch.tensor([-0.1, 0.0, 0.07, 0.25], dtype=torch.float64)
-    cases = [("brightness", f, TF.adjust_brightness), ("contrast", f, TF.adjust_contrast),
-             ("saturation", f, TF.adjust_saturation), ("hue", hue, TF.adjust_hue)]
+    cases = [
+        ("brightness", f, TF.adjust_brightness),
+        ("contrast", f, TF.adjust_contrast),
+        ("saturation", f, TF.adjust_saturation),
+        ("hue", hue, TF.adjust_hue),
+    ]
     for name, values, reference in cases:
         p = identity_params(4, **{name: values})
         got = ba.color_jitter(x, p)
         want = torch.stack([reference(x[i], float(values[i])) for i in range(4)])
         assert torch.allclose(got, want, atol=2e-3), name
     assert torch.allclose(ba.color_jitter(x, identity_params(4)), x, atol=1e-5)
-    gray = ba.grayscale(x, identity_params(4, gray=torch.tensor([1.0, 0, 0, 1], dtype=torch.float64)))
+    gray = ba.grayscale(
+        x, identity_params(4, gray=torch.tensor([1.0, 0, 0, 1], dtype=torch.float64))
+    )
     assert torch.allclose(gray[0], TF.rgb_to_grayscale(x[0], num_output_channels=3), atol=1e-5)
     assert torch.equal(gray[1], x[1])
 
@@ -134,21 +160,35 @@ def test_loader_side_decodes_only_and_eval_is_unchanged(tmp_path):
     def load(i: int) -> tuple[bytes, str, int]:
         return image_bytes(7 * i, size=20), "png", i % 10
 
-    manifests = write_dataset(load, 12, tmp_path, classes=[str(c) for c in range(10)],
-                              val_fraction=0.0, max_samples=6)
+    manifests = write_dataset(
+        load, 12, tmp_path, classes=[str(c) for c in range(10)], val_fraction=0.0, max_samples=6
+    )
     spec = str(manifests["train"])
     cfg = DataConfig(train_shards=spec, num_workers=0, augment="amdim", shuffle_buffer=4)
-    batch = next(iter(train_loader(cfg, batch_size=3, img_size=16, in_chans=3, seed=0, rank=0,
-                                   world_size=1)))
+    batch = next(
+        iter(train_loader(cfg, batch_size=3, img_size=16, in_chans=3, seed=0, rank=0, world_size=1))
+    )
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (3, 3, 16, 16)
     assert "image2" not in batch  # the second view is made on the device
     assert ba.build_batch_augment(cfg, img_size=16, seed=0, rank=0).views == 2
-    for off in (dataclasses.replace(cfg, augment_on="worker"), dataclasses.replace(cfg, augment="none")):
+    for off in (
+        dataclasses.replace(cfg, augment_on="worker"),
+        dataclasses.replace(cfg, augment="none"),
+    ):
         assert ba.build_batch_augment(off, img_size=16, seed=0, rank=0) is None
-        b = next(iter(train_loader(off, batch_size=3, img_size=16, in_chans=3, seed=0, rank=0,
-                                   world_size=1)))
+        b = next(
+            iter(
+                train_loader(
+                    off, batch_size=3, img_size=16, in_chans=3, seed=0, rank=0, world_size=1
+                )
+            )
+        )
         assert b["image"].dtype == torch.float32
     ev = next(iter(eval_loader(spec, batch_size=3, img_size=16, in_chans=3)))
     fit, square = FixedSize(16, 3), torch.zeros(3, 16, 16, dtype=torch.uint8)
-    assert fit(square) is square and fit(torch.zeros(3, 20, 24, dtype=torch.uint8)).shape == (3, 16, 16)
+    assert fit(square) is square and fit(torch.zeros(3, 20, 24, dtype=torch.uint8)).shape == (
+        3,
+        16,
+        16,
+    )
     assert ev["image"].dtype == torch.float32 and -1 <= ev["image"].min() <= ev["image"].max() <= 1

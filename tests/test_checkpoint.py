@@ -1,11 +1,18 @@
 """Checkpoints: atomic saves (an interrupted save keeps the previous one), rotation, resume."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.checkpoint import (clean_partial, latest_checkpoint, list_checkpoints,
-                                 load_checkpoint, read_meta, save_checkpoint)
+from pipeline.checkpoint import (
+    clean_partial,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 
 
 @pytest.fixture(scope="module")

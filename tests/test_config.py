@@ -1,4 +1,5 @@
 """Typed configuration: YAML + dotted overrides, one clear error for bad keys and values."""
+
 import pytest
 
 from pipeline.config import Config, ConfigError, describe, load_config, save_config
@@ -7,8 +8,9 @@ from pipeline.config import Config, ConfigError, describe, load_config, save_con
 def test_defaults_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  batch_size: 32\n  lr: 1\nloss:\n  estimator: jsd\n")
-    cfg = load_config(path, ["train.batch_size=8", "model.backbone_kwargs={patch_size: 4}",
-                             "wandb.tags=[a,b]"])
+    cfg = load_config(
+        path, ["train.batch_size=8", "model.backbone_kwargs={patch_size: 4}", "wandb.tags=[a,b]"]
+    )
     assert cfg.train.batch_size == 8 and cfg.loss.estimator == "jsd"
     assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0
     assert cfg.model.backbone_kwargs == {"patch_size": 4} and cfg.wandb.tags == ["a", "b"]
@@ -21,24 +23,33 @@ def test_saved_config_loads_back_identically(tmp_path):
     assert load_config(tmp_path / "resolved.yaml") == cfg
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["train.batchsize=3"], "unknown config key 'train.batchsize'; did you mean 'train.batch_size'"),
-    (["trian.batch_size=3"], "unknown config key 'trian'"),
-    (["train.batch_size=three"], "train.batch_size expects int"),
-    (["train.batch_size=0"], "train.batch_size must be > 0"),
-    (["train.mixed_precision=fp8"], "unknown train.mixed_precision 'fp8'"),
-    (["loss.estimator=nce"], "unknown loss.estimator 'nce'"),
-    (["loss=3"], "loss is a section"),
-    (["train.batch_size"], "not of the form"),
-    (["loss.global_critic=none", "loss.local_critic=none"], "nothing would estimate"),
-    (["train.lr=-1"], "train.lr must be > 0, got -1.0"),
-    (["train.lr=.nan"], "train.lr must be a finite number"),
-    (["loss.alpha=-1"], "loss.alpha must be >= 0, got -1.0"),
-    (["loss.gamma=-0.5"], "loss.gamma must be >= 0"),
-    (["train.batch_size=8", "train.batch_size.x=3"], "train.batch_size is a single value, not a section"),
-    (["train.batch_size.x=3"], "train.batch_size is a single value, not a section"),
-    (["model.code_dim=0"], "model.code_dim must be > 0"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["train.batchsize=3"],
+            "unknown config key 'train.batchsize'; did you mean 'train.batch_size'",
+        ),
+        (["trian.batch_size=3"], "unknown config key 'trian'"),
+        (["train.batch_size=three"], "train.batch_size expects int"),
+        (["train.batch_size=0"], "train.batch_size must be > 0"),
+        (["train.mixed_precision=fp8"], "unknown train.mixed_precision 'fp8'"),
+        (["loss.estimator=nce"], "unknown loss.estimator 'nce'"),
+        (["loss=3"], "loss is a section"),
+        (["train.batch_size"], "not of the form"),
+        (["loss.global_critic=none", "loss.local_critic=none"], "nothing would estimate"),
+        (["train.lr=-1"], "train.lr must be > 0, got -1.0"),
+        (["train.lr=.nan"], "train.lr must be a finite number"),
+        (["loss.alpha=-1"], "loss.alpha must be >= 0, got -1.0"),
+        (["loss.gamma=-0.5"], "loss.gamma must be >= 0"),
+        (
+            ["train.batch_size=8", "train.batch_size.x=3"],
+            "train.batch_size is a single value, not a section",
+        ),
+        (["train.batch_size.x=3"], "train.batch_size is a single value, not a section"),
+        (["model.code_dim=0"], "model.code_dim must be > 0"),
+    ],
+)
 def test_bad_input_is_one_config_error(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
@@ -60,6 +71,14 @@ def test_missing_or_broken_config_file(tmp_path):
 
 def test_describe_lists_every_key_with_its_default():
     text = describe()
-    for key in ("data.train_shards=", "train.batch_size=128", "train.max_steps=", "train.output_dir=",
-                "model.backbone=", "loss.estimator=infonce", "train.save_every=", "train.seed=0"):
+    for key in (
+        "data.train_shards=",
+        "train.batch_size=128",
+        "train.max_steps=",
+        "train.output_dir=",
+        "model.backbone=",
+        "loss.estimator=infonce",
+        "train.save_every=",
+        "train.seed=0",
+    ):
         assert key in text

@@ -1,4 +1,5 @@
 """WebDataset streams: round trips, exactly-once evaluation, seeded training streams, bad data."""
+
 from __future__ import annotations
 
 import io
@@ -35,7 +36,7 @@ def pixel(value: int) -> float:
 
 
 def write_wds(folder: Path, counts: list[int], *, fmt: str = "jpg", extra=None) -> str:
-    """Shards by webdataset's own ShardWriter; sample ``i`` has label ``i % 10`` and value ``7 i``."""
+    """Shards by webdataset's ShardWriter; sample ``i`` has label ``i % 10`` and value ``7 i``."""
     folder.mkdir(parents=True, exist_ok=True)
     i = 0
     with wds.ShardWriter(str(folder / "part-%04d.tar"), maxcount=10**6, verbose=0) as writer:
@@ -44,8 +45,14 @@ def write_wds(folder: Path, counts: list[int], *, fmt: str = "jpg", extra=None) 
                 writer.next_stream()  # uneven shards on purpose
             for _ in range(count):
                 image = image_bytes(7 * i, "jpeg" if fmt == "jpg" else fmt)
-                writer.write({"__key__": f"s{i:05d}", fmt: image, "cls": str(i % 10).encode(),
-                              **(extra(i) if extra else {})})
+                writer.write(
+                    {
+                        "__key__": f"s{i:05d}",
+                        fmt: image,
+                        "cls": str(i % 10).encode(),
+                        **(extra(i) if extra else {}),
+                    }
+                )
                 i += 1
     return str(folder / f"part-{{0000..{len(counts) - 1:04d}}}.tar")
 
@@ -53,13 +60,22 @@ def write_wds(folder: Path, counts: list[int], *, fmt: str = "jpg", extra=None) 
 def write_project(folder: Path, n: int, *, max_samples: int) -> str:
     """The project's writer (no val split); returns the manifest."""
     load = lambda i: (image_bytes(7 * i), "png", i % 10)  # noqa: E731
-    return str(write_dataset(load, n, folder, classes=[str(c) for c in range(10)],
-                             val_fraction=0.0, max_samples=max_samples)["train"])
+    return str(
+        write_dataset(
+            load,
+            n,
+            folder,
+            classes=[str(c) for c in range(10)],
+            val_fraction=0.0,
+            max_samples=max_samples,
+        )["train"]
+    )
 
 
 def read_all(spec: str, **kw) -> tuple[list[str], list[int], list[float], int]:
-    loader = eval_loader(spec, batch_size=kw.pop("batch_size", 4), img_size=SIZE, in_chans=1,
-                         with_keys=True, **kw)
+    loader = eval_loader(
+        spec, batch_size=kw.pop("batch_size", 4), img_size=SIZE, in_chans=1, with_keys=True, **kw
+    )
     keys, labels, values = [], [], []
     for batch in loader:
         keys += batch["key"]
@@ -79,6 +95,7 @@ def truncate_inside(path: Path, sample_index: int) -> None:
 
 # ------------------------------------------------------------------- round trips
 
+
 def test_round_trip_webdataset_shardwriter(tmp_path):
     spec = write_wds(tmp_path, [5, 3, 4])
     keys, labels, values, skipped = read_all(spec, batch_size=5)
@@ -96,7 +113,7 @@ def test_round_trip_project_writer(tmp_path):
     keys, labels, values, _ = read_all(manifest)
     assert len(keys) == len(set(keys)) == 11
     # the writer shuffles; each sample still carries its own label and pixels
-    by_value = sorted(zip(values, labels))
+    by_value = sorted(zip(values, labels, strict=True))
     want = sorted((pixel(7 * i), i % 10) for i in range(11))
     assert [lab for _, lab in by_value] == [lab for _, lab in want]
     assert [v for v, _ in by_value] == pytest.approx([v for v, _ in want], abs=1e-6)
@@ -110,7 +127,9 @@ def test_png_webp_jpeg_and_rgb_output(tmp_path):
 
 
 def test_label_from_json_field(tmp_path):
-    spec = write_wds(tmp_path / "a", [4], extra=lambda i: {"json": json.dumps({"meta": {"y": 30 + i}})})
+    spec = write_wds(
+        tmp_path / "a", [4], extra=lambda i: {"json": json.dumps({"meta": {"y": 30 + i}})}
+    )
     assert read_all(spec, label_key="json:meta.y")[1] == [30, 31, 32, 33]
     assert read_all(spec, label_key="none")[1] == [-1] * 4
     # auto: .cls first; without .cls, the json "label" field; without either, -1
@@ -124,6 +143,7 @@ def test_label_from_json_field(tmp_path):
 
 # ------------------------------------------------------------------- shard specs
 
+
 def test_spec_forms(tmp_path):
     spec = write_wds(tmp_path, [2, 2, 2])
     shards = resolve_shards(spec)
@@ -136,14 +156,17 @@ def test_spec_forms(tmp_path):
     assert read_all(piped)[1] == [0, 1]
 
 
-@pytest.mark.parametrize("spec, words", [
-    ("", ["empty"]),
-    ("{tmp}/nothing-{{000..003}}.tar", ["nothing-{000..003}.tar", "4 of 4"]),
-    ("{tmp}/part-{{0000..0005}}.tar", ["3 of 6"]),
-    ("{tmp}/nope-*.tar", ["nope-*.tar"]),
-    ("{tmp}/missing.json", ["manifest not found"]),
-    ("{tmp}", ["directory"]),
-])
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("", ["empty"]),
+        ("{tmp}/nothing-{{000..003}}.tar", ["nothing-{000..003}.tar", "4 of 4"]),
+        ("{tmp}/part-{{0000..0005}}.tar", ["3 of 6"]),
+        ("{tmp}/nope-*.tar", ["nope-*.tar"]),
+        ("{tmp}/missing.json", ["manifest not found"]),
+        ("{tmp}", ["directory"]),
+    ],
+)
 def test_missing_or_empty_specs_are_config_errors(tmp_path, spec, words):
     write_wds(tmp_path, [1, 1, 1])
     spec = spec.format(tmp=tmp_path)
@@ -151,11 +174,19 @@ def test_missing_or_empty_specs_are_config_errors(tmp_path, spec, words):
         resolve_shards(spec)
     assert all(w in str(err.value) for w in words), err.value
     with pytest.raises(ConfigError):  # before any stream starts
-        train_loader(DataConfig(train_shards=spec), batch_size=2, img_size=SIZE, in_chans=1,
-                     seed=0, rank=0, world_size=1)
+        train_loader(
+            DataConfig(train_shards=spec),
+            batch_size=2,
+            img_size=SIZE,
+            in_chans=1,
+            seed=0,
+            rank=0,
+            world_size=1,
+        )
 
 
 # ------------------------------------------------------------------- evaluation
+
 
 @pytest.mark.parametrize("counts", [[3, 5, 2, 4, 1], [9]])  # shard split / sample split
 def test_eval_two_ranks_two_workers_exactly_once(tmp_path, counts):
@@ -170,15 +201,27 @@ def test_eval_two_ranks_two_workers_exactly_once(tmp_path, counts):
 
 # ------------------------------------------------------------------- training
 
+
 def keys_of(cfg: DataConfig, batches: int, **kw) -> list[list[str]]:
-    args = dict(batch_size=3, img_size=SIZE, in_chans=1, seed=0, rank=0, world_size=1) | kw
+    args = {
+        "batch_size": 3,
+        "img_size": SIZE,
+        "in_chans": 1,
+        "seed": 0,
+        "rank": 0,
+        "world_size": 1,
+    } | kw
     loader = train_loader(cfg, with_keys=True, **args)
     return [b["key"] for b in islice(loader, batches)]
 
 
 def test_train_streams_differ_per_rank_and_worker_and_repeat(tmp_path):
-    cfg = DataConfig(train_shards=write_wds(tmp_path, [6, 6, 6, 6]), num_workers=0,
-                     shuffle_buffer=8, epoch_samples=60)
+    cfg = DataConfig(
+        train_shards=write_wds(tmp_path, [6, 6, 6, 6]),
+        num_workers=0,
+        shuffle_buffer=8,
+        epoch_samples=60,
+    )
     base = keys_of(cfg, 6)
     torch.manual_seed(123)  # the trainer's rng does not steer the stream
     assert keys_of(cfg, 6) == base
@@ -193,23 +236,40 @@ def test_train_streams_differ_per_rank_and_worker_and_repeat(tmp_path):
 def test_uneven_shards_give_every_rank_the_same_epoch(tmp_path):
     spec = write_wds(tmp_path, [7, 1, 2])  # 3 shards over 2 ranks x 2 workers
     cfg = DataConfig(train_shards=spec, num_workers=2, shuffle_buffer=4, epoch_samples=40)
-    lengths = [len(list(train_loader(cfg, batch_size=2, img_size=SIZE, in_chans=1, seed=0,
-                                     rank=rank, world_size=2, epochs=1))) for rank in range(2)]
+    lengths = [
+        len(
+            list(
+                train_loader(
+                    cfg,
+                    batch_size=2,
+                    img_size=SIZE,
+                    in_chans=1,
+                    seed=0,
+                    rank=rank,
+                    world_size=2,
+                    epochs=1,
+                )
+            )
+        )
+        for rank in range(2)
+    ]
     assert lengths == [10, 10]  # 40 // (2 x 2), dealt 5 + 5 over the workers
 
 
 def test_train_batches_shapes_epochs_and_amdim(tmp_path):
     manifest = write_project(tmp_path, 10, max_samples=4)
-    cfg = DataConfig(train_shards=manifest, num_workers=0, augment="amdim", augment_on="worker",
-                     shuffle_buffer=4)
-    loader = train_loader(cfg, batch_size=3, img_size=12, in_chans=3, seed=0, rank=0,
-                          world_size=1, epochs=2)
+    cfg = DataConfig(
+        train_shards=manifest, num_workers=0, augment="amdim", augment_on="worker", shuffle_buffer=4
+    )
+    loader = train_loader(
+        cfg, batch_size=3, img_size=12, in_chans=3, seed=0, rank=0, world_size=1, epochs=2
+    )
     batches = list(loader)
     assert loader.batches_per_epoch == 3 and len(batches) == 6  # 10 samples // 3 per batch
     b = batches[0]
     assert b["image"].shape == b["image2"].shape == (3, 3, 12, 12)
     assert b["image"].dtype == torch.float32 and b["label"].dtype == torch.long
-    assert -1 <= b["image"].min() and b["image"].max() <= 1 and b["skipped"] == 0
+    assert b["image"].min() >= -1 and b["image"].max() <= 1 and b["skipped"] == 0
     assert not torch.equal(b["image"], b["image2"])  # independent views
 
 
@@ -221,10 +281,15 @@ def test_train_counts_corrupt_images_across_workers(tmp_path):
             jpg = b"\xff\xd8 garbage, not a JPEG" if i == 2 else image_bytes(i, "jpeg")
             writer.write({"__key__": f"k{i}", "jpg": jpg, "cls": b"1"})
     for workers in (0, 2):
-        cfg = DataConfig(train_shards=str(folder / "a.tar"), num_workers=workers,
-                         shuffle_buffer=0, epoch_samples=60)
-        loader = train_loader(cfg, batch_size=3, img_size=SIZE, in_chans=1, seed=0, rank=0,
-                              world_size=1)
+        cfg = DataConfig(
+            train_shards=str(folder / "a.tar"),
+            num_workers=workers,
+            shuffle_buffer=0,
+            epoch_samples=60,
+        )
+        loader = train_loader(
+            cfg, batch_size=3, img_size=SIZE, in_chans=1, seed=0, rank=0, world_size=1
+        )
         # each worker's pass is good, good, corrupt, good: its n-th batch has seen n corrupt,
         # and the main process sums the workers' latest counts
         assert [b["skipped"] for b in islice(loader, 8)] == list(range(1, 9))
@@ -234,7 +299,9 @@ def test_train_counts_samples_lost_to_a_truncated_shard(tmp_path):
     manifest = write_project(tmp_path, 6, max_samples=6)
     truncate_inside(Path(resolve_shards(manifest)[0]), 3)  # samples 3, 4, 5 are lost
     cfg = DataConfig(train_shards=manifest, num_workers=0, shuffle_buffer=0, epoch_samples=30)
-    loader = train_loader(cfg, batch_size=3, img_size=SIZE, in_chans=1, seed=0, rank=0, world_size=1)
+    loader = train_loader(
+        cfg, batch_size=3, img_size=SIZE, in_chans=1, seed=0, rank=0, world_size=1
+    )
     # webdataset's batched() emits a batch when the next sample arrives, i.e. after the
     # pass's loss marker: every batch has seen one more truncation
     assert [b["skipped"] for b in islice(loader, 4)] == [3, 6, 9, 12]
@@ -248,12 +315,24 @@ def test_all_bad_data_is_one_error_naming_shard_and_reason(tmp_path, workers, ca
     with wds.TarWriter(str(path)) as writer:
         for i in range(3):
             writer.write({"__key__": f"a{i}", "jpg": b"not an image", "cls": b"0"})
-    cfg = DataConfig(train_shards=str(path), num_workers=workers, shuffle_buffer=0,
-                     max_bad_streak=40, epoch_samples=60)
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"), \
-            pytest.raises(ConfigError) as err:
-        next(iter(train_loader(cfg, batch_size=2, img_size=SIZE, in_chans=1, seed=0, rank=0,
-                               world_size=1)))
+    cfg = DataConfig(
+        train_shards=str(path),
+        num_workers=workers,
+        shuffle_buffer=0,
+        max_bad_streak=40,
+        epoch_samples=60,
+    )
+    with (
+        caplog.at_level(logging.WARNING, logger="pipeline.data"),
+        pytest.raises(ConfigError) as err,
+    ):
+        next(
+            iter(
+                train_loader(
+                    cfg, batch_size=2, img_size=SIZE, in_chans=1, seed=0, rank=0, world_size=1
+                )
+            )
+        )
     message = str(err.value)
     assert "40 bad samples or shards in a row" in message and str(path) in message
     assert "most common reason (40 of 40): RuntimeError" in message and "\n" not in message
@@ -261,6 +340,7 @@ def test_all_bad_data_is_one_error_naming_shard_and_reason(tmp_path, workers, ca
 
 
 # ------------------------------------------------------------------- bad data in evaluation
+
 
 @pytest.mark.parametrize("writer", ["webdataset", "project"])
 def test_corrupt_jpeg_and_truncated_tar_are_skipped_and_counted(tmp_path, writer, caplog):

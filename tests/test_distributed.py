@@ -18,6 +18,7 @@ So the encoder here is a small deterministic module without BatchNorm, and z use
 gather, estimators, loss) is the production code. ``tests/test_accelerate_ddp.py`` runs
 the real timm model under DDP.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -47,11 +48,24 @@ ATOL = 1e-5
 TIMEOUT_S = 120
 
 # (estimator, global critic, local critic); infoNCE gathers, JSD and DV stay on the device.
-GATHERING = [("infonce", "dot", "none"), ("infonce", "none", "dot"),
-             ("infonce", "zz", "concat"), ("infonce", "feature", "dot")]
+GATHERING = [
+    ("infonce", "dot", "none"),
+    ("infonce", "none", "dot"),
+    ("infonce", "zz", "concat"),
+    ("infonce", "feature", "dot"),
+]
 LOCAL_ONLY = [("jsd", "dot", "dot"), ("jsd", "zz", "concat"), ("dv", "dot", "concat")]
-COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "all_to_all",
-               "broadcast", "reduce_scatter", "reduce_scatter_tensor", "scatter", "gather")
+COLLECTIVES = (
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_reduce",
+    "all_to_all",
+    "broadcast",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "scatter",
+    "gather",
+)
 
 
 class StandInEncoder(nn.Module):
@@ -72,11 +86,17 @@ class StandInEncoder(nn.Module):
 
 def build(case: tuple[str, str, str]) -> nn.ModuleDict:
     estimator, global_critic, local_critic = case
-    cfg = LossConfig(estimator=estimator, global_critic=global_critic, local_critic=local_critic,
-                     critic_dim=8, critic_hidden=16)
+    cfg = LossConfig(
+        estimator=estimator,
+        global_critic=global_critic,
+        local_critic=local_critic,
+        critic_dim=8,
+        critic_hidden=16,
+    )
     torch.manual_seed(0)
-    return nn.ModuleDict({"encoder": StandInEncoder(),
-                          "objective": DIMObjective(cfg, CHANNELS, CODE_DIM)})
+    return nn.ModuleDict(
+        {"encoder": StandInEncoder(), "objective": DIMObjective(cfg, CHANNELS, CODE_DIM)}
+    )
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,17 +113,21 @@ def run_case(case, rows: slice, seed: int = 0, scale: float = 1.0) -> dict:
     out = model["encoder"](images[rows], eps[rows])
     loss, terms = model["objective"](out, generator=torch.Generator().manual_seed(seed))
     (scale * loss).backward()
-    grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-             for n, p in model.named_parameters()}
+    grads = {
+        n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+        for n, p in model.named_parameters()
+    }
     return {"loss": loss.detach(), "terms": terms, "grads": grads}
 
 
 @contextmanager
 def no_communication():
     """Make every collective raise: the code inside must not talk to other ranks."""
+
     def forbidden(name):
         def call(*args, **kwargs):
             raise AssertionError(f"unexpected cross-device collective {name}()")
+
         return call
 
     saved = []
@@ -146,6 +170,7 @@ CONTROLS = {  # name -> (gather, rank, loss scale)
 
 # ----------------------------------------------------------------------- the workers
 
+
 def _check_gather(rank: int) -> dict:
     """gather_with_grad: rank order forward, gradient of every rank's loss summed back."""
     x = torch.full((2, 3), float(rank + 1), requires_grad=True)
@@ -165,8 +190,13 @@ def _rank_mean(res: dict) -> dict:
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )
     try:
         assert dist.get_world_size() == WORLD and distributed.world_size() == WORLD
         assert distributed.rank() == rank and distributed.is_distributed()
@@ -210,11 +240,17 @@ def ranks(tmp_path_factory) -> list[dict]:
 def assert_grads_close(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=ATOL, rtol=0,
-                                   msg=lambda m, name=name: f"gradient of {name}: {m}")
+        torch.testing.assert_close(
+            got[name],
+            want[name],
+            atol=ATOL,
+            rtol=0,
+            msg=lambda m, name=name: f"gradient of {name}: {m}",
+        )
 
 
 # ------------------------------------------------------------------------ the checks
+
 
 def test_workers_saw_world_size_two(ranks):
     assert [r["world_size"] for r in ranks] == [WORLD] * WORLD
@@ -226,7 +262,7 @@ def test_gather_with_grad_orders_by_rank_and_sums_gradients(ranks):
     summed = base * sum(r + 1 for r in range(WORLD))  # d/dy of sum over ranks' losses
     for r, res in enumerate(ranks):
         torch.testing.assert_close(res["gather"]["gathered"], want_y)
-        torch.testing.assert_close(res["gather"]["grad"], summed[2 * r:2 * r + 2])
+        torch.testing.assert_close(res["gather"]["grad"], summed[2 * r : 2 * r + 2])
 
 
 @pytest.mark.parametrize("case", GATHERING, ids="-".join)
@@ -239,8 +275,13 @@ def test_infonce_across_ranks_equals_one_process(ranks, case):
     for key in ("loss/global", "loss/local", "kl"):
         if key in want["terms"]:
             got = sum(r[case]["terms"][key] for r in ranks) / WORLD
-            torch.testing.assert_close(got, want["terms"][key], atol=ATOL, rtol=0,
-                                       msg=lambda m, key=key: f"term {key}: {m}")
+            torch.testing.assert_close(
+                got,
+                want["terms"][key],
+                atol=ATOL,
+                rtol=0,
+                msg=lambda m, key=key: f"term {key}: {m}",
+            )
 
 
 @pytest.mark.parametrize("control", CONTROLS)

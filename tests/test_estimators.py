@@ -1,12 +1,21 @@
 """Estimators against hand-computed values and closed forms."""
+
 import math
 
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from pipeline.estimators import (clip_scores, derangement, dv, gaussian_kl, infonce,
-                                 infonce_shared_negatives, jsd, jsd_to_nats)
+from pipeline.estimators import (
+    clip_scores,
+    derangement,
+    dv,
+    gaussian_kl,
+    infonce,
+    infonce_shared_negatives,
+    jsd,
+    jsd_to_nats,
+)
 
 
 def test_gaussian_kl_matches_torch_distributions():
@@ -21,11 +30,14 @@ def test_gaussian_kl_matches_torch_distributions():
 def test_jsd_hand_computed():
     pos = torch.tensor([0.0, math.log(3.0)])
     neg = torch.tensor([0.0, -math.log(3.0)])
-    # -softplus(-0) = -log 2, -softplus(-log 3) = -log 4/3; softplus(0) = log 2, softplus(-log 3) = log 4/3
+    # -softplus(-0) = -log 2, -softplus(-log 3) = -log 4/3;
+    # softplus(0) = log 2, softplus(-log 3) = log 4/3
     expected = -(math.log(2.0) + math.log(4.0 / 3.0))
     assert jsd(pos, neg).item() == pytest.approx(expected, abs=1e-6)
     # a perfect critic reaches the maximum 0, i.e. JSD = log 2; a constant critic gives 0 nats
-    assert jsd_to_nats(jsd(torch.tensor([50.0]), torch.tensor([-50.0]))).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert jsd_to_nats(jsd(torch.tensor([50.0]), torch.tensor([-50.0]))).item() == pytest.approx(
+        math.log(2), abs=1e-6
+    )
     assert jsd_to_nats(jsd(torch.zeros(4), torch.zeros(4))).item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -42,7 +54,8 @@ def test_infonce_hand_computed():
     assert infonce(scores, torch.tensor([0, 1])).item() == pytest.approx(expected, abs=1e-6)
     # the positive column is whatever the targets say
     assert infonce(scores, torch.tensor([1, 0])).item() == pytest.approx(
-        0.0 - math.log(math.exp(2.0) + 1.0) + math.log(2.0), abs=1e-6)
+        0.0 - math.log(math.exp(2.0) + 1.0) + math.log(2.0), abs=1e-6
+    )
 
 
 @pytest.mark.parametrize("m", [2, 7, 64])

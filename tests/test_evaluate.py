@@ -1,4 +1,5 @@
 """Evaluation: probe maths, feature views, the evaluate CLI on tiny shards, online probe, plots."""
+
 from __future__ import annotations
 
 import io
@@ -15,8 +16,15 @@ from pipeline.encoder import DIMEncoder
 from pipeline.export import export_encoder
 from pipeline.features import extract_features
 
-TINY = dict(backbone="test_resnet", code_dim=8, fc_dim=32, local_layer=1, img_size=16, in_chans=3,
-            backbone_kwargs={})
+TINY = {
+    "backbone": "test_resnet",
+    "code_dim": 8,
+    "fc_dim": 32,
+    "local_layer": 1,
+    "img_size": 16,
+    "in_chans": 3,
+    "backbone_kwargs": {},
+}
 
 
 def blobs(n: int, classes: int = 4, dim: int = 16, seed: int = 0, spread: float = 4.0):
@@ -27,6 +35,7 @@ def blobs(n: int, classes: int = 4, dim: int = 16, seed: int = 0, spread: float 
 
 
 # ------------------------------------------------------------------ probe maths
+
 
 def test_probes_separable_near_perfect():
     x, y = blobs(400)
@@ -74,23 +83,29 @@ def test_knn_matches_brute_force(k, t):
 def test_knn_weights_votes_by_similarity():
     # two far neighbours of class 1 lose to one very close neighbour of class 0 at low T
     bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
-    pred = knn_predict(bank, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.05]]), k=3, temperature=0.05)
+    pred = knn_predict(
+        bank, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.05]]), k=3, temperature=0.05
+    )
     assert pred.tolist() == [0]
 
 
 # ------------------------------------------------------------------ features
 
+
 def test_extract_features_views_shapes_limit_and_mode_restored():
     torch.manual_seed(0)
     enc = DIMEncoder(**TINY).train()
     x, y = torch.randn(10, 3, 16, 16), torch.arange(10) % 3
-    batches = [{"image": x[i:i + 4], "label": y[i:i + 4]} for i in range(0, 10, 4)]
+    batches = [{"image": x[i : i + 4], "label": y[i : i + 4]} for i in range(0, 10, 4)]
     feats, labels = extract_features({"dim": enc}, batches, pixels=True, limit=7)
     assert enc.training  # restored
     assert labels.tolist() == y[:7].tolist()
     assert set(feats) == {"dim", "pixels"}
     assert {v: t.shape for v, t in feats["dim"].items()} == {
-        "conv": (7, enc.backbone.num_features), "fc": (7, 32), "y": (7, 8)}
+        "conv": (7, enc.backbone.num_features),
+        "fc": (7, 32),
+        "y": (7, 8),
+    }
     assert feats["pixels"]["pixels"].shape == (7, 3 * 16 * 16)
     enc.eval()
     assert torch.allclose(feats["dim"]["y"], enc(x[:7]).mu, atol=1e-5)  # eval mode: z = mu
@@ -99,6 +114,7 @@ def test_extract_features_views_shapes_limit_and_mode_restored():
 
 
 # ------------------------------------------------------------------ CLI end to end
+
 
 def _png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -117,7 +133,7 @@ def write_tiny_shards(folder, name: str, n: int, seed: int) -> str:
             label = i % 3
             img = rng.integers(0, 60, size=(16, 16, 3), dtype=np.uint8)
             r, c = [(0, 0), (0, 9), (9, 0)][label]
-            img[r:r + 7, c:c + 7] = 230
+            img[r : r + 7, c : c + 7] = 230
             sink.write({"__key__": f"{name}{i:05d}", "png": _png(img), "cls": str(label).encode()})
     return str(folder / f"{name}-{{000000..000001}}.tar")
 
@@ -149,9 +165,25 @@ def test_evaluate_cli_end_to_end(tiny_run, tmp_path, capsys):
     run, train, test = tiny_run
     out = tmp_path / "res" / "eval.json"
     # the exported file path and the run folder are both accepted
-    assert main(["--checkpoint", str(run / "model.safetensors"), "--train-shards", train,
-                 "--test-shards", test, "--json", str(out), "--batch-size", "16",
-                 "--knn-k", "5"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(run / "model.safetensors"),
+                "--train-shards",
+                train,
+                "--test-shards",
+                test,
+                "--json",
+                str(out),
+                "--batch-size",
+                "16",
+                "--knn-k",
+                "5",
+            ]
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
     check_structure(results)
     assert results["pixels"]["pixels"]["linear"] >= 0.9  # the corner squares are easy
@@ -159,8 +191,25 @@ def test_evaluate_cli_end_to_end(tiny_run, tmp_path, capsys):
     assert "random_init" in table and "pixels" in table and "%" in table
     # same data, same seed: same numbers from the run folder
     again = tmp_path / "again.json"
-    assert main(["--checkpoint", str(run), "--train-shards", train, "--test-shards", test,
-                 "--json", str(again), "--batch-size", "16", "--knn-k", "5"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(run),
+                "--train-shards",
+                train,
+                "--test-shards",
+                test,
+                "--json",
+                str(again),
+                "--batch-size",
+                "16",
+                "--knn-k",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert json.loads(again.read_text()) == results
 
 
@@ -175,9 +224,16 @@ def test_online_probe_returns_accuracies(tiny_run):
     from pipeline.config import load_config
     from pipeline.probe import online_probe
 
-    run, train, test = tiny_run
-    cfg = load_config(None, [f"data.train_shards={train}", f"data.val_shards={test}",
-                             "model.img_size=16", "model.backbone=test_resnet"])
+    _run, train, test = tiny_run
+    cfg = load_config(
+        None,
+        [
+            f"data.train_shards={train}",
+            f"data.val_shards={test}",
+            "model.img_size=16",
+            "model.backbone=test_resnet",
+        ],
+    )
     enc = DIMEncoder(**TINY).train()
     out = online_probe(enc, cfg, "cpu", k=5)
     assert set(out) == {"probe/knn", "probe/linear"} and all(0 <= v <= 1 for v in out.values())
@@ -188,12 +244,22 @@ def test_online_probe_returns_accuracies(tiny_run):
 
 # ------------------------------------------------------------------ plots
 
+
 def test_plot_metrics_writes_png(tmp_path):
     from pipeline.plots import plot_metrics
 
-    rows = [{"step": s, "loss": -s / 10, "loss/local": -s / 20, "kl": 1.0 + s, "mi/global/infonce": s / 5,
-             "mi/local/infonce": s / 7, **({"probe/knn": 0.1 * s} if s % 2 == 0 else {})}
-            for s in range(1, 8)]
+    rows = [
+        {
+            "step": s,
+            "loss": -s / 10,
+            "loss/local": -s / 20,
+            "kl": 1.0 + s,
+            "mi/global/infonce": s / 5,
+            "mi/local/infonce": s / 7,
+            **({"probe/knn": 0.1 * s} if s % 2 == 0 else {}),
+        }
+        for s in range(1, 8)
+    ]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn": ')
     out = plot_metrics(path, tmp_path / "plots" / "metrics.png")
@@ -208,14 +274,19 @@ def test_wandb_logging_joins_the_training_run(tmp_path, monkeypatch):
 
     (tmp_path / "wandb_id.txt").write_text("abc123\n")
     (tmp_path / "config.yaml").write_text("wandb:\n  project: myproj\n  entity: ''\n")
-    assert _training_run(tmp_path) == {"id": "abc123", "resume": "allow", "dir": str(tmp_path),
-                                       "project": "myproj"}
+    assert _training_run(tmp_path) == {
+        "id": "abc123",
+        "resume": "allow",
+        "dir": str(tmp_path),
+        "project": "myproj",
+    }
     assert _training_run(tmp_path / "nowhere") == {}
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the code path, without files or network
     log_to_wandb({"dim": {"y": {"linear": 0.5, "knn": 0.25}}}, start=True, run_dir=tmp_path)
 
 
-# ------------------------------------------------------------------ issue 9: fair baselines, MLP, conv grid
+# ------------------------------------------------------ issue 9: fair baselines, MLP, conv grid
+
 
 def test_mlp_probe_solves_what_a_linear_probe_cannot():
     from pipeline.classifiers import mlp_probe
@@ -238,7 +309,7 @@ def test_random_init_batchnorm_statistics_come_from_the_data():
     images = torch.rand(64, 3, 16, 16) * 3 + 2  # far from N(0, 1): initial stats are wrong
     first = enc.backbone.bn1
     assert torch.equal(first.running_mean, torch.zeros_like(first.running_mean))
-    batches = [{"image": images[i:i + 16]} for i in range(0, 64, 16)]
+    batches = [{"image": images[i : i + 16]} for i in range(0, 64, 16)]
     assert recalibrate_batchnorm(enc, batches) == 64
     with torch.no_grad():
         pre = enc.backbone.conv1(images)
@@ -256,7 +327,7 @@ def test_random_init_batchnorm_statistics_come_from_the_data():
 def test_conv_view_keeps_a_small_grid():
     from pipeline.features import conv_grid
 
-    assert conv_grid(torch.randn(2, 256, 4, 4)).shape == (2, 4096)    # the paper's conv view
+    assert conv_grid(torch.randn(2, 256, 4, 4)).shape == (2, 4096)  # the paper's conv view
     assert conv_grid(torch.randn(2, 512, 1, 1)).shape == (2, 512)
     assert conv_grid(torch.randn(2, 2048, 7, 7)).shape == (2, 2 * 2 * 2048)
     fmap = torch.arange(16.0).reshape(1, 1, 4, 4)

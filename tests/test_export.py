@@ -1,6 +1,7 @@
 """The model folder: timm loads it, load_encoder round-trips it, the card carries the
 evaluation, dim-export stages and refuses to push without a token or network, and a
 training run logs the folder as a W&B model artifact."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,12 @@ BACKBONES = ["test_resnet", "test_vit", "dim_conv32"]
 
 def _config(backbone: str) -> Config:
     cfg = Config()
-    cfg.model.backbone, cfg.model.img_size, cfg.model.fc_dim, cfg.model.code_dim = backbone, 32, 16, 8
+    cfg.model.backbone, cfg.model.img_size, cfg.model.fc_dim, cfg.model.code_dim = (
+        backbone,
+        32,
+        16,
+        8,
+    )
     return cfg
 
 
@@ -36,15 +42,19 @@ def _export(backbone: str, folder: Path, seed: int = 0) -> DIMEncoder:
     cfg = _config(backbone)
     m = cfg.model
     torch.manual_seed(seed)
-    encoder = DIMEncoder(m.backbone, code_dim=m.code_dim, fc_dim=m.fc_dim, local_layer=m.local_layer,
-                         img_size=m.img_size).eval()
+    encoder = DIMEncoder(
+        m.backbone,
+        code_dim=m.code_dim,
+        fc_dim=m.fc_dim,
+        local_layer=m.local_layer,
+        img_size=m.img_size,
+    ).eval()
     with torch.no_grad():  # BatchNorm statistics that are not the defaults, so a lost buffer shows
         for mod in encoder.modules():
             if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
                 mod.running_mean.uniform_(-0.5, 0.5)
                 mod.running_var.uniform_(0.5, 2.0)
-    card = render_card(cfg.to_dict(), step=7, samples_seen=56, world_size=1,
-                       location=str(folder))
+    card = render_card(cfg.to_dict(), step=7, samples_seen=56, world_size=1, location=str(folder))
     export_encoder(encoder, folder, dataclasses.asdict(m), card=card)
     return encoder
 
@@ -62,7 +72,9 @@ def test_timm_local_dir_gives_the_trained_features(backbone, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == backbone and config["num_features"] == model.num_features
     pcfg = config["pretrained_cfg"]
-    assert pcfg["input_size"] == [3, 32, 32] and pcfg["mean"] == [0.5] * 3 and pcfg["std"] == [0.5] * 3
+    assert (
+        pcfg["input_size"] == [3, 32, 32] and pcfg["mean"] == [0.5] * 3 and pcfg["std"] == [0.5] * 3
+    )
     assert pcfg["tag"] == "dim" and "license" not in pcfg
     data = timm.data.resolve_data_config({}, model=model)
     assert data["input_size"] == (3, 32, 32) and tuple(data["mean"]) == (0.5, 0.5, 0.5)
@@ -76,7 +88,7 @@ def test_load_encoder_round_trips(backbone, tmp_path):
     loaded = load_encoder(folder)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        for a, b in zip(encoder(x), loaded(x)):
+        for a, b in zip(encoder(x), loaded(x), strict=True):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert find_export(folder / "model.safetensors") == folder
 
@@ -86,14 +98,29 @@ def _legacy(folder: Path) -> DIMEncoder:
     from safetensors.torch import save_file
 
     torch.manual_seed(5)
-    meta = {"backbone": "test_resnet", "code_dim": 8, "fc_dim": 16, "local_layer": 1,
-            "img_size": 32, "in_chans": 3, "backbone_kwargs": {}}
+    meta = {
+        "backbone": "test_resnet",
+        "code_dim": 8,
+        "fc_dim": 16,
+        "local_layer": 1,
+        "img_size": 32,
+        "in_chans": 3,
+        "backbone_kwargs": {},
+    }
     encoder = DIMEncoder("test_resnet", code_dim=8, fc_dim=16, img_size=32).eval()
     folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in encoder.backbone.state_dict().items()},
-              str(folder / "encoder.safetensors"))
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()
-               if not k.startswith("backbone.")}, str(folder / "head.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in encoder.backbone.state_dict().items()},
+        str(folder / "encoder.safetensors"),
+    )
+    save_file(
+        {
+            k: v.contiguous()
+            for k, v in encoder.state_dict().items()
+            if not k.startswith("backbone.")
+        },
+        str(folder / "head.safetensors"),
+    )
     (folder / "encoder.json").write_text(json.dumps(meta))
     return encoder
 
@@ -128,8 +155,13 @@ def test_card_table_has_a_column_per_probe_that_ran():
     another probe's numbers into its column."""
     from pipeline.card import evaluation_block
 
-    block = evaluation_block({"dim": {"conv": {"linear": 0.5, "mlp": 0.625, "knn": 0.25}},
-                              "pixels": {"pixels": {"linear": 0.9, "knn": 0.8}}}, {"k": 20})
+    block = evaluation_block(
+        {
+            "dim": {"conv": {"linear": 0.5, "mlp": 0.625, "knn": 0.25}},
+            "pixels": {"pixels": {"linear": 0.9, "knn": 0.8}},
+        },
+        {"k": 20},
+    )
     assert "| model | view | linear probe | MLP probe | k-NN |" in block
     assert "| dim | conv | 50.00% | 62.50% | 25.00% |" in block
     assert "| pixels | pixels | 90.00% | - | 80.00% |" in block
@@ -145,9 +177,24 @@ def test_evaluate_writes_its_table_into_the_card(tmp_path):
     shards = write_shards(tmp_path / "shards", n=96, per_shard=48)
     run_dir = tmp_path / "run"
     _export("test_resnet", run_dir / EXPORT_DIR)
-    args = ["--checkpoint", str(run_dir), "--train-shards", shards, "--test-shards", shards,
-            "--batch-size", "32", "--knn-k", "5", "--limit-train", "64", "--limit-test", "32",
-            "--json", str(tmp_path / "eval.json")]
+    args = [
+        "--checkpoint",
+        str(run_dir),
+        "--train-shards",
+        shards,
+        "--test-shards",
+        shards,
+        "--batch-size",
+        "32",
+        "--knn-k",
+        "5",
+        "--limit-train",
+        "64",
+        "--limit-test",
+        "32",
+        "--json",
+        str(tmp_path / "eval.json"),
+    ]
     assert main(args) == 0
     assert main(args) == 0
     text = (run_dir / EXPORT_DIR / "README.md").read_text()
@@ -168,16 +215,32 @@ def _cli(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
     for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
         e.pop(key, None)
     e.update(extra_env)
-    return subprocess.run([PY, "-m", "pipeline.hub", *args], check=False, cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [PY, "-m", "pipeline.hub", *args],
+        check=False,
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_dim_export_dry_run_lists_what_would_be_uploaded(tmp_path):
     folder = tmp_path / "run" / EXPORT_DIR
     _export("test_resnet", folder)
     staged = tmp_path / "staged"
-    proc = _cli(str(tmp_path / "run"), "--push", "me/dim-test", "--dry-run", "--out", str(staged),
-                "--license", "mit", HF_HOME=str(tmp_path / "hf"))
+    proc = _cli(
+        str(tmp_path / "run"),
+        "--push",
+        "me/dim-test",
+        "--dry-run",
+        "--out",
+        str(staged),
+        "--license",
+        "mit",
+        HF_HOME=str(tmp_path / "hf"),
+    )
     assert proc.returncode == 0, proc.stderr
     names = ["README.md", "config.json", "dim_head.safetensors", "model.safetensors"]
     assert "dry run" in proc.stdout and "me/dim-test" in proc.stdout
@@ -190,14 +253,22 @@ def test_dim_export_dry_run_lists_what_would_be_uploaded(tmp_path):
     timm.create_model(f"local-dir:{staged}", pretrained=True)
 
 
-@pytest.mark.parametrize("extra, says", [
-    ({}, "no Hugging Face token"),
-    ({"HF_TOKEN": "hf_fake", "HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot reach the Hugging Face Hub"),
-    ({"HF_TOKEN": "hf_fake", "HF_HUB_OFFLINE": "1"}, "cannot reach the Hugging Face Hub"),
-])
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        ({}, "no Hugging Face token"),
+        (
+            {"HF_TOKEN": "hf_fake", "HF_ENDPOINT": "http://127.0.0.1:9"},
+            "cannot reach the Hugging Face Hub",
+        ),
+        ({"HF_TOKEN": "hf_fake", "HF_HUB_OFFLINE": "1"}, "cannot reach the Hugging Face Hub"),
+    ],
+)
 def test_dim_export_push_without_token_or_network_is_one_line(tmp_path, extra, says):
     _export("test_resnet", tmp_path / "run" / EXPORT_DIR)
-    proc = _cli(str(tmp_path / "run"), "--push", "me/dim-test", HF_HOME=str(tmp_path / "hf"), **extra)
+    proc = _cli(
+        str(tmp_path / "run"), "--push", "me/dim-test", HF_HOME=str(tmp_path / "hf"), **extra
+    )
     assert proc.returncode == 1
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and says in err[0] and "nothing was uploaded" in err[0], proc.stderr
@@ -229,17 +300,31 @@ def test_run_exports_a_timm_folder_and_logs_it_as_a_wandb_artifact(tmp_path, mon
     monkeypatch.delenv("WANDB_DATA_DIR", raising=False)
     shards = write_shards(tmp_path / "shards", n=64, per_shard=64)
     out = tmp_path / "run"
-    proc = run(pretrain_cmd(*TINY, f"data.train_shards={shards}", f"train.output_dir={out}",
-                            "train.max_steps=4", "train.save_every=2", "train.log_every=1",
-                            "train.export_checkpoints=true"))
+    proc = run(
+        pretrain_cmd(
+            *TINY,
+            f"data.train_shards={shards}",
+            f"train.output_dir={out}",
+            "train.max_steps=4",
+            "train.save_every=2",
+            "train.log_every=1",
+            "train.export_checkpoints=true",
+        )
+    )
     assert proc.returncode == 0
     folder = out / EXPORT_DIR
     assert sorted(p.name for p in folder.iterdir()) == [
-        "README.md", "config.json", "dim_head.safetensors", "model.safetensors"]
+        "README.md",
+        "config.json",
+        "dim_head.safetensors",
+        "model.safetensors",
+    ]
     assert (out / "checkpoints" / "step_0000002" / EXPORT_DIR / "model.safetensors").is_file()
 
     model = build_model(load_config(out / "config.yaml"))
-    model.load_state_dict(load_file(str(out / "checkpoints" / "step_0000004" / "model.safetensors")))
+    model.load_state_dict(
+        load_file(str(out / "checkpoints" / "step_0000004" / "model.safetensors"))
+    )
     backbone = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -256,14 +341,41 @@ def test_run_exports_a_timm_folder_and_logs_it_as_a_wandb_artifact(tmp_path, mon
     final = arts[-1]
     assert "final" in final.aliases and "step_4" in final.aliases
     assert {e.path for e in final.manifest.contents} == {
-        "README.md", "config.json", "dim_head.safetensors", "model.safetensors"}
+        "README.md",
+        "config.json",
+        "dim_head.safetensors",
+        "model.safetensors",
+    }
     assert len(arts) >= 2  # the checkpoint exports at steps 2 and 4, then the final one
     # evaluate --wandb on the export joins the same W&B run (a second .wandb file of that id)
-    shown = subprocess.run([PY, "-m", "pipeline.evaluate", "--checkpoint", str(folder),
-                            "--train-shards", shards, "--test-shards", shards, "--batch-size", "32",
-                            "--knn-k", "5", "--limit-train", "48", "--limit-test", "16", "--wandb"],
-                           check=False, cwd=ROOT, env=env(), capture_output=True, text=True,
-                           timeout=300)
+    shown = subprocess.run(
+        [
+            PY,
+            "-m",
+            "pipeline.evaluate",
+            "--checkpoint",
+            str(folder),
+            "--train-shards",
+            shards,
+            "--test-shards",
+            shards,
+            "--batch-size",
+            "32",
+            "--knn-k",
+            "5",
+            "--limit-train",
+            "48",
+            "--limit-test",
+            "16",
+            "--wandb",
+        ],
+        check=False,
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert shown.returncode == 0, shown.stderr[-3000:]
     files = run_files(out)
     assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)

@@ -9,6 +9,7 @@ finishes the run. What must hold: every step is logged exactly once in
 ``metrics.jsonl``, the export loads, no temporary folder is left, and the final
 checkpoint has the step and sample count of an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,16 @@ def shards(tmp_path_factory) -> str:
 
 
 def _args(shards: str, out: Path, max_steps: int) -> list[str]:
-    return [*TINY, f"data.train_shards={shards}", f"train.output_dir={out}",
-            f"train.max_steps={max_steps}", "train.log_every=1", "train.save_every=3",
-            "train.keep_last=2", "wandb.mode=disabled"]
+    return [
+        *TINY,
+        f"data.train_shards={shards}",
+        f"train.output_dir={out}",
+        f"train.max_steps={max_steps}",
+        "train.log_every=1",
+        "train.save_every=3",
+        "train.keep_last=2",
+        "wandb.mode=disabled",
+    ]
 
 
 def _logged_step(out: Path) -> int:
@@ -60,8 +68,9 @@ def _kill_when(cmd: list[str], out: Path, trigger, timeout: float = 240) -> tupl
     """Start ``cmd``, SIGKILL its process group once ``trigger()`` is true; returns
     (what the kill hit, the exit code if the run ended by itself first)."""
     with open(out.parent / f"{out.name}.log", "a") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log, stderr=log,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env(), stdout=log, stderr=log, start_new_session=True
+        )
         deadline = time.time() + timeout
         while proc.poll() is None and time.time() < deadline:
             hit = trigger()
@@ -69,8 +78,13 @@ def _kill_when(cmd: list[str], out: Path, trigger, timeout: float = 240) -> tupl
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 # the save had not finished if its temporary folder outlived the process
-                return ("save" if hit == "save" and _saving(out) else
-                        "after-save" if hit == "save" else hit), None
+                return (
+                    "save"
+                    if hit == "save" and _saving(out)
+                    else "after-save"
+                    if hit == "save"
+                    else hit
+                ), None
             time.sleep(0.001)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -136,8 +150,14 @@ def test_sigkill_at_random_moments_single_process(shards, tmp_path):
     (or re-training), samples_seen drifting from an uninterrupted run's."""
     max_steps = 30
     reference = tmp_path / "reference"
-    proc = subprocess.run(pretrain_cmd(*_args(shards, reference, max_steps)), cwd=ROOT,
-                          env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        pretrain_cmd(*_args(shards, reference, max_steps)),
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     out = tmp_path / "killed"
@@ -156,8 +176,9 @@ def test_sigkill_at_random_moments_two_processes(shards, tmp_path):
     max_steps = 24
     out = tmp_path / "killed2"
     launcher = [*ACCELERATE_LAUNCH, "--config_file", "launch/cpu.yaml"]
-    hits = _kill_repeatedly(pretrain_cmd(*_args(shards, out, max_steps), launcher=launcher),
-                            out, max_steps, seed=2)
+    hits = _kill_repeatedly(
+        pretrain_cmd(*_args(shards, out, max_steps), launcher=launcher), out, max_steps, seed=2
+    )
     assert len(hits) >= 5 and "save" in hits and "final" in hits, hits
     meta = _check_run(out, max_steps, 2)
     assert meta["world_size"] == 2

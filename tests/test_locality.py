@@ -1,4 +1,5 @@
 """Small-image backbones registered with timm, and the receptive field of the local map."""
+
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,14 @@ from pipeline.receptive import gradient_extent
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name,size,maps", [
-    ("dim_conv32", 32, [(64, 16), (128, 8), (256, 4)]),
-    ("dim_conv64", 64, [(64, 32), (128, 16), (256, 8), (512, 4)]),
-    ("resnet18_cifar", 32, [(64, 32), (64, 32), (128, 16), (256, 8), (512, 4)]),
-])
+@pytest.mark.parametrize(
+    "name,size,maps",
+    [
+        ("dim_conv32", 32, [(64, 16), (128, 8), (256, 4)]),
+        ("dim_conv64", 64, [(64, 32), (128, 16), (256, 8), (512, 4)]),
+        ("resnet18_cifar", 32, [(64, 32), (64, 32), (128, 16), (256, 8), (512, 4)]),
+    ],
+)
 def test_registered_backbones_build_through_timm_with_the_stated_maps(name, size, maps):
     model = timm.create_model(name, pretrained=False, num_classes=0, img_size=size)
     final, inter = model.forward_intermediates(torch.randn(2, 3, size, size))
@@ -47,18 +51,24 @@ def _true_extent(encoder: DIMEncoder, size: int) -> int:
                 m.weight.normal_()
 
     def stage(x):
-        return encoder.backbone.forward_intermediates(x, indices=[encoder.local_index],
-                                                      intermediates_only=True)[0]
+        return encoder.backbone.forward_intermediates(
+            x, indices=[encoder.local_index], intermediates_only=True
+        )[0]
 
-    return gradient_extent(stage, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)))
+    return gradient_extent(
+        stage, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    )
 
 
-@pytest.mark.parametrize("backbone,local_layer,expected", [
-    ("dim_conv32", 1, 10),        # the paper's 8x8 local map: 4 + 3 * 2
-    ("dim_conv64", 2, 22),
-    ("resnet18_cifar", 1, 11),    # 3x3 stem + four 3x3 convs at stride 1
-    ("resnet18", 1, 43),          # timm's ImageNet stem: 7x7/2 conv, 3x3/2 pool, four 3x3 at /4
-])
+@pytest.mark.parametrize(
+    "backbone,local_layer,expected",
+    [
+        ("dim_conv32", 1, 10),  # the paper's 8x8 local map: 4 + 3 * 2
+        ("dim_conv64", 2, 22),
+        ("resnet18_cifar", 1, 11),  # 3x3 stem + four 3x3 convs at stride 1
+        ("resnet18", 1, 43),  # timm's ImageNet stem: 7x7/2 conv, 3x3/2 pool, four 3x3 at /4
+    ],
+)
 def test_reported_receptive_field_equals_the_input_gradient_extent(backbone, local_layer, expected):
     torch.manual_seed(0)
     size = 32
@@ -79,6 +89,12 @@ def test_whole_image_field_is_reported_as_such():
 def test_shipped_configs_have_local_maps_that_see_a_fraction_of_the_image(config):
     cfg = load_config(CONFIGS / config)
     m = cfg.model
-    encoder = DIMEncoder(m.backbone, local_layer=m.local_layer, img_size=m.img_size,
-                         code_dim=m.code_dim, fc_dim=m.fc_dim, backbone_kwargs=m.backbone_kwargs)
+    encoder = DIMEncoder(
+        m.backbone,
+        local_layer=m.local_layer,
+        img_size=m.img_size,
+        code_dim=m.code_dim,
+        fc_dim=m.fc_dim,
+        backbone_kwargs=m.backbone_kwargs,
+    )
     assert encoder.receptive_field(m.img_size) <= m.img_size // 2

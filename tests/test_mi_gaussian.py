@@ -4,6 +4,7 @@ x ~ N(0, I_d), y = rho x + sqrt(1 - rho^2) eps: I(x; y) = -d/2 log(1 - rho^2) na
 The log density ratio r(x, y) = log p(x, y) / (p(x) p(y)) is known in closed form, so
 the true Jensen-Shannon divergence can be computed by Monte Carlo too.
 """
+
 import math
 
 import pytest
@@ -14,17 +15,17 @@ from pipeline.estimators import infonce, jsd_to_nats
 from pipeline.objective import mi_estimate
 
 D, RHO = 2, 0.8
-TRUE_MI = -D / 2 * math.log(1 - RHO ** 2)  # 1.022 nats
+TRUE_MI = -D / 2 * math.log(1 - RHO**2)  # 1.022 nats
 
 
 def sample(n, gen):
     x = torch.randn(n, D, generator=gen)
-    y = RHO * x + math.sqrt(1 - RHO ** 2) * torch.randn(n, D, generator=gen)
+    y = RHO * x + math.sqrt(1 - RHO**2) * torch.randn(n, D, generator=gen)
     return x, y
 
 
 def log_ratio(x, y):
-    s2 = 1 - RHO ** 2
+    s2 = 1 - RHO**2
     return (-0.5 * math.log(s2) - (y - RHO * x).pow(2) / (2 * s2) + y.pow(2) / 2).sum(-1)
 
 
@@ -34,8 +35,9 @@ def true_jsd(n=400_000):
     r_joint = log_ratio(x, y)
     r_prod = log_ratio(x, y[torch.randperm(n, generator=gen)])
     # JSD = 1/2 E_p[log 2p/(p+q)] + 1/2 E_q[log 2q/(p+q)] with p/q = exp(r)
-    return 0.5 * (math.log(2) - torch.nn.functional.softplus(-r_joint).mean().item()) + \
-        0.5 * (math.log(2) - torch.nn.functional.softplus(r_prod).mean().item())
+    return 0.5 * (math.log(2) - torch.nn.functional.softplus(-r_joint).mean().item()) + 0.5 * (
+        math.log(2) - torch.nn.functional.softplus(r_prod).mean().item()
+    )
 
 
 def train_critic(estimator, steps, batch, seed=0):
@@ -54,8 +56,13 @@ def train_critic(estimator, steps, batch, seed=0):
 
 def evaluate(estimator, critic, gen, batch, repeats):
     with torch.no_grad():
-        return sum(mi_estimate(estimator, critic, *sample(batch, gen), generator=gen).nats.item()
-                   for _ in range(repeats)) / repeats
+        return (
+            sum(
+                mi_estimate(estimator, critic, *sample(batch, gen), generator=gen).nats.item()
+                for _ in range(repeats)
+            )
+            / repeats
+        )
 
 
 def test_infonce_reaches_min_of_mi_and_log_m():
@@ -73,7 +80,7 @@ def test_infonce_saturates_at_log_m_when_mi_is_larger():
     global D, RHO
     old, (D, RHO) = (D, RHO), (10, 0.9)
     try:
-        mi, m = -D / 2 * math.log(1 - RHO ** 2), 16
+        mi, m = -D / 2 * math.log(1 - RHO**2), 16
         critic, gen = train_critic("infonce", steps=500, batch=m)
         estimate = evaluate("infonce", critic, gen, m, repeats=300)
         scores = []

@@ -5,6 +5,7 @@ One test per row of the table in the issue that asked for this (output folder, b
 values, backbone, shards, bad data, reruns into an existing run, dim-report, file modes).
 Every run is a subprocess with the tiny model of ``train_helpers``.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,14 @@ def shards(tmp_path_factory) -> str:
 
 
 def pretrain(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(pretrain_cmd(*TINY, *args), cwd=cwd, env=env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        pretrain_cmd(*TINY, *args),
+        cwd=cwd,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def one_line_error(proc: subprocess.CompletedProcess, code: int, *words: str) -> str:
@@ -46,6 +53,7 @@ def tree(folder: Path) -> list[str]:
 
 # ------------------------------------------------------------------ the output folder
 
+
 def test_empty_output_dir_writes_nothing_in_the_current_folder(shards, tmp_path):
     """Bug caught: an empty path meant '.', so a run wrote checkpoints into the cwd."""
     proc = pretrain(f"data.train_shards={shards}", "train.output_dir=", cwd=tmp_path)
@@ -62,31 +70,46 @@ def _unwritable(tmp_path: Path) -> Path:
     return folder / "run"
 
 
-@pytest.mark.parametrize("case, words", [
-    ("file", "is a file, not a folder"),
-    ("under_file", "cannot be created"),
-    ("unwritable", "is not writable"),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("file", "is a file, not a folder"),
+        ("under_file", "cannot be created"),
+        ("unwritable", "is not writable"),
+    ],
+)
 def test_output_dir_that_cannot_hold_a_run(shards, tmp_path, case, words):
     """Bug caught: FileExistsError / NotADirectoryError / PermissionError tracebacks."""
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    out = {"file": blocker, "under_file": blocker / "run", "unwritable": _unwritable(tmp_path)}[case]
+    out = {"file": blocker, "under_file": blocker / "run", "unwritable": _unwritable(tmp_path)}[
+        case
+    ]
     before = tree(tmp_path)
-    one_line_error(pretrain(f"data.train_shards={shards}", f"train.output_dir={out}"), 2,
-                   "train.output_dir", words)
+    one_line_error(
+        pretrain(f"data.train_shards={shards}", f"train.output_dir={out}"),
+        2,
+        "train.output_dir",
+        words,
+    )
     assert tree(tmp_path) == before and blocker.read_text() == "x"
 
 
 # ------------------------------------------------------------------ values and names
 
-@pytest.mark.parametrize("override, words", [
-    ("train.lr=-1", ("train.lr must be > 0, got -1.0",)),
-    ("loss.alpha=-1", ("loss.alpha must be >= 0, got -1.0",)),
-    ("train.batch_size.x=3", ("train.batch_size is a single value, not a section",)),
-    ("model.backbone=resnet_18", ("unknown model.backbone 'resnet_18'", "did you mean",
-                                   "'resnet18'")),
-])
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.lr=-1", ("train.lr must be > 0, got -1.0",)),
+        ("loss.alpha=-1", ("loss.alpha must be >= 0, got -1.0",)),
+        ("train.batch_size.x=3", ("train.batch_size is a single value, not a section",)),
+        (
+            "model.backbone=resnet_18",
+            ("unknown model.backbone 'resnet_18'", "did you mean", "'resnet18'"),
+        ),
+    ],
+)
 def test_bad_value_is_refused_before_the_folder_exists(shards, tmp_path, override, words):
     """Bugs caught: torch's ValueError for lr < 0 after config.yaml was written; a negative
     weight training towards *less* information; a TypeError for a key under a value; an
@@ -114,12 +137,15 @@ def test_registered_backbone_passes_the_name_check():
 
 def test_missing_shards_are_refused_before_the_folder_exists(tmp_path):
     out = tmp_path / "run"
-    proc = pretrain(f"data.train_shards={tmp_path}/train-{{000..003}}.tar", f"train.output_dir={out}")
+    proc = pretrain(
+        f"data.train_shards={tmp_path}/train-{{000..003}}.tar", f"train.output_dir={out}"
+    )
     one_line_error(proc, 2, "data.train_shards", "match no file")
     assert not out.exists()
 
 
 # ------------------------------------------------------------------ bad data
+
 
 def _write_bad_shard(path: Path, kind: str) -> None:
     if kind == "empty":
@@ -134,21 +160,32 @@ def _write_bad_shard(path: Path, kind: str) -> None:
             writer.write(sample)
 
 
-@pytest.mark.parametrize("kind, reason", [
-    ("empty", "no samples in it"),
-    ("no_images", "ValueError: no image (.jpg, .jpeg, .png, .webp); keys ['__key__', '__url__', 'cls']"),
-    ("not_images", "RuntimeError: decode_image"),
-])
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("empty", "no samples in it"),
+        (
+            "no_images",
+            "ValueError: no image (.jpg, .jpeg, .png, .webp); keys ['__key__', '__url__', 'cls']",
+        ),
+        ("not_images", "RuntimeError: decode_image"),
+    ],
+)
 def test_unusable_shard_is_one_line_before_anything_is_written(tmp_path, kind, reason):
     """Bugs caught: 1,000 warning lines, two chained worker tracebacks, a reason cut off
     mid-word, and metrics.jsonl / wandb_id.txt / a wandb run left behind."""
     shard = tmp_path / "bad-000.tar"
     _write_bad_shard(shard, kind)
     out = tmp_path / "run"
-    proc = pretrain(f"data.train_shards={shard}", f"train.output_dir={out}", "data.num_workers=2",
-                    "data.epoch_samples=64")
-    line = one_line_error(proc, 2, "the data is unusable", "1000 bad samples or shards in a row",
-                          str(shard), reason)
+    proc = pretrain(
+        f"data.train_shards={shard}",
+        f"train.output_dir={out}",
+        "data.num_workers=2",
+        "data.epoch_samples=64",
+    )
+    line = one_line_error(
+        proc, 2, "the data is unusable", "1000 bad samples or shards in a row", str(shard), reason
+    )
     assert line.endswith(reason) or kind == "not_images"  # in full, not cut off
     warnings = [ln for ln in proc.stderr.splitlines() if "skipped" in ln and "error" not in ln]
     assert len(warnings) <= 3  # the first few in full, the rest counted
@@ -156,6 +193,7 @@ def test_unusable_shard_is_one_line_before_anything_is_written(tmp_path, kind, r
 
 
 # ------------------------------------------------------------------ reruns into a run folder
+
 
 def test_rerun_finished_changed_and_longer(shards, tmp_path):
     """One run folder, five starts:
@@ -168,15 +206,22 @@ def test_rerun_finished_changed_and_longer(shards, tmp_path):
       config.yaml still untouched;
     - a longer train.max_steps continues the run: every step logged once."""
     out = tmp_path / "run"
-    args = [f"data.train_shards={shards}", f"train.output_dir={out}", "train.log_every=1",
-            "train.save_every=4"]
+    args = [
+        f"data.train_shards={shards}",
+        f"train.output_dir={out}",
+        "train.log_every=1",
+        "train.save_every=4",
+    ]
     first = pretrain(*args, "train.max_steps=6")
     assert first.returncode == 0, first.stderr[-3000:]
     assert f"exported the encoder to {out}" in first.stdout
     mask = os.umask(0)
     os.umask(mask)
-    modes = {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()
-             and "wandb" not in p.parts}
+    modes = {
+        stat.S_IMODE(p.stat().st_mode)
+        for p in out.rglob("*")
+        if p.is_file() and "wandb" not in p.parts
+    }
     assert modes == {0o666 & ~mask}
     exported = {p.name: p.stat().st_mtime_ns for p in (out / "export").iterdir()}
     saved_config = (out / "config.yaml").read_bytes()
@@ -189,9 +234,17 @@ def test_rerun_finished_changed_and_longer(shards, tmp_path):
 
     other = pretrain(*args, "train.max_steps=6", "model.backbone=resnet10t")
     one_line_error(other, 2, "model.backbone: 'test_resnet' -> 'resnet10t'", "--force-config")
-    forced = subprocess.run([*pretrain_cmd(*TINY, *args, "train.max_steps=8",
-                                           "model.backbone=resnet10t"), "--force-config"],
-                            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    forced = subprocess.run(
+        [
+            *pretrain_cmd(*TINY, *args, "train.max_steps=8", "model.backbone=resnet10t"),
+            "--force-config",
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     one_line_error(forced, 2, "does not fit the configured model")
     assert (out / "config.yaml").read_bytes() == saved_config
 
@@ -202,25 +255,38 @@ def test_rerun_finished_changed_and_longer(shards, tmp_path):
 
 # ------------------------------------------------------------------ dim-report
 
+
 def _report(*args: str) -> subprocess.CompletedProcess:
     e = {**env(), "HOME": "/nonexistent"}
     e.pop("WANDB_MODE")
-    return subprocess.run([PY, "-m", "pipeline.report", *args], cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [PY, "-m", "pipeline.report", *args],
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("case, words", [
-    ("missing", "metrics file not found"),
-    ("folder", "is a folder"),
-    ("no_key", "no W&B API key"),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("missing", "metrics file not found"),
+        ("folder", "is a folder"),
+        ("no_key", "no W&B API key"),
+    ],
+)
 def test_dim_report_mistakes_are_one_line(tmp_path, case, words):
     run = tmp_path / "run"
     run.mkdir()
     (run / "wandb_id.txt").write_text("abc123\n")
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "mi/global/jsd": 0.1}) + "\n")
-    args = {"missing": ["--dry-run", "--metrics", str(tmp_path / "nope.jsonl")],
-            "folder": ["--dry-run", "--metrics", str(run)], "no_key": [str(run)]}[case]
+    args = {
+        "missing": ["--dry-run", "--metrics", str(tmp_path / "nope.jsonl")],
+        "folder": ["--dry-run", "--metrics", str(run)],
+        "no_key": [str(run)],
+    }[case]
     proc = _report(*args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
@@ -241,7 +307,6 @@ def test_dim_report_reads_a_run_folder(tmp_path):
     assert [p["metrics"] for p in structure["sections"][0]["panels"]] == [["mi/global/jsd"]]
 
 
-
 def test_config_differences_allow_schedule_and_logging_only():
     """Bug caught: a rerun with another lr (or any training key) silently continuing a
     run; and the opposite, a longer schedule or new W&B tags being refused."""
@@ -249,12 +314,22 @@ def test_config_differences_allow_schedule_and_logging_only():
     from pipeline.run_folder import config_differences
 
     saved = Config().to_dict()
-    same_run = load_config(None, ["train.max_steps=5000", "train.log_every=1", "wandb.tags=[x]",
-                                  "data.num_workers=0", "train.output_dir=elsewhere"]).to_dict()
+    same_run = load_config(
+        None,
+        [
+            "train.max_steps=5000",
+            "train.log_every=1",
+            "wandb.tags=[x]",
+            "data.num_workers=0",
+            "train.output_dir=elsewhere",
+        ],
+    ).to_dict()
     assert config_differences(saved, same_run, Config().to_dict()) == []
     other = load_config(None, ["train.lr=0.5", "model.backbone=resnet10t"]).to_dict()
     assert config_differences(saved, other, Config().to_dict()) == [
-        "model.backbone: 'dim_conv32' -> 'resnet10t'", "train.lr: 0.001 -> 0.5"]
+        "model.backbone: 'dim_conv32' -> 'resnet10t'",
+        "train.lr: 0.001 -> 0.5",
+    ]
     older = {s: dict(body) for s, body in saved.items()}
     del older["loss"]["allow_negative_weights"]  # saved before the key existed: its default
     assert config_differences(older, Config().to_dict(), Config().to_dict()) == []

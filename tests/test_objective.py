@@ -1,4 +1,5 @@
 """The full DIM objective on timm backbones, on real images, and with bad configuration."""
+
 import math
 
 import pytest
@@ -19,32 +20,52 @@ BACKBONES = [  # (name, local_layer, backbone_kwargs): a ResNet, a ConvNeXt, an 
 
 
 @pytest.mark.parametrize("backbone,local_layer,kwargs", BACKBONES)
-@pytest.mark.parametrize("estimator,global_critic,local_critic",
-                         [("infonce", "dot", "dot"), ("jsd", "zz", "concat"), ("dv", "feature", "dot")])
-def test_loss_finite_and_gradient_reaches_every_parameter(backbone, local_layer, kwargs, estimator,
-                                                          global_critic, local_critic):
+@pytest.mark.parametrize(
+    "estimator,global_critic,local_critic",
+    [("infonce", "dot", "dot"), ("jsd", "zz", "concat"), ("dv", "feature", "dot")],
+)
+def test_loss_finite_and_gradient_reaches_every_parameter(
+    backbone, local_layer, kwargs, estimator, global_critic, local_critic
+):
     torch.manual_seed(0)
-    cfg = load_config(None, [f"model.backbone={backbone}", f"model.local_layer={local_layer}",
-                             f"loss.estimator={estimator}", f"loss.global_critic={global_critic}",
-                             f"loss.local_critic={local_critic}", "model.fc_dim=64"])
+    cfg = load_config(
+        None,
+        [
+            f"model.backbone={backbone}",
+            f"model.local_layer={local_layer}",
+            f"loss.estimator={estimator}",
+            f"loss.global_critic={global_critic}",
+            f"loss.local_critic={local_critic}",
+            "model.fc_dim=64",
+        ],
+    )
     cfg.model.backbone_kwargs = kwargs
     model = build_model(cfg)
     loss, terms = model(torch.randn(4, 3, 32, 32))
     assert torch.isfinite(loss)
     assert {f"mi/global/{estimator}", f"mi/local/{estimator}", "kl", "loss"} <= set(terms)
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and
-               (p.grad is None or not torch.isfinite(p.grad).all())]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())
+    ]
     assert not missing, f"no finite gradient for {missing[:5]}"
-    touched = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    touched = [
+        n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+    ]
     assert any(n.startswith("encoder.backbone.") for n in touched)
     assert any(n.startswith("objective.local_critic.") for n in touched)
 
 
-@pytest.mark.parametrize("backbone,size,local_layer", [("test_resnet", 224, 2), ("test_vit", 224, -1),
-                                                       ("test_convnext", 32, 0)])
+@pytest.mark.parametrize(
+    "backbone,size,local_layer",
+    [("test_resnet", 224, 2), ("test_vit", 224, -1), ("test_convnext", 32, 0)],
+)
 def test_encoder_shapes(backbone, size, local_layer):
-    enc = DIMEncoder(backbone, code_dim=16, fc_dim=32, local_layer=local_layer, img_size=size).train()
+    enc = DIMEncoder(
+        backbone, code_dim=16, fc_dim=32, local_layer=local_layer, img_size=size
+    ).train()
     out = enc(torch.randn(2, 3, size, size))
     n, c, h, w = out.local.shape
     assert (n, c) == (2, enc.local_channels) and h > 1 and w > 1
@@ -63,15 +84,29 @@ def test_two_views_use_the_second_view_as_image_side():
     assert torch.isfinite(loss) and "mi/local/infonce" in terms
 
 
-@pytest.mark.parametrize("estimator,steps,margin", [
-    ("infonce", 150, 0.3), ("dv", 150, 0.3),
-    ("jsd", 300, 0.08),  # JSD lives in [0, log 2] and learns from one negative per positive
-])
+@pytest.mark.parametrize(
+    "estimator,steps,margin",
+    [
+        ("infonce", 150, 0.3),
+        ("dv", 150, 0.3),
+        ("jsd", 300, 0.08),  # JSD lives in [0, log 2] and learns from one negative per positive
+    ],
+)
 def test_training_on_digits_raises_the_mi_estimates(estimator, steps, margin):
     # Critic widths pinned: the test is about the estimators, not the (narrow) defaults.
-    log = run_objective([f"loss.estimator={estimator}", "model.backbone=test_resnet",
-                         "loss.critic_dim=256", "loss.critic_hidden=512"], steps=steps,
-                        batch=32, pool=256, log_every=10, verbose=False)
+    log = run_objective(
+        [
+            f"loss.estimator={estimator}",
+            "model.backbone=test_resnet",
+            "loss.critic_dim=256",
+            "loss.critic_hidden=512",
+        ],
+        steps=steps,
+        batch=32,
+        pool=256,
+        log_every=10,
+        verbose=False,
+    )
     for scope in ("global", "local"):
         key = f"mi/{scope}/{estimator}"
         start = log[0][key]
@@ -83,14 +118,17 @@ def test_training_on_digits_raises_the_mi_estimates(estimator, steps, margin):
             assert end <= math.log(2)
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("loss.estimator=nce", "loss.estimator"),
-    ("loss.global_critic=bilinear", "loss.global_critic"),
-    ("loss.local_critic=mlp", "loss.local_critic"),
-    ("model.backbone=resnet_does_not_exist", "backbone"),
-    ("model.local_layer=42", "local_layer"),
-    ("train.batchsize=3", "train.batch_size"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("loss.estimator=nce", "loss.estimator"),
+        ("loss.global_critic=bilinear", "loss.global_critic"),
+        ("loss.local_critic=mlp", "loss.local_critic"),
+        ("model.backbone=resnet_does_not_exist", "backbone"),
+        ("model.local_layer=42", "local_layer"),
+        ("train.batchsize=3", "train.batch_size"),
+    ],
+)
 def test_bad_configuration_is_one_clear_error(override, needle):
     with pytest.raises(ConfigError, match=needle):
         build_model(load_config(None, [override]))
@@ -101,9 +139,18 @@ def test_two_views_score_each_code_against_the_other_views_features():
     from pipeline.objective import mi_estimate
 
     torch.manual_seed(0)
-    model = build_model(load_config(None, ["model.backbone=test_resnet", "model.fc_dim=32",
-                                           "loss.global_critic=none", "loss.critic_dim=256",
-                                           "loss.critic_hidden=512"])).eval()
+    model = build_model(
+        load_config(
+            None,
+            [
+                "model.backbone=test_resnet",
+                "model.fc_dim=32",
+                "loss.global_critic=none",
+                "loss.critic_dim=256",
+                "loss.critic_hidden=512",
+            ],
+        )
+    ).eval()
     with torch.no_grad():  # scores of order 1, so that the pairings give visibly different values
         for p in model.objective.local_critic.parameters():
             p.mul_(4.0)
@@ -112,8 +159,10 @@ def test_two_views_score_each_code_against_the_other_views_features():
     # By hand: code of view 1 against the local map of view 2, and the reverse.
     e1, e2 = model.encoder(x1), model.encoder(x2)
     critic, clip = model.objective.local_critic, model.objective.cfg.tclip
-    by_hand = (mi_estimate("infonce", critic, e2.local, e1.z, tclip=clip).nats
-               + mi_estimate("infonce", critic, e1.local, e2.z, tclip=clip).nats) / 2
+    by_hand = (
+        mi_estimate("infonce", critic, e2.local, e1.z, tclip=clip).nats
+        + mi_estimate("infonce", critic, e1.local, e2.z, tclip=clip).nats
+    ) / 2
     assert torch.allclose(terms["mi/local/infonce"], by_hand, atol=1e-5)
     # Same-view pairing (the second view ignored) gives another value.
     same = mi_estimate("infonce", critic, e1.local, e1.z, tclip=clip).nats
@@ -127,11 +176,13 @@ def test_two_views_score_each_code_against_the_other_views_features():
 
 def test_clipped_fraction_is_logged_and_counts_scores_beyond_tclip():
     torch.manual_seed(0)
-    model = build_model(load_config(None, ["model.backbone=test_resnet", "model.fc_dim=32",
-                                           "loss.tclip=1e-3"]))
+    model = build_model(
+        load_config(None, ["model.backbone=test_resnet", "model.fc_dim=32", "loss.tclip=1e-3"])
+    )
     _, terms = model(torch.randn(4, 3, 32, 32))
     assert terms["clip_frac/local"] > 0.9  # almost every score is beyond a tiny clip
-    model = build_model(load_config(None, ["model.backbone=test_resnet", "model.fc_dim=32",
-                                           "loss.tclip=1e6"]))
+    model = build_model(
+        load_config(None, ["model.backbone=test_resnet", "model.fc_dim=32", "loss.tclip=1e6"])
+    )
     _, terms = model(torch.randn(4, 3, 32, 32))
     assert terms["clip_frac/local"] == 0 and terms["clip_frac/global"] == 0

@@ -1,4 +1,5 @@
 """Optimizers and the schedule: warmup then cosine; LARS skips biases and norms."""
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,12 @@ def test_groups_exclude_biases_and_norms():
 def test_lars_trust_ratio():
     w = nn.Parameter(torch.full((2, 2), 3.0))
     b = nn.Parameter(torch.ones(2))
-    opt = LARS([{"params": [w], "lars": True}, {"params": [b], "lars": False}],
-               lr=1.0, momentum=0.0, trust=0.01)
+    opt = LARS(
+        [{"params": [w], "lars": True}, {"params": [b], "lars": False}],
+        lr=1.0,
+        momentum=0.0,
+        trust=0.01,
+    )
     w.grad = torch.full((2, 2), 100.0)
     b.grad = torch.full((2,), 0.5)
     opt.step()

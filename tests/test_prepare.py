@@ -1,4 +1,5 @@
 """The shard writer: image folders, the bundled digits, torchvision datasets on disk."""
+
 from __future__ import annotations
 
 import io
@@ -14,7 +15,13 @@ from PIL import Image
 from pipeline.data import dataset_size, eval_loader, resolve_shards
 from pipeline.digits import digits_tensor
 from pipeline.errors import ConfigError
-from pipeline.prepare import main, prepare_digits, prepare_folder, prepare_torchvision, split_indices
+from pipeline.prepare import (
+    main,
+    prepare_digits,
+    prepare_folder,
+    prepare_torchvision,
+    split_indices,
+)
 from pipeline.shards import read_manifest
 
 
@@ -41,8 +48,9 @@ def make_folder(root, counts: dict[str, int]) -> dict[bytes, int]:
 
 def test_prepare_folder_round_trip_and_manifest(tmp_path):
     expected = make_folder(tmp_path / "src", {"cat": 5, "dog": 4, "eel": 3})
-    manifest = prepare_folder(tmp_path / "src", tmp_path / "out", val_fraction=0.25, seed=3,
-                              max_samples=2)
+    manifest = prepare_folder(
+        tmp_path / "src", tmp_path / "out", val_fraction=0.25, seed=3, max_samples=2
+    )
     assert manifest == tmp_path / "out" / "train.json"
     train, val = read_manifest(manifest), read_manifest(tmp_path / "out" / "val.json")
     assert train.classes == val.classes == ["cat", "dog", "eel"]
@@ -66,7 +74,10 @@ def test_prepare_folder_shard_bytes_limit_and_idempotence(tmp_path):
     assert manifest.stat().st_mtime_ns == stamp  # reused, not rewritten
     prepare_folder(tmp_path / "src", out, val_fraction=0.0, overwrite=True, max_samples=4)
     assert read_manifest(manifest).samples == [4, 2]
-    assert sorted(p.name for p in out.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    assert sorted(p.name for p in out.glob("train-*.tar")) == [
+        "train-000000.tar",
+        "train-000001.tar",
+    ]
 
 
 def test_prepare_digits_matches_digits_tensor(tmp_path):
@@ -76,8 +87,9 @@ def test_prepare_digits_matches_digits_tensor(tmp_path):
     assert train.classes == [str(d) for d in range(10)] and train.info["source"]["size"] == 32
     _, val_index = split_indices(1797, 0.1, 0)
     images, labels = digits_tensor(32)
-    batch = next(iter(eval_loader(str(tmp_path / "d" / "val.json"), batch_size=180, img_size=32,
-                                  in_chans=3)))
+    batch = next(
+        iter(eval_loader(str(tmp_path / "d" / "val.json"), batch_size=180, img_size=32, in_chans=3))
+    )
     assert batch["label"].tolist() == labels[val_index].tolist()
     assert torch.allclose(batch["image"], images[val_index], atol=1.01 / 127.5)  # uint8 rounding
     stamp = manifest.stat().st_mtime_ns
@@ -86,8 +98,21 @@ def test_prepare_digits_matches_digits_tensor(tmp_path):
 
 
 def test_cli_digits_native_size(tmp_path, capsys):
-    assert main(["digits", str(tmp_path / "n"), "--size", "8", "--val-fraction", "0",
-                 "--shard-samples", "1000"]) == 0
+    assert (
+        main(
+            [
+                "digits",
+                str(tmp_path / "n"),
+                "--size",
+                "8",
+                "--val-fraction",
+                "0",
+                "--shard-samples",
+                "1000",
+            ]
+        )
+        == 0
+    )
     manifest = read_manifest(tmp_path / "n" / "train.json")
     assert manifest.samples == [1000, 797] and not (tmp_path / "n" / "val.json").exists()
     first = raw_samples(tmp_path / "n" / "train.json")[0]
@@ -101,10 +126,23 @@ def fake_cifar10(root, n_per_batch: int = 3) -> None:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        entry = {"data": rng.integers(0, 255, (n_per_batch, 3072), dtype=np.uint8),
-                 "labels": rng.integers(0, 10, n_per_batch).tolist()}
+        entry = {
+            "data": rng.integers(0, 255, (n_per_batch, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, n_per_batch).tolist(),
+        }
         (folder / name).write_bytes(pickle.dumps(entry))
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    names = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
 
 
@@ -119,20 +157,31 @@ def test_prepare_torchvision_cifar10_on_disk(tmp_path, monkeypatch):
     assert read_manifest(manifest).classes[0] == "airplane"
     reference = tvd.CIFAR10(str(tmp_path / "root"), train=True)
     stored = raw_samples(manifest) + raw_samples(tmp_path / "out" / "val.json")
-    got = sorted((np.asarray(Image.open(io.BytesIO(s["png"]))).tobytes(), int(s["cls"])) for s in stored)
+    got = sorted(
+        (np.asarray(Image.open(io.BytesIO(s["png"]))).tobytes(), int(s["cls"])) for s in stored
+    )
     want = sorted((np.asarray(img).tobytes(), label) for img, label in reference)
     assert got == want  # lossless PNG
-    test = prepare_torchvision("CIFAR10", tmp_path / "root", tmp_path / "out", split="test",
-                               val_fraction=0.0, names=("test", "unused"))
+    test = prepare_torchvision(
+        "CIFAR10",
+        tmp_path / "root",
+        tmp_path / "out",
+        split="test",
+        val_fraction=0.0,
+        names=("test", "unused"),
+    )
     assert test.name == "test.json" and read_manifest(test).num_samples == 3
 
 
-@pytest.mark.parametrize("call", [
-    lambda p: prepare_folder(p / "absent", p / "out"),
-    lambda p: prepare_torchvision("CIFAR10", p / "absent", p / "out"),
-    lambda p: prepare_torchvision("NotADataset", p, p / "out"),
-    lambda p: prepare_digits(p / "out", val_fraction=1.0),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p: prepare_folder(p / "absent", p / "out"),
+        lambda p: prepare_torchvision("CIFAR10", p / "absent", p / "out"),
+        lambda p: prepare_torchvision("NotADataset", p, p / "out"),
+        lambda p: prepare_digits(p / "out", val_fraction=1.0),
+    ],
+)
 def test_prepare_errors(tmp_path, call):
     with pytest.raises(ConfigError):
         call(tmp_path)

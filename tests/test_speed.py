@@ -1,4 +1,5 @@
 """train.compile and train.channels_last change how the step runs, not what it computes."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,11 +10,19 @@ from pipeline.errors import ConfigError
 from pipeline.model import build_model
 from pipeline.speed import prepare_input, prepare_model
 
-TINY = ["model.backbone=test_resnet", "model.img_size=16", "model.fc_dim=32", "model.code_dim=16",
-        "loss.critic_dim=16", "loss.critic_hidden=16"]
+TINY = [
+    "model.backbone=test_resnet",
+    "model.img_size=16",
+    "model.fc_dim=32",
+    "model.code_dim=16",
+    "loss.critic_dim=16",
+    "loss.critic_hidden=16",
+]
 
 
-def step(overrides: list[str], backend: str = "eager") -> tuple[torch.Tensor, dict, torch.nn.Module]:
+def step(
+    overrides: list[str], backend: str = "eager"
+) -> tuple[torch.Tensor, dict, torch.nn.Module]:
     cfg = load_config(None, TINY + overrides)
     torch.manual_seed(0)
     model = prepare_model(build_model(cfg).train(), cfg.train, backend=backend)
@@ -45,16 +54,20 @@ def test_channels_last_and_compile_give_the_same_loss_gradients_and_keys():
 def test_prepare_input_keeps_a_missing_view_missing():
     cfg = load_config(None, ["train.channels_last=true"]).train
     assert prepare_input(None, cfg) is None
-    assert prepare_input(torch.zeros(2, 3, 4, 4), cfg).is_contiguous(memory_format=torch.channels_last)
+    assert prepare_input(torch.zeros(2, 3, 4, 4), cfg).is_contiguous(
+        memory_format=torch.channels_last
+    )
 
 
 def test_linear_critic_embeddings_train_and_concat_refuses_them():
     # critic_hidden=0: the cheapest local critic (a linear map per location). Catches a
     # hidden layer left in (no saving) and a silently ignored setting for concat critics.
-    cfg = load_config(None, TINY + ["loss.critic_hidden=0"])
+    cfg = load_config(None, [*TINY, "loss.critic_hidden=0"])
     model = build_model(cfg)
     critic = model.objective.local_critic
-    assert [type(m).__name__ for m in critic.modules() if isinstance(m, torch.nn.Linear)] == ["Linear"] * 2
+    assert [type(m).__name__ for m in critic.modules() if isinstance(m, torch.nn.Linear)] == [
+        "Linear"
+    ] * 2
     loss, _ = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
     loss.backward()
     assert torch.isfinite(loss) and critic.f.shortcut.weight.grad.abs().sum() > 0

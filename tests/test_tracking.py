@@ -1,4 +1,5 @@
 """Tracker: W&B mode choice and metrics.jsonl truncation on resume (no W&B process)."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ def test_auto_mode_follows_api_key(monkeypatch, tmp_path):
 
 def test_resume_drops_rows_after_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8))
-                    + '{"step": 8, "lo')  # a row torn by a kill
+    path.write_text(
+        "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8))
+        + '{"step": 8, "lo'
+    )  # a row torn by a kill
     truncate_metrics(path, 5)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
 
@@ -35,5 +38,7 @@ def test_tracker_appends_rows(tmp_path):
     t.log({"mi/global/infonce": 0.7, "data/skipped": 1}, step=4)
     t.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows == [{"step": 3, "mi/global/infonce": 0.5, "data/skipped": 0},
-                    {"step": 4, "mi/global/infonce": 0.7, "data/skipped": 1}]
+    assert rows == [
+        {"step": 3, "mi/global/infonce": 0.5, "data/skipped": 0},
+        {"step": 4, "mi/global/infonce": 0.7, "data/skipped": 1},
+    ]

@@ -3,6 +3,7 @@
 Each run is a subprocess, as a user would start it; the model is tiny (test_resnet at
 32x32, batch 8) so the whole file takes a couple of minutes on 2 cores.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,16 @@ import time
 from pathlib import Path
 
 import pytest
-
-from train_helpers import (ACCELERATE_LAUNCH, ROOT, TINY, env, metrics, pretrain_cmd, run,
-                                 write_shards)
+from train_helpers import (
+    ACCELERATE_LAUNCH,
+    ROOT,
+    TINY,
+    env,
+    metrics,
+    pretrain_cmd,
+    run,
+    write_shards,
+)
 from wandb_log import history, run_files
 
 MI_KEYS = ("mi/global/infonce", "mi/local/infonce")
@@ -50,14 +58,28 @@ def test_single_process_sigterm_resume_wandb_export(shards, tmp_path):
     once, one W&B run id across both parts, the loss falls, and the export reproduces
     the trained features."""
     out = tmp_path / "run"
-    args = [*TINY, f"data.train_shards={shards}", f"train.output_dir={out}",
-            "train.max_steps=120", "train.log_every=1", "train.save_every=10",
-            "train.keep_last=3", "data.num_workers=2"]
-    proc = subprocess.Popen(pretrain_cmd(*args), cwd=ROOT, env=env(), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        *TINY,
+        f"data.train_shards={shards}",
+        f"train.output_dir={out}",
+        "train.max_steps=120",
+        "train.log_every=1",
+        "train.save_every=10",
+        "train.keep_last=3",
+        "data.num_workers=2",
+    ]
+    proc = subprocess.Popen(
+        pretrain_cmd(*args),
+        cwd=ROOT,
+        env=env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for_step(out, 25, proc)
     os.killpg(proc.pid, signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    _stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
     stopped = _checkpoint_steps(out)[-1]
     assert 25 <= stopped < 120
@@ -72,8 +94,19 @@ def test_single_process_sigterm_resume_wandb_export(shards, tmp_path):
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 121))
     for r in rows:
-        assert all(k in r for k in (*MI_KEYS, "loss", "kl", "lr", "grad_norm",
-                                    "samples_per_s", "samples_per_s_total", "data/skipped"))
+        assert all(
+            k in r
+            for k in (
+                *MI_KEYS,
+                "loss",
+                "kl",
+                "lr",
+                "grad_norm",
+                "samples_per_s",
+                "samples_per_s_total",
+                "data/skipped",
+            )
+        )
     first, last = rows[:10], rows[-10:]
     assert sum(r["loss"] for r in last) < sum(r["loss"] for r in first)
     assert _checkpoint_steps(out)[-1] == 120 and len(_checkpoint_steps(out)) <= 3
@@ -102,7 +135,9 @@ def _check_export(out: Path) -> None:
     backbone = timm.create_model("test_resnet", pretrained=False, num_classes=0)
     backbone.load_state_dict(load_file(str(out / "export" / "model.safetensors")), strict=True)
     model = build_model(load_config(out / "config.yaml"))
-    model.load_state_dict(load_file(str(out / "checkpoints" / "step_0000120" / "model.safetensors")))
+    model.load_state_dict(
+        load_file(str(out / "checkpoints" / "step_0000120" / "model.safetensors"))
+    )
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     backbone.eval(), model.eval()
     with torch.no_grad():
@@ -114,11 +149,18 @@ def test_two_processes_gloo_sigterm_resume(shards, tmp_path):
     """`accelerate launch --config_file launch/cpu.yaml` runs two ranks; SIGTERM to the
     launcher reaches both, they agree on a step, save, and a second launch finishes."""
     out = tmp_path / "ddp"
-    cmd = pretrain_cmd(*TINY, f"data.train_shards={shards}", f"train.output_dir={out}",
-                       "train.max_steps=40", "train.log_every=1", "train.save_every=100",
-                       launcher=[*ACCELERATE_LAUNCH, "--config_file", "launch/cpu.yaml"])
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = pretrain_cmd(
+        *TINY,
+        f"data.train_shards={shards}",
+        f"train.output_dir={out}",
+        "train.max_steps=40",
+        "train.log_every=1",
+        "train.save_every=100",
+        launcher=[*ACCELERATE_LAUNCH, "--config_file", "launch/cpu.yaml"],
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for_step(out, 8, proc)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers
     proc.communicate(timeout=120)
@@ -141,10 +183,20 @@ def test_two_processes_gloo_sigterm_resume(shards, tmp_path):
 def test_deepspeed_zero2_runs_and_resumes(shards, tmp_path):
     """ZeRO-2 through accelerate on 2 CPU processes; a second launch resumes from its checkpoint."""
     out = tmp_path / "ds"
-    launcher = [*ACCELERATE_LAUNCH, "--config_file", "launch/deepspeed_zero2.yaml",
-                "--num_processes", "2"]
-    args = [*TINY, f"data.train_shards={shards}", f"train.output_dir={out}",
-            "train.log_every=1", "train.save_every=2"]
+    launcher = [
+        *ACCELERATE_LAUNCH,
+        "--config_file",
+        "launch/deepspeed_zero2.yaml",
+        "--num_processes",
+        "2",
+    ]
+    args = [
+        *TINY,
+        f"data.train_shards={shards}",
+        f"train.output_dir={out}",
+        "train.log_every=1",
+        "train.save_every=2",
+    ]
     first = run(pretrain_cmd(*args, "train.max_steps=4", launcher=launcher), timeout=420)
     assert first.returncode == 0
     assert (out / "checkpoints" / "step_0000004" / "pytorch_model").is_dir()  # DeepSpeed layout
@@ -162,8 +214,15 @@ DIVERGE = ["train.lr=1e30", "train.warmup_steps=0"]
 
 
 def test_nonfinite_loss_names_step_and_term(shards, tmp_path):
-    proc = run(pretrain_cmd(*TINY, f"data.train_shards={shards}", f"train.output_dir={tmp_path}",
-                            "train.max_steps=3", *DIVERGE))
+    proc = run(
+        pretrain_cmd(
+            *TINY,
+            f"data.train_shards={shards}",
+            f"train.output_dir={tmp_path}",
+            "train.max_steps=3",
+            *DIVERGE,
+        )
+    )
     assert proc.returncode == 1
     assert "non-finite loss at step 2" in proc.stderr and "loss/kl" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -172,10 +231,21 @@ def test_nonfinite_loss_names_step_and_term(shards, tmp_path):
 def test_grad_accum_lars_bf16(shards, tmp_path):
     """Options together: 2 micro-batches per step, LARS, bf16 autocast, warmup + cosine,
     two views augmented batched in the loop."""
-    proc = run(pretrain_cmd(*TINY, f"data.train_shards={shards}", f"train.output_dir={tmp_path}",
-                            "train.max_steps=4", "train.log_every=1", "train.grad_accum=2",
-                            "train.optimizer=lars", "train.lr=0.5", "train.warmup_steps=2",
-                            "train.mixed_precision=bf16", "data.augment=amdim"))
+    proc = run(
+        pretrain_cmd(
+            *TINY,
+            f"data.train_shards={shards}",
+            f"train.output_dir={tmp_path}",
+            "train.max_steps=4",
+            "train.log_every=1",
+            "train.grad_accum=2",
+            "train.optimizer=lars",
+            "train.lr=0.5",
+            "train.warmup_steps=2",
+            "train.mixed_precision=bf16",
+            "data.augment=amdim",
+        )
+    )
     assert proc.returncode == 0
     rows = metrics(tmp_path)
     assert [r["samples_seen"] for r in rows] == [16, 32, 48, 64]
@@ -188,6 +258,15 @@ def test_grad_accum_lars_bf16(shards, tmp_path):
 def test_run_with_loader_workers_exits(shards, tmp_path, extra, code):
     """Workers start with the stop signals blocked; they must still be stopped at the
     end of a run and when it fails, or the interpreter waits for them forever."""
-    proc = run(pretrain_cmd(*TINY, f"data.train_shards={shards}", f"train.output_dir={tmp_path}",
-                            "train.max_steps=3", "data.num_workers=2", *extra), timeout=120)
+    proc = run(
+        pretrain_cmd(
+            *TINY,
+            f"data.train_shards={shards}",
+            f"train.output_dir={tmp_path}",
+            "train.max_steps=3",
+            "data.num_workers=2",
+            *extra,
+        ),
+        timeout=120,
+    )
     assert proc.returncode == code

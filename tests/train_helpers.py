@@ -1,4 +1,5 @@
 """Shared pieces of the training tests: tiny shards, a tiny model, subprocess runs."""
+
 from __future__ import annotations
 
 import io
@@ -13,10 +14,20 @@ PY = sys.executable
 ACCELERATE_LAUNCH = [PY, "-m", "accelerate.commands.launch"]  # no reliance on PATH
 
 # test_resnet at 32x32, small heads and critics, batch 8: a step takes tens of ms on CPU.
-TINY = ["model.backbone=test_resnet", "model.img_size=32", "model.fc_dim=64",
-        "model.code_dim=32", "loss.critic_dim=64", "loss.critic_hidden=64",
-        "train.batch_size=8", "train.warmup_steps=2", "train.lr=2e-3",
-        "data.num_workers=0", "data.shuffle_buffer=64", "data.epoch_samples=512"]
+TINY = [
+    "model.backbone=test_resnet",
+    "model.img_size=32",
+    "model.fc_dim=64",
+    "model.code_dim=32",
+    "loss.critic_dim=64",
+    "loss.critic_hidden=64",
+    "train.batch_size=8",
+    "train.warmup_steps=2",
+    "train.lr=2e-3",
+    "data.num_workers=0",
+    "data.shuffle_buffer=64",
+    "data.epoch_samples=512",
+]
 
 
 def write_shards(folder: Path, n: int = 512, per_shard: int = 256) -> str:
@@ -40,8 +51,15 @@ def write_shards(folder: Path, n: int = 512, per_shard: int = 256) -> str:
 
 
 def env() -> dict[str, str]:
-    e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true",
-             DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    e = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=str(ROOT),
+        TOKENIZERS_PARALLELISM="false",
+    )
     e.pop("WANDB_API_KEY", None)
     return e
 
@@ -52,8 +70,7 @@ def pretrain_cmd(*overrides: str, launcher: list[str] | None = None) -> list[str
 
 
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         print(proc.stdout[-4000:], proc.stderr[-8000:], sep="\n")
     return proc

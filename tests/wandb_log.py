@@ -6,6 +6,7 @@ wandb 0.31 ships no reader, so this parses the LevelDB-style log: a 7-byte heade
 ``wandb_internal_pb2.Record``. A record never spans a block boundary without a
 FIRST/MIDDLE/LAST split, and a block tail under 7 bytes is zero padding.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,10 @@ def records(path: str | Path):
         if left < HEADER:  # padding at the end of a block
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         if kind == 0 and length == 0:
             break
-        chunk = data[pos + HEADER:pos + HEADER + length]
+        chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
