@@ -7,12 +7,34 @@ Grayscale sources are expanded to RGB at decode time; ``in_chans=1`` converts ba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torchvision.transforms import v2
 
-from .errors import ConfigError
+from .errors import ConfigError, choose
 
-AUGMENTS = ("none", "simple", "amdim")
+if TYPE_CHECKING:
+    from .config import DataConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one ``data.augment`` choice means, to the worker path (``build_views``) and
+    the batched one (``pipeline.batch_augment``) alike."""
+
+    views: int  # independently augmented views per image
+    random: bool  # False: resize and centre-crop only
+    grayscale_p: float = 0.0  # chance of a grayscale view (colour images)
+
+
+AUGMENTS = {
+    "none": Recipe(views=1, random=False),
+    "simple": Recipe(views=1, random=True),
+    # AMDIM (Bachman et al. 2019): crop, jitter and grayscale drawn independently per view.
+    "amdim": Recipe(views=2, random=True, grayscale_p=0.25),
+}
 
 
 class Views:
@@ -94,22 +116,17 @@ def train_transform(
     return v2.Compose([*steps, *_finish(in_chans)])
 
 
-def build_views(
-    augment: str,
-    *,
-    img_size: int,
-    in_chans: int,
-    crop_scale_min: float = 0.5,
-    flip: bool = True,
-    color_jitter: float = 0.4,
-) -> Views:
-    """``image -> [view]``, or two independent views for AMDIM-style training."""
-    if augment not in AUGMENTS:
-        raise ConfigError(f"data.augment must be one of {AUGMENTS}, got {augment!r}")
-    if augment == "none":
+def build_views(cfg: DataConfig, *, img_size: int, in_chans: int) -> Views:
+    """``image -> [view] * count`` as ``cfg.augment`` (``AUGMENTS``) asks, per image."""
+    recipe = choose("data.augment", cfg.augment, AUGMENTS)
+    if not recipe.random:
         return Views(eval_transform(img_size, in_chans))
-    kw = {"crop_scale_min": crop_scale_min, "flip": flip, "color_jitter": color_jitter}
-    if augment == "simple":
-        return Views(train_transform(img_size, in_chans, **kw))
-    # AMDIM (Bachman et al. 2019): crop, jitter and grayscale drawn independently per view.
-    return Views(train_transform(img_size, in_chans, grayscale_p=0.25, **kw), count=2)
+    transform = train_transform(
+        img_size,
+        in_chans,
+        crop_scale_min=cfg.crop_scale_min,
+        flip=cfg.flip,
+        color_jitter=cfg.color_jitter,
+        grayscale_p=recipe.grayscale_p,
+    )
+    return Views(transform, count=recipe.views)

@@ -14,17 +14,38 @@ export like any other backbone:
   8x8x256 local map (22 px).
 - ``resnet{18,34,50}_cifar``: timm ResNets with the CIFAR stem (3x3 stride-1 first
   conv, no max-pool), four times the resolution at every stage.
+
+``model.backbone`` has no table of its own: timm's model registry is it, these models
+join it with ``register_model``, ``check_backbone`` validates a name against it and
+``timm.create_model`` dispatches on it.
 """
 
 from __future__ import annotations
 
+import timm
 import torch
 from timm.layers import SelectAdaptivePool2d, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    parse_model_name,
+    register_model,
+)
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-__all__ = ["CifarResNet", "DIMConvNet"]
+from .errors import unknown
+
+__all__ = ["CifarResNet", "DIMConvNet", "check_backbone"]
+
+
+def check_backbone(name: str) -> None:
+    """``model.backbone`` names a timm model (timm's own, one below, or one a user
+    registers), checked by name without building it; ``hf-hub:`` / ``local-dir:`` names
+    pass through to timm."""
+    source, arch = parse_model_name(name)
+    if source is None and not timm.is_model(arch):
+        raise unknown("model.backbone", name, timm.list_models())
 
 
 def _cfg(size: int, pool: int, **kwargs) -> dict:

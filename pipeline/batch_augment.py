@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DataConfig
+from .augment import AUGMENTS
+
+if TYPE_CHECKING:
+    from .config import DataConfig
 
 __all__ = [
     "BatchAugment",
@@ -45,13 +49,12 @@ __all__ = [
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 JITTER_P = 0.8  # as the worker path's RandomApply([ColorJitter], p=0.8)
-AMDIM_GRAYSCALE_P = 0.25
 LOG_RATIOS = (math.log(3 / 4), math.log(4 / 3))  # RandomResizedCrop's default aspect range
 
 
 def on_batch(cfg: DataConfig) -> bool:
     """Whether the random augmentation runs batched in the train loop (not in workers)."""
-    return cfg.augment_on == "batch" and cfg.augment != "none"
+    return cfg.augment_on == "batch" and AUGMENTS[cfg.augment].random
 
 
 def seed_of(seed: int, rank: int, step: int, micro: int = 0) -> int:
@@ -235,7 +238,7 @@ def build_batch_augment(
     """The batched augmentation ``cfg`` asks for, or None (worker-side or no augmentation)."""
     if not on_batch(cfg):
         return None
-    amdim = cfg.augment == "amdim"
+    recipe = AUGMENTS[cfg.augment]
     return BatchAugment(
         img_size=img_size,
         seed=seed,
@@ -243,6 +246,6 @@ def build_batch_augment(
         crop_scale_min=cfg.crop_scale_min,
         flip=cfg.flip,
         color_jitter=cfg.color_jitter,
-        grayscale_p=AMDIM_GRAYSCALE_P if amdim else 0.0,
-        views=2 if amdim else 1,
+        grayscale_p=recipe.grayscale_p,
+        views=recipe.views,
     )

@@ -12,20 +12,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .augment import AUGMENTS
+from .critics import CRITICS
 from .errors import ConfigError, unknown
+from .objective import ESTIMATORS
+from .optim import OPTIMIZERS
 
-ESTIMATORS = ("jsd", "dv", "infonce")
 GLOBAL_CRITICS = ("zz", "feature", "dot", "none")
-LOCAL_CRITICS = ("concat", "dot", "none")
+OFF = {"none": None}  # a critic setting that turns its MI term off
 
 
-def _choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+def _choice(section: str, name: str, value: str, choices: Collection[str]) -> None:
+    """``value`` is one of ``choices``: a registry's keys, or a tuple of names."""
     if value not in choices:
         raise unknown(f"{section}.{name}", value, choices)
 
@@ -85,8 +90,9 @@ class LossConfig:
         )
         _choice("loss", "estimator", self.estimator, ESTIMATORS)
         _choice("loss", "global_critic", self.global_critic, GLOBAL_CRITICS)
-        _choice("loss", "local_critic", self.local_critic, LOCAL_CRITICS)
-        mlps = [c for c in (self.global_critic, self.local_critic) if c not in ("dot", "none")]
+        _choice("loss", "local_critic", self.local_critic, {**CRITICS, **OFF})
+        kinds = [{"zz": "concat", "feature": "concat"}.get(self.global_critic, self.global_critic)]
+        mlps = [c for c in (*kinds, self.local_critic) if c in CRITICS and CRITICS[c].needs_hidden]
         if self.critic_hidden == 0 and mlps:
             raise ConfigError(
                 f"loss.critic_hidden=0 (linear embeddings) works with dot critics "
@@ -117,7 +123,7 @@ class DataConfig:
     max_bad_streak: int = 1000  # bad samples or shards in a row that stop a run
 
     def __post_init__(self):
-        _choice("data", "augment", self.augment, ("none", "simple", "amdim"))
+        _choice("data", "augment", self.augment, AUGMENTS)
         _choice("data", "augment_on", self.augment_on, ("batch", "worker"))
         if not 0 < self.crop_scale_min <= 1:
             raise ConfigError(f"data.crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
@@ -162,7 +168,7 @@ class TrainConfig:
     export_checkpoints: bool = False  # also write a model folder (export/) in each checkpoint
 
     def __post_init__(self):
-        _choice("train", "optimizer", self.optimizer, ("adamw", "lars"))
+        _choice("train", "optimizer", self.optimizer, OPTIMIZERS)
         _choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _bounds(
             self,

@@ -12,16 +12,23 @@ each of its H*W locations; embeddings are then (N, L, D) with L = H*W.
   two embeddings instead of concatenating every pair.
 - ``DotCritic``: separable T(a, b) = f(a) . g(b) / sqrt(D): all pairs are one matrix
   product, which is what makes cross-device infoNCE cheap.
+
+``CRITICS`` names them for ``loss.global_critic`` / ``loss.local_critic``; ``build``
+reads the widths each one uses from the loss config.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-__all__ = ["ConcatCritic", "Critic", "DotCritic", "flatten_map"]
+if TYPE_CHECKING:
+    from .config import LossConfig
+
+__all__ = ["CRITICS", "ConcatCritic", "Critic", "DotCritic", "flatten_map"]
 
 
 def flatten_map(a: torch.Tensor) -> torch.Tensor:
@@ -33,6 +40,12 @@ class Critic(nn.Module):
     """Interface: ``embed_a``/``embed_b`` per sample, ``aligned``/``pairwise`` to score."""
 
     local: bool
+    needs_hidden: bool = False  # True: an MLP that cannot work with loss.critic_hidden=0
+
+    @classmethod
+    def build(cls, a_dim: int, b_dim: int, cfg: LossConfig, local: bool) -> Critic:
+        """The critic for inputs of widths ``a_dim`` and ``b_dim`` as ``cfg`` sizes it."""
+        raise NotImplementedError
 
     def embed_a(self, a: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -82,6 +95,10 @@ class DotCritic(Critic):
         self.g = _ResidualMLP(b_dim, dim, hidden)
         self.scale = 1.0 / math.sqrt(dim)
 
+    @classmethod
+    def build(cls, a_dim: int, b_dim: int, cfg: LossConfig, local: bool) -> DotCritic:
+        return cls(a_dim, b_dim, cfg.critic_dim, cfg.critic_hidden, local=local)
+
     def embed_a(self, a: torch.Tensor) -> torch.Tensor:
         return self.f(flatten_map(a) if self.local else a) * self.scale
 
@@ -102,6 +119,8 @@ class DotCritic(Critic):
 class ConcatCritic(Critic):
     """MLP on [a, b]: Linear-ReLU-Linear-ReLU-Linear(1), applied per location if local."""
 
+    needs_hidden = True
+
     def __init__(self, a_dim: int, b_dim: int, hidden: int = 512, local: bool = False):
         super().__init__()
         self.local = local
@@ -110,6 +129,10 @@ class ConcatCritic(Critic):
         self.rest = nn.Sequential(
             nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
         )
+
+    @classmethod
+    def build(cls, a_dim: int, b_dim: int, cfg: LossConfig, local: bool) -> ConcatCritic:
+        return cls(a_dim, b_dim, cfg.critic_hidden, local=local)
 
     def embed_a(self, a: torch.Tensor) -> torch.Tensor:
         return self.first_a(flatten_map(a) if self.local else a)
@@ -124,3 +147,6 @@ class ConcatCritic(Critic):
     def pairwise(self, ea: torch.Tensor, eb: torch.Tensor) -> torch.Tensor:
         eb = eb[:, None, None, :] if self.local else eb[:, None, :]
         return self.rest(ea.unsqueeze(0) + eb).squeeze(-1)
+
+
+CRITICS: dict[str, type[Critic]] = {"concat": ConcatCritic, "dot": DotCritic}

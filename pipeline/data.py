@@ -49,7 +49,7 @@ from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import make_seed
 
-from .augment import FixedSize, Views, build_views
+from .augment import AUGMENTS, FixedSize, Views, build_views, eval_transform
 from .batch_augment import on_batch
 from .config import DataConfig
 from .errors import ConfigError
@@ -458,14 +458,7 @@ def train_loader(
     views = (
         Views(FixedSize(img_size, in_chans))
         if batched
-        else build_views(
-            cfg.augment,
-            img_size=img_size,
-            in_chans=in_chans,
-            crop_scale_min=cfg.crop_scale_min,
-            flip=cfg.flip,
-            color_jitter=cfg.color_jitter,
-        )
+        else build_views(cfg, img_size=img_size, in_chans=in_chans)
     )
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, worker_seed=state.shard_seed, deterministic=True),
@@ -477,7 +470,7 @@ def train_loader(
             views=views,
             in_chans=in_chans,
             label_key=cfg.label_key,
-            random_views=cfg.augment != "none" and not batched,
+            random_views=AUGMENTS[cfg.augment].random and not batched,
             with_keys=with_keys,
         ),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
@@ -522,7 +515,7 @@ def eval_loader(
     stages.append(partial(_read_shards, sizes=sizes))
     if not by_shard:
         stages.append(partial(_every_slot, state=state))
-    views = build_views("none", img_size=img_size, in_chans=in_chans)
+    views = Views(eval_transform(img_size, in_chans))
     stages += [
         partial(
             _decode,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -17,3 +20,12 @@ def unknown(kind: str, value: str, choices: Iterable[str]) -> ConfigError:
     hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
     listed = ", ".join(choices) if len(choices) <= 20 else f"{len(choices)} names"
     return ConfigError(f"unknown {kind} {value!r}{hint} (choices: {listed})")
+
+
+def choose(kind: str, name: str, table: Mapping[str, T]) -> T:
+    """``table[name]``: how a registry is both checked and dispatched; an unknown name is
+    the did-you-mean ConfigError, naming ``kind`` (the config key)."""
+    try:
+        return table[name]
+    except KeyError:
+        raise unknown(kind, name, table) from None

@@ -26,18 +26,22 @@ tests/test_distributed.py checks this on two real processes; docs/distributed.md
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 
 from . import estimators as est
-from .config import LossConfig
-from .critics import ConcatCritic, Critic, DotCritic
+from .critics import CRITICS, Critic
 from .distributed import gather_with_grad, rank
-from .encoder import EncoderOutput
+from .errors import choose
 
-__all__ = ["DIMObjective", "Estimate", "build_critic", "mi_estimate"]
+if TYPE_CHECKING:
+    from .config import LossConfig
+    from .encoder import EncoderOutput
+
+__all__ = ["ESTIMATORS", "DIMObjective", "Estimate", "build_critic", "mi_estimate"]
 
 
 def _diagonal(scores: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +71,42 @@ def _stats(raw: torch.Tensor, tclip: float) -> tuple[torch.Tensor, torch.Tensor]
     return raw.pow(2).mean(), clipped
 
 
+def _jsd(critic: Critic, ea, eb, tclip: float, generator) -> Estimate:
+    """Local negatives: one derangement of the device batch."""
+    perm = est.derangement(ea.shape[0], generator=generator, device=ea.device)
+    raw = torch.stack([critic.aligned(ea, eb), critic.aligned(ea[perm], eb)])
+    pos, neg = est.clip_scores(raw, tclip)
+    bound = est.jsd(pos, neg)
+    return Estimate(bound, est.jsd_to_nats(bound.detach()), *_stats(raw, tclip))
+
+
+def _dv(critic: Critic, ea, eb, tclip: float, generator) -> Estimate:
+    """Every other image of the device batch is a negative."""
+    raw = critic.pairwise(ea, eb)
+    pos, neg = _diagonal(est.clip_scores(raw, tclip))
+    bound = est.dv(pos, neg)
+    return Estimate(bound, bound.detach(), *_stats(raw, tclip))
+
+
+def _infonce(critic: Critic, ea, eb, tclip: float, generator) -> Estimate:
+    """Cross-device negatives: image-side embeddings gathered from every rank."""
+    ea_all = gather_with_grad(ea)
+    offset = rank() * ea.shape[0]
+    raw = critic.pairwise(ea_all, eb)  # (B_local, B_global[, L])
+    scores = est.clip_scores(raw, tclip)
+    if critic.local:
+        pos, neg = _diagonal(scores, offset)
+        bound = est.infonce_shared_negatives(pos, neg.flatten(1))
+    else:
+        targets = torch.arange(ea.shape[0], device=ea.device) + offset
+        bound = est.infonce(scores, targets)
+    return Estimate(bound, bound.detach(), *_stats(raw, tclip))
+
+
+# loss.estimator: name -> f(critic, image-side embeddings, code embeddings, tclip, generator)
+ESTIMATORS: dict[str, Callable[..., Estimate]] = {"jsd": _jsd, "dv": _dv, "infonce": _infonce}
+
+
 def mi_estimate(
     estimator: str,
     critic: Critic,
@@ -77,39 +117,16 @@ def mi_estimate(
     generator: torch.Generator | None = None,
 ) -> Estimate:
     """Estimate I(a; b) from aligned samples (a_i, b_i) of the joint."""
-    ea, eb = critic.embed_a(a), critic.embed_b(b)
-    if estimator == "jsd":
-        perm = est.derangement(ea.shape[0], generator=generator, device=ea.device)
-        raw = torch.stack([critic.aligned(ea, eb), critic.aligned(ea[perm], eb)])
-        pos, neg = est.clip_scores(raw, tclip)
-        bound = est.jsd(pos, neg)
-        return Estimate(bound, est.jsd_to_nats(bound.detach()), *_stats(raw, tclip))
-    if estimator == "dv":
-        raw = critic.pairwise(ea, eb)
-        pos, neg = _diagonal(est.clip_scores(raw, tclip))
-        bound = est.dv(pos, neg)
-        return Estimate(bound, bound.detach(), *_stats(raw, tclip))
-    if estimator == "infonce":
-        ea_all = gather_with_grad(ea)
-        offset = rank() * ea.shape[0]
-        raw = critic.pairwise(ea_all, eb)  # (B_local, B_global[, L])
-        scores = est.clip_scores(raw, tclip)
-        if critic.local:
-            pos, neg = _diagonal(scores, offset)
-            bound = est.infonce_shared_negatives(pos, neg.flatten(1))
-        else:
-            targets = torch.arange(ea.shape[0], device=ea.device) + offset
-            bound = est.infonce(scores, targets)
-        return Estimate(bound, bound.detach(), *_stats(raw, tclip))
-    raise ValueError(f"unknown estimator {estimator!r}")
+    estimate = choose("loss.estimator", estimator, ESTIMATORS)
+    return estimate(critic, critic.embed_a(a), critic.embed_b(b), tclip, generator)
 
 
 def build_critic(kind: str, a_dim: int, b_dim: int, cfg: LossConfig, local: bool) -> Critic | None:
+    """The critic ``kind`` names (``CRITICS``), or None for ``"none"``."""
     if kind == "none":
         return None
-    if kind == "dot":
-        return DotCritic(a_dim, b_dim, cfg.critic_dim, cfg.critic_hidden, local=local)
-    return ConcatCritic(a_dim, b_dim, cfg.critic_hidden, local=local)
+    scope = "local" if local else "global"
+    return choose(f"loss.{scope}_critic", kind, CRITICS).build(a_dim, b_dim, cfg, local)
 
 
 class DIMObjective(nn.Module):
@@ -125,7 +142,8 @@ class DIMObjective(nn.Module):
         super().__init__()
         self.cfg = cfg
         a_dim = code_dim if cfg.global_critic == "zz" else local_channels
-        self.global_critic = build_critic(cfg.global_critic, a_dim, code_dim, cfg, local=False)
+        kind = {"zz": "concat", "feature": "concat"}.get(cfg.global_critic, cfg.global_critic)
+        self.global_critic = build_critic(kind, a_dim, code_dim, cfg, local=False)
         self.local_critic = build_critic(
             cfg.local_critic, local_channels, code_dim, cfg, local=True
         )

@@ -8,13 +8,17 @@ them by their own tiny norm destabilises large-batch training (You et al., 2017)
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from .errors import choose
 
-__all__ = ["LARS", "build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+__all__ = ["LARS", "OPTIMIZERS", "build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
 
 
 class LARS(torch.optim.Optimizer):
@@ -84,13 +88,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.optimizer == "lars":
-        return LARS(groups, lr=cfg.lr)
+def _adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     for g in groups:  # AdamW does not know the "lars" key; it would just carry it along
         g.pop("lars")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def _lars(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    return LARS(groups, lr=cfg.lr)
+
+
+# train.optimizer: name -> f(parameter groups, train config)
+OPTIMIZERS = {"adamw": _adamw, "lars": _lars}
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    make = choose("train.optimizer", cfg.optimizer, OPTIMIZERS)
+    return make(param_groups(model, cfg.weight_decay), cfg)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:

@@ -3,29 +3,17 @@
 The config loader checks keys, types and ranges; these check what the values point at:
 the output folder, the shard specs and the backbone name. Each failure is one
 ``ConfigError`` naming the key, the value and what is allowed, raised before the run
-creates its folder. Cheap checks come first: importing timm takes seconds.
+creates its folder. Cheap checks come first.
 """
 
 from __future__ import annotations
 
+from .backbones import check_backbone
 from .config import Config
-from .errors import ConfigError, unknown
+from .errors import ConfigError
 from .run_folder import check_output_dir
 
 __all__ = ["check_backbone", "check_shards", "preflight"]
-
-
-def check_backbone(name: str) -> None:
-    """``model.backbone`` names a timm model (timm's own or one this package registers),
-    checked by name without building it; ``hf-hub:`` / ``local-dir:`` names pass through."""
-    import timm
-    from timm.models import parse_model_name
-
-    from . import model  # noqa: F401  (its import registers this package's backbones)
-
-    source, arch = parse_model_name(name)
-    if source is None and not timm.is_model(arch):
-        raise unknown("model.backbone", name, timm.list_models())
 
 
 def check_shards(cfg: Config) -> None:

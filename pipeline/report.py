@@ -25,12 +25,12 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .objective import ESTIMATORS
 from .plots import read_metrics
 from .tracking import METRICS, WANDB_ID
 
 __all__ = ["build_report", "default_keys", "describe_report", "main", "panel_specs"]
 
-ESTIMATORS = ("jsd", "dv", "infonce")
 SCOPES = ("global", "local")
 LOSS_KEYS = ("loss", "loss/global", "loss/local", "loss/kl", "loss/score_penalty")
 PROBE_KEYS = ("probe/knn", "probe/linear")

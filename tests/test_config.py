@@ -82,3 +82,52 @@ def test_describe_lists_every_key_with_its_default():
         "train.seed=0",
     ):
         assert key in text
+
+
+# ------------------------------------------------------------------ registries
+
+
+def test_a_name_added_to_a_registry_is_accepted_and_dispatched(monkeypatch):
+    """One table per choice: config validation and dispatch read the same dict. Bug
+    caught: the config keeping its own list of names beside the table the code uses."""
+    import torch
+
+    from pipeline import objective, optim
+    from pipeline.critics import DotCritic
+
+    seen = []
+
+    def mine(critic, ea, eb, tclip, generator):
+        seen.append((ea.shape, eb.shape))
+        return objective.Estimate(*(torch.zeros(()),) * 4)
+
+    monkeypatch.setitem(objective.ESTIMATORS, "mine", mine)
+    monkeypatch.setitem(optim.OPTIMIZERS, "plain_sgd", lambda groups, cfg: torch.optim.SGD(groups))
+    cfg = load_config(None, ["loss.estimator=mine", "train.optimizer=plain_sgd"])
+    critic = DotCritic(3, 5, dim=4, hidden=0)
+    objective.mi_estimate(cfg.loss.estimator, critic, torch.randn(2, 3), torch.randn(2, 5))
+    assert seen == [(torch.Size([2, 4]), torch.Size([2, 4]))]
+    model = torch.nn.Linear(2, 2)
+    assert isinstance(optim.build_optimizer(model, cfg.train), torch.optim.SGD)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        ("critic", "unknown loss.local_critic 'bilinear'"),
+        ("estimator", "unknown loss.estimator 'nce'"),
+    ],
+)
+def test_dispatch_refuses_names_it_does_not_know(call, message):
+    """Bug caught: build_critic built a concat critic for any name it did not know."""
+    import torch
+
+    from pipeline.config import LossConfig
+    from pipeline.critics import DotCritic
+    from pipeline.objective import build_critic, mi_estimate
+
+    with pytest.raises(ConfigError, match=message):
+        if call == "critic":
+            build_critic("bilinear", 4, 4, LossConfig(), local=True)
+        else:
+            mi_estimate("nce", DotCritic(2, 2, dim=2, hidden=0), torch.ones(2, 2), torch.ones(2, 2))
