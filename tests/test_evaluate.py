@@ -52,11 +52,24 @@ def test_probes_random_labels_near_chance():
     assert abs(lin - 0.25) < 0.1 and abs(knn - 0.25) < 0.1
 
 
-def test_linear_probe_picks_l2_from_grid_and_is_deterministic():
-    x, y = blobs(200, spread=0.8)
-    a = linear_probe(x[:150], y[:150], x[150:], y[150:], l2_grid=(1e-4, 1e-1))
-    b = linear_probe(x[:150], y[:150], x[150:], y[150:], l2_grid=(1e-4, 1e-1))
-    assert a == b and a.l2 in (1e-4, 1e-1) and 0 <= a.accuracy <= 1
+def test_linear_probe_keeps_the_l2_with_the_best_validation_score():
+    """Catches: the last (or first) grid value kept whatever the validation says, a
+    comparison that keeps the worst score, a tie that goes to the weaker penalty."""
+    # Two separable classes, 70/30: a huge L2 leaves only the (unpenalised) bias, which
+    # answers the majority class (~0.7 on validation); a small L2 separates them (~1.0).
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(300, generator=g) < 0.3).long()
+    x = torch.randn(300, 8, generator=g) + 6.0 * y[:, None]
+    for grid in ((1e-4, 1e3), (1e3, 1e-4)):  # the grid's order does not matter
+        a = linear_probe(x[:200], y[:200], x[200:], y[200:], l2_grid=grid)
+        assert a.l2 == 1e-4 and a.val_accuracy == 1.0 and a.accuracy == 1.0, a
+    heavy = linear_probe(x[:200], y[:200], x[200:], y[200:], l2_grid=(1e3,))
+    assert heavy.accuracy == pytest.approx(float((y[200:] == 0).float().mean()))  # majority
+    # Every small L2 separates the classes: a tie, which goes to the stronger penalty.
+    tie = linear_probe(x[:200], y[:200], x[200:], y[200:], l2_grid=(1e-3, 1e-5, 1e-4))
+    assert tie.l2 == 1e-3 and tie.val_accuracy == 1.0
+    again = linear_probe(x[:200], y[:200], x[200:], y[200:], l2_grid=(1e-3, 1e-5, 1e-4))
+    assert again == tie  # seeded split, deterministic fit
 
 
 def brute_force_knn(bank, bank_y, queries, k, t, classes):

@@ -76,12 +76,26 @@ def test_encoder_shapes(backbone, size, local_layer):
     assert torch.equal(out.z, out.mu)
 
 
-def test_two_views_use_the_second_view_as_image_side():
+def test_the_second_views_local_map_enters_the_loss():
+    """Fails if the second view were ignored (each code scored against its own view's
+    map only): then changing the second view's local map alone would change nothing."""
     torch.manual_seed(0)
     model = build_model(load_config(None, ["model.backbone=test_resnet", "model.fc_dim=32"]))
-    x = torch.randn(4, 3, 32, 32)
-    loss, terms = model(x, x.flip(-1))
-    assert torch.isfinite(loss) and "mi/local/infonce" in terms
+    model.eval()
+    with torch.no_grad():
+        for p in model.objective.local_critic.parameters():  # scores of order 1, not ~0
+            p.mul_(4.0)
+        first, second = (
+            model.encoder(torch.randn(4, 3, 32, 32)),
+            model.encoder(torch.randn(4, 3, 32, 32)),
+        )
+        loss, terms = model.objective(first, second)
+        moved = second._replace(local=second.local + torch.randn_like(second.local))
+        loss_moved, terms_moved = model.objective(first, moved)
+        alone, _ = model.objective(first)
+    assert torch.isfinite(loss) and torch.isfinite(loss_moved)
+    assert (terms_moved["mi/local/infonce"] - terms["mi/local/infonce"]).abs() > 1e-3
+    assert (loss - alone).abs() > 1e-3  # two views are not the first view alone
 
 
 @pytest.mark.parametrize(
@@ -186,3 +200,54 @@ def test_clipped_fraction_is_logged_and_counts_scores_beyond_tclip():
     )
     _, terms = model(torch.randn(4, 3, 32, 32))
     assert terms["clip_frac/local"] == 0 and terms["clip_frac/global"] == 0
+
+
+def test_score_penalty_is_penalty_times_mean_squared_raw_score():
+    """The term's value and its gradient. Catches: the penalty logged but not added to
+    the loss, taken on the clipped scores instead of the raw ones, or detached."""
+    from pipeline.estimators import clip_scores
+
+    torch.manual_seed(0)
+
+    def objective(penalty: float):
+        overrides = [
+            "model.backbone=test_resnet",
+            "model.fc_dim=32",
+            "loss.global_critic=none",
+            "loss.tclip=1.0",
+            f"loss.score_penalty={penalty}",
+        ]
+        return build_model(load_config(None, overrides))
+
+    model = objective(0.5)
+    plain = objective(0.0).objective
+    with torch.no_grad():  # raw scores well beyond tclip, where clipped and raw differ
+        for p in model.objective.local_critic.parameters():
+            p.mul_(4.0)
+    plain.load_state_dict(model.objective.state_dict())
+    with torch.no_grad():
+        out = model.encoder.eval()(torch.randn(6, 3, 32, 32))
+    critic = model.objective.local_critic
+    raw = critic.pairwise(critic.embed_a(out.local), critic.embed_b(out.z))
+    by_hand = raw.pow(2).mean()
+    assert (clip_scores(raw, 1.0).pow(2).mean() - by_hand).abs() > 0.1 * by_hand  # it matters
+
+    loss, terms = model.objective(out)
+    loss0, terms0 = plain(out)
+    torch.testing.assert_close(terms["score_sq"], by_hand.detach())
+    torch.testing.assert_close(terms["loss/score_penalty"], 0.5 * by_hand.detach())
+    torch.testing.assert_close(loss - loss0, 0.5 * by_hand.detach(), rtol=1e-4, atol=1e-5)
+    assert "loss/score_penalty" not in terms0
+    params = list(critic.parameters())
+    extra = [
+        a - b
+        for a, b in zip(
+            torch.autograd.grad(loss, params),
+            torch.autograd.grad(loss0, list(plain.local_critic.parameters())),
+            strict=True,
+        )
+    ]
+    expected = torch.autograd.grad(0.5 * by_hand, params)
+    for got, want in zip(extra, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+    assert sum(float(g.abs().sum()) for g in expected) > 0
