@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.classifiers import knn_accuracy, knn_predict, linear_probe
+from pipeline.data import eval_loader
 from pipeline.encoder import DIMEncoder
 from pipeline.export import export_encoder
 from pipeline.features import extract_features
@@ -135,8 +136,9 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_tiny_shards(folder, name: str, n: int, seed: int) -> str:
-    """Three classes of 16x16 RGB images: a bright square in one of three corners."""
+def write_tiny_shards(folder, name: str, n: int, seed: int, bright: int = 230) -> str:
+    """Three classes of 16x16 RGB images: a bright square in one of three corners (on a
+    background of 0-59: at ``bright=50`` the square is hard to see)."""
     import webdataset as wds
 
     rng = np.random.default_rng(seed)
@@ -146,7 +148,7 @@ def write_tiny_shards(folder, name: str, n: int, seed: int) -> str:
             label = i % 3
             img = rng.integers(0, 60, size=(16, 16, 3), dtype=np.uint8)
             r, c = [(0, 0), (0, 9), (9, 0)][label]
-            img[r : r + 7, c : c + 7] = 230
+            img[r : r + 7, c : c + 7] = np.maximum(img[r : r + 7, c : c + 7], bright)
             sink.write({"__key__": f"{name}{i:05d}", "png": _png(img), "cls": str(label).encode()})
     return str(folder / f"{name}-{{000000..000001}}.tar")
 
@@ -162,14 +164,17 @@ def tiny_run(tmp_path_factory):
     return run, train, test
 
 
-def check_structure(results: dict) -> None:
+def check_structure(results: dict, queries: int) -> None:
+    """Every (model, view) has every probe, and each accuracy is a count of the queries."""
     assert set(results) == {"dim", "random_init", "pixels"}
     assert set(results["dim"]) == set(results["random_init"]) == {"conv", "fc", "y"}
     assert set(results["pixels"]) == {"pixels"}
     for views in results.values():
         for probes in views.values():
             assert set(probes) == {"linear", "mlp", "knn"}
-            assert all(isinstance(a, float) and 0.0 <= a <= 1.0 for a in probes.values())
+            for a in probes.values():
+                assert isinstance(a, float) and 0.0 <= a <= 1.0, probes
+                assert abs(queries * a - round(queries * a)) < 1e-6, (a, queries)
 
 
 def test_evaluate_cli_end_to_end(tiny_run, tmp_path, capsys):
@@ -198,7 +203,7 @@ def test_evaluate_cli_end_to_end(tiny_run, tmp_path, capsys):
         == 0
     )
     results = json.loads(out.read_text())
-    check_structure(results)
+    check_structure(results, queries=30)
     assert results["pixels"]["pixels"]["linear"] >= 0.9  # the corner squares are easy
     table = capsys.readouterr().out
     assert "random_init" in table and "pixels" in table and "%" in table
@@ -233,7 +238,9 @@ def test_evaluate_cli_missing_checkpoint_is_one_clear_error(tmp_path, capsys):
     assert "no exported encoder" in capsys.readouterr().err
 
 
-def test_online_probe_returns_accuracies(tiny_run):
+def test_online_probe_reports_the_offline_maths(tiny_run, tmp_path):
+    """Catches: another view or k than asked, bank and queries mixed up, labels out of
+    step with the images (then near chance on the easy squares)."""
     from pipeline.config import load_config
     from pipeline.probe import online_probe
 
@@ -247,10 +254,26 @@ def test_online_probe_returns_accuracies(tiny_run):
             "model.backbone=test_resnet",
         ],
     )
+    torch.manual_seed(0)
     enc = DIMEncoder(**TINY).train()
     out = online_probe(enc, cfg, "cpu", k=5)
-    assert set(out) == {"probe/knn", "probe/linear"} and all(0 <= v <= 1 for v in out.values())
-    assert enc.training
+    assert set(out) == {"probe/knn", "probe/linear"} and enc.training
+    # The corner of the bright square shows through even random conv features.
+    assert out["probe/knn"] > 0.9 and out["probe/linear"] > 0.9, out
+    # On faint squares (accuracies 0.4-0.8, depending on view and k), the online figure
+    # is the offline maths on the same images: the number evaluate reports.
+    train = write_tiny_shards(tmp_path, "faint_train", 60, seed=0, bright=50)
+    test = write_tiny_shards(tmp_path, "faint_test", 30, seed=1, bright=50)
+    cfg.data.train_shards, cfg.data.val_shards = train, test
+    out = online_probe(enc, cfg, "cpu", k=5)
+    views = {}
+    for name, spec in (("bank", train), ("query", test)):
+        loader = eval_loader(spec, batch_size=16, img_size=16, in_chans=3)
+        feats, labels = extract_features({"m": enc}, loader)
+        views[name] = feats["m"]["conv"], labels
+    (bank, bank_y), (query, query_y) = views["bank"], views["query"]
+    assert out["probe/knn"] == knn_accuracy(bank, bank_y, query, query_y, k=5) < 0.9
+    assert all(abs(30 * v - round(30 * v)) < 1e-6 for v in out.values())
     cfg.data.val_shards = ""
     assert online_probe(enc, cfg, "cpu") == {}
 
@@ -282,20 +305,81 @@ def test_plot_metrics_writes_png(tmp_path):
     assert empty.stat().st_size > 0
 
 
+class FakeRun:
+    def __init__(self):
+        self.logged, self.summary, self.finished = [], {}, False
+
+    def log(self, row):
+        self.logged.append(row)
+
+    def finish(self):
+        self.finished = True
+
+
+class FakeWandb:
+    """Stands in for the ``wandb`` module: records ``init`` arguments and the run's calls."""
+
+    def __init__(self, run=None):
+        self.run, self.inits = run, []
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        self.run = FakeRun()
+        return self.run
+
+    @staticmethod
+    def Table(columns, data):  # wandb's spelling
+        return {"columns": columns, "data": data}
+
+
+RESULTS = {"dim": {"y": {"linear": 0.5, "knn": 0.25}}, "pixels": {"pixels": {"linear": 0.75}}}
+FLAT = {"eval/dim/y/linear": 0.5, "eval/dim/y/knn": 0.25, "eval/pixels/pixels/linear": 0.75}
+
+
 def test_wandb_logging_joins_the_training_run(tmp_path, monkeypatch):
+    """Catches: a new run instead of the training run's id, a lost project, cells missing
+    from the summary or the table, the run left open (or an active run closed)."""
+    import sys
+
     from pipeline.evaluate import _training_run, log_to_wandb
 
     (tmp_path / "wandb_id.txt").write_text("abc123\n")
     (tmp_path / "config.yaml").write_text("wandb:\n  project: myproj\n  entity: ''\n")
-    assert _training_run(tmp_path) == {
-        "id": "abc123",
-        "resume": "allow",
-        "dir": str(tmp_path),
-        "project": "myproj",
-    }
     assert _training_run(tmp_path / "nowhere") == {}
-    monkeypatch.setenv("WANDB_MODE", "disabled")  # the code path, without files or network
-    log_to_wandb({"dim": {"y": {"linear": 0.5, "knn": 0.25}}}, start=True, run_dir=tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    log_to_wandb(RESULTS, run_dir=tmp_path)  # no active run and no --wandb: nothing
+    assert fake.inits == [] and fake.run is None
+
+    log_to_wandb(RESULTS, start=True, run_dir=tmp_path)
+    assert fake.inits == [
+        {
+            "mode": "offline",
+            "project": "myproj",
+            "job_type": "eval",
+            "id": "abc123",
+            "resume": "allow",
+            "dir": str(tmp_path),
+        }
+    ]
+    run = fake.run
+    [row] = run.logged
+    assert {k: v for k, v in row.items() if k != "eval/table"} == FLAT
+    assert row["eval/table"]["columns"] == ["model", "view", "probe", "accuracy"]
+    assert sorted(row["eval/table"]["data"]) == [
+        ["dim", "y", "knn", 0.25],
+        ["dim", "y", "linear", 0.5],
+        ["pixels", "pixels", "linear", 0.75],
+    ]
+    assert run.summary == FLAT and run.finished
+
+    active = FakeRun()  # inside a training run: log there, leave it open
+    fake = FakeWandb(run=active)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    log_to_wandb(RESULTS)
+    assert fake.inits == [] and active.summary == FLAT and not active.finished
+    assert len(active.logged) == 1
 
 
 # ------------------------------------------------------ issue 9: fair baselines, MLP, conv grid
