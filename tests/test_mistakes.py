@@ -25,11 +25,13 @@ def shards(tmp_path_factory) -> str:
     return write_shards(tmp_path_factory.mktemp("shards"), n=256)
 
 
-def pretrain(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
+def pretrain(
+    *args: str, cwd: Path = ROOT, timeout: float = 300, extra_env: dict | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         pretrain_cmd(*TINY, *args),
         cwd=cwd,
-        env=env(),
+        env={**env(), **(extra_env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -133,6 +135,28 @@ def test_registered_backbone_passes_the_name_check():
 
     check_backbone("dim_test_registered_net")
     check_backbone("hf-hub:someone/some-model")  # checked by timm when it is built
+
+
+@pytest.mark.parametrize("source", ["--zero_stage", "config file"])
+def test_deepspeed_zero3_is_refused_before_the_folder_exists(shards, tmp_path, source):
+    """ZeRO-3 asked for through ``accelerate launch --use_deepspeed --zero_stage 3`` or a
+    DeepSpeed JSON file (the environment accelerate's launcher sets for each): one line
+    naming the stages that work, nothing written. Catches the check removed, or reading
+    only one of the two places the stage can come from."""
+    if source == "config file":
+        ds = tmp_path / "ds_zero3.json"
+        ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}))
+        where = {"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds)}
+    else:
+        where = {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    out = tmp_path / "run"
+    proc = pretrain(
+        f"data.train_shards={shards}",
+        f"train.output_dir={out}",
+        extra_env={"ACCELERATE_USE_DEEPSPEED": "true", **where},
+    )
+    one_line_error(proc, 2, "DeepSpeed ZeRO stage 3 is not supported", "stage 1 or 2")
+    assert not out.exists()
 
 
 def test_missing_shards_are_refused_before_the_folder_exists(tmp_path):
