@@ -245,14 +245,18 @@ def load_encoder(path: str | Path, map_location: str = "cpu") -> DIMEncoder:
     encoder = encoder_from_meta(meta)
     backbone_file, head_file = (folder / name for name in files)
     encoder.backbone.load_state_dict(load_file(str(backbone_file), device=map_location))
+    head = load_file(str(head_file), device=map_location)
+    # A head of another width is reported with the key mismatches, not as torch's RuntimeError.
+    shapes = {k: v.shape for k, v in encoder.state_dict().items()}
+    resized = [k for k, v in head.items() if k in shapes and v.shape != shapes[k]]
     result = encoder.load_state_dict(
-        load_file(str(head_file), device=map_location), strict=False
+        {k: v for k, v in head.items() if k not in resized}, strict=False
     )  # the backbone was loaded above
     missing = [k for k in result.missing_keys if not k.startswith("backbone.")]
-    if missing or result.unexpected_keys:
+    if missing or result.unexpected_keys or resized:
         raise ConfigError(
             f"{head_file} does not match {meta['backbone']!r}: missing "
-            f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+            f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}, other shape {resized[:3]}"
         )
     return encoder.eval()
 

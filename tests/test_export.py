@@ -414,3 +414,28 @@ def test_a_killed_export_leaves_nothing_that_is_read_or_kept(tmp_path):
     assert find_export(run_dir).parent.name == "step_0000002"
     remove_partial_export(run_dir / EXPORT_DIR)
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]
+
+
+@pytest.mark.parametrize("change", ["extra key", "missing key", "other fc_dim"])
+def test_load_encoder_refuses_a_head_that_does_not_fit(tmp_path, change):
+    """dim_head.safetensors from another run or architecture than config.json describes:
+    one ConfigError naming the file, not a half-loaded encoder or a torch traceback.
+    Catches: strict=False keys ignored (a head trained for nothing), a size mismatch
+    surfacing as torch's RuntimeError."""
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.errors import ConfigError
+
+    folder = tmp_path / "model"
+    _export("test_resnet", folder)
+    head = load_file(str(folder / "dim_head.safetensors"))
+    if change == "extra key":
+        head["critic.weight"] = torch.zeros(2, 2)
+    elif change == "missing key":
+        head = {k: v for k, v in head.items() if not k.startswith("fc.")}
+    else:  # the head of a run with twice the fc width
+        other = DIMEncoder("test_resnet", code_dim=8, fc_dim=32, img_size=32).state_dict()
+        head = {k: v for k, v in other.items() if not k.startswith("backbone.")}
+    save_file(head, str(folder / "dim_head.safetensors"))
+    with pytest.raises(ConfigError, match=r"dim_head\.safetensors does not match 'test_resnet'"):
+        load_encoder(folder)
