@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from .config import upgrade
+
 __all__ = [
     "TAGS",
     "evaluation_block",
@@ -158,7 +160,14 @@ def render_card(
     """The card of a run's export: ``config`` is the resolved run config (as a dict)."""
     from huggingface_hub import ModelCardData
 
-    m, loss, data, tr = config["model"], config["loss"], config["data"], config["train"]
+    m, data, tr = config["model"], config["data"], config["train"]
+    loss = dict(config["loss"])
+    upgrade({"loss": loss})  # a run folder's config.yaml may use the old spellings
+    global_mi = (
+        "no global critic"
+        if loss["global_critic"] == "none"
+        else f"global critic `{loss['global_critic']}` on `{loss['global_input']}`"
+    )
     shards, source = _shards(data["train_shards"])
     front = ModelCardData(
         library_name="timm",
@@ -196,7 +205,7 @@ global code, with a KL prior on the code. Trained with dim-pretrain.
   {m["code_dim"]}-d Gaussian code (mu, logvar); local map from feature stage {m["local_layer"]}
 - **Input:** {m["in_chans"]} x {m["img_size"]} x {m["img_size"]}, normalisation in
   `config.json` (`pretrained_cfg`)
-- **Objective:** {loss["estimator"]} estimator, global critic `{loss["global_critic"]}`,
+- **Objective:** {loss["estimator"]} estimator, {global_mi},
   local critic `{loss["local_critic"]}`;
   alpha {loss["alpha"]}, beta {loss["beta"]}, gamma {loss["gamma"]}
 - **Training data:** {shards}

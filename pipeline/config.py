@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +23,12 @@ import yaml
 from .augment import AUGMENTS
 from .critics import CRITICS
 from .errors import ConfigError, unknown
-from .objective import ESTIMATORS
+from .objective import ESTIMATORS, GLOBAL_INPUTS
 from .optim import OPTIMIZERS
 
-GLOBAL_CRITICS = ("zz", "feature", "dot", "none")
 OFF = {"none": None}  # a critic setting that turns its MI term off
+# loss.global_critic's old one-word values -> (loss.global_input, loss.global_critic)
+LEGACY_GLOBAL_CRITICS = {"zz": ("mu", "concat"), "feature": ("pooled", "concat")}
 
 
 def _choice(section: str, name: str, value: str, choices: Collection[str]) -> None:
@@ -67,7 +69,9 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     estimator: str = "infonce"  # jsd | dv | infonce
-    global_critic: str = "dot"  # zz | feature | dot | none
+    global_critic: str = "dot"  # concat | dot | none (no global MI term)
+    global_input: str = "pooled"  # what the global critic pairs with z: pooled (the local
+    # map's spatial mean) | mu (the code's mean, the DIM authors' "zz")
     local_critic: str = "dot"  # concat | dot | none
     alpha: float = 0.5  # weight of the global MI term
     beta: float = 1.0  # weight of the mean local MI term
@@ -89,10 +93,13 @@ class LossConfig:
             non_negative=(*weights, "critic_hidden", "tclip", "score_penalty"),
         )
         _choice("loss", "estimator", self.estimator, ESTIMATORS)
-        _choice("loss", "global_critic", self.global_critic, GLOBAL_CRITICS)
+        if self.global_critic in LEGACY_GLOBAL_CRITICS:  # built directly, not by load_config
+            raise ConfigError(_new_spelling(self.global_critic))
+        _choice("loss", "global_critic", self.global_critic, {**CRITICS, **OFF})
+        _choice("loss", "global_input", self.global_input, GLOBAL_INPUTS)
         _choice("loss", "local_critic", self.local_critic, {**CRITICS, **OFF})
-        kinds = [{"zz": "concat", "feature": "concat"}.get(self.global_critic, self.global_critic)]
-        mlps = [c for c in (*kinds, self.local_critic) if c in CRITICS and CRITICS[c].needs_hidden]
+        critics = (self.global_critic, self.local_critic)
+        mlps = [c for c in critics if c in CRITICS and CRITICS[c].needs_hidden]
         if self.critic_hidden == 0 and mlps:
             raise ConfigError(
                 f"loss.critic_hidden=0 (linear embeddings) works with dot critics "
@@ -209,6 +216,35 @@ class Config:
 # ---------------------------------------------------------------- loading and checking
 
 
+def _new_spelling(old: str) -> str:
+    global_input, critic = LEGACY_GLOBAL_CRITICS[old]
+    return (
+        f"loss.global_critic={old} is the old spelling of "
+        f"loss.global_input={global_input} loss.global_critic={critic}"
+    )
+
+
+def upgrade(data: dict) -> list[str]:
+    """Rewrite old spellings in a config mapping, in place, to the current keys; one line
+    per rewrite, saying the new spelling. Config files and run folders written before the
+    global critic became two settings keep loading (the critic built is the same).
+
+    Only ``loss.global_critic`` has changed: ``zz`` (concat critic on mu) and ``feature``
+    (concat critic on the pooled local map). A ``loss.global_input`` that contradicts the
+    old word is a ConfigError.
+    """
+    loss = data.get("loss")
+    old = loss.get("global_critic") if isinstance(loss, dict) else None
+    if not isinstance(old, str) or old not in LEGACY_GLOBAL_CRITICS:
+        return []
+    global_input, critic = LEGACY_GLOBAL_CRITICS[old]
+    given = loss.get("global_input", global_input)
+    if given != global_input:
+        raise ConfigError(f"{_new_spelling(old)}, but loss.global_input={given} is also given")
+    loss.update(global_input=global_input, global_critic=critic)
+    return [_new_spelling(old)]
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field's type; ints are accepted where floats are."""
     target = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}.get(
@@ -321,6 +357,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         data = loaded
     data = _deep_update(data, parse_overrides(overrides or []))
+    for line in upgrade(data):
+        warnings.warn(f"{line}; the old spelling will stop working", FutureWarning, stacklevel=2)
     checked = _merge(Config(), data, "")
     try:
         return _build(Config, checked)

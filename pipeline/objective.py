@@ -41,7 +41,15 @@ if TYPE_CHECKING:
     from .config import LossConfig
     from .encoder import EncoderOutput
 
-__all__ = ["ESTIMATORS", "DIMObjective", "Estimate", "build_critic", "mi_estimate"]
+__all__ = [
+    "ESTIMATORS",
+    "GLOBAL_INPUTS",
+    "DIMObjective",
+    "Estimate",
+    "GlobalInput",
+    "build_critic",
+    "mi_estimate",
+]
 
 
 def _diagonal(scores: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +129,30 @@ def mi_estimate(
     return estimate(critic, critic.embed_a(a), critic.embed_b(b), tclip, generator)
 
 
+class GlobalInput(NamedTuple):
+    """What the global critic pairs with the code z: its width and how to take it."""
+
+    width: Callable[[int, int], int]  # (local map channels, code_dim) -> width
+    take: Callable[[EncoderOutput], torch.Tensor]
+
+
+def _code_mean(out: EncoderOutput) -> torch.Tensor:
+    return out.mu
+
+
+def _pooled_local_map(out: EncoderOutput) -> torch.Tensor:
+    return out.local.mean(dim=(2, 3))
+
+
+# loss.global_input. "mu": the code's mean stands in for the image (the DIM authors'
+# weight sharing); mu rather than a second copy of z, because I(z; z) is infinite while
+# I(mu(x); z) is the I(x; z) the encoder controls. "pooled": the local map's spatial mean.
+GLOBAL_INPUTS = {
+    "mu": GlobalInput(lambda channels, code_dim: code_dim, _code_mean),
+    "pooled": GlobalInput(lambda channels, code_dim: channels, _pooled_local_map),
+}
+
+
 def build_critic(kind: str, a_dim: int, b_dim: int, cfg: LossConfig, local: bool) -> Critic | None:
     """The critic ``kind`` names (``CRITICS``), or None for ``"none"``."""
     if kind == "none":
@@ -132,24 +164,20 @@ def build_critic(kind: str, a_dim: int, b_dim: int, cfg: LossConfig, local: bool
 class DIMObjective(nn.Module):
     """Holds the critics; ``forward(encoder_output) -> (loss, terms)``.
 
-    Global critic inputs: ``zz`` pairs (mu_x', z_x), the code's mean standing in for the
-    image (the seed's weight sharing); mu rather than a second copy of z, because
-    I(z; z) is infinite while I(mu(x); z) is the I(x; z) the encoder controls.
-    ``feature`` and ``dot`` pair (pooled C(x'), z_x). Local critics pair (C_ij(x'), z_x).
+    The global critic pairs (``GLOBAL_INPUTS[cfg.global_input]`` of x', z_x); local
+    critics pair (C_ij(x'), z_x).
     """
 
     def __init__(self, cfg: LossConfig, local_channels: int, code_dim: int):
         super().__init__()
         self.cfg = cfg
-        a_dim = code_dim if cfg.global_critic == "zz" else local_channels
-        kind = {"zz": "concat", "feature": "concat"}.get(cfg.global_critic, cfg.global_critic)
-        self.global_critic = build_critic(kind, a_dim, code_dim, cfg, local=False)
+        source = choose("loss.global_input", cfg.global_input, GLOBAL_INPUTS)
+        self._global_input = source.take
+        a_dim = source.width(local_channels, code_dim)
+        self.global_critic = build_critic(cfg.global_critic, a_dim, code_dim, cfg, local=False)
         self.local_critic = build_critic(
             cfg.local_critic, local_channels, code_dim, cfg, local=True
         )
-
-    def _global_input(self, out: EncoderOutput) -> torch.Tensor:
-        return out.mu if self.cfg.global_critic == "zz" else out.local.mean(dim=(2, 3))
 
     def forward(
         self,

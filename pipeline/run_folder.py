@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from .checkpoint import latest_checkpoint, read_meta
+from .config import upgrade
 from .errors import ConfigError
 
 __all__ = [
@@ -139,6 +140,8 @@ def inspect_run(
             raise ConfigError(
                 f"{saved_path} is not valid YAML ({err}); move it away to start over"
             ) from None
+        if isinstance(saved, dict):
+            upgrade(saved)  # a run saved before a key's spelling changed is the same run
         changed = config_differences(saved, config, defaults)
         if changed and not force:
             raise ConfigError(

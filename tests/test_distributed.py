@@ -47,14 +47,20 @@ CHANNELS, CODE_DIM, IMG = 6, 5, 8
 ATOL = 1e-5
 TIMEOUT_S = 120
 
-# (estimator, global critic, local critic); infoNCE gathers, JSD and DV stay on the device.
+# (estimator, global input, global critic, local critic); infoNCE gathers, JSD and DV
+# stay on the device.
 GATHERING = [
-    ("infonce", "dot", "none"),
-    ("infonce", "none", "dot"),
-    ("infonce", "zz", "concat"),
-    ("infonce", "feature", "dot"),
+    ("infonce", "pooled", "dot", "none"),
+    ("infonce", "pooled", "none", "dot"),
+    ("infonce", "mu", "dot", "none"),
+    ("infonce", "mu", "concat", "concat"),
+    ("infonce", "pooled", "concat", "dot"),
 ]
-LOCAL_ONLY = [("jsd", "dot", "dot"), ("jsd", "zz", "concat"), ("dv", "dot", "concat")]
+LOCAL_ONLY = [
+    ("jsd", "pooled", "dot", "dot"),
+    ("jsd", "mu", "concat", "concat"),
+    ("dv", "pooled", "dot", "concat"),
+]
 COLLECTIVES = (
     "all_gather",
     "all_gather_into_tensor",
@@ -84,10 +90,11 @@ class StandInEncoder(nn.Module):
         return EncoderOutput(local, local, pooled, pooled, mu, logvar, z)
 
 
-def build(case: tuple[str, str, str]) -> nn.ModuleDict:
-    estimator, global_critic, local_critic = case
+def build(case: tuple[str, str, str, str]) -> nn.ModuleDict:
+    estimator, global_input, global_critic, local_critic = case
     cfg = LossConfig(
         estimator=estimator,
+        global_input=global_input,
         global_critic=global_critic,
         local_critic=local_critic,
         critic_dim=8,

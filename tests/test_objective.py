@@ -21,11 +21,15 @@ BACKBONES = [  # (name, local_layer, backbone_kwargs): a ResNet, a ConvNeXt, an 
 
 @pytest.mark.parametrize("backbone,local_layer,kwargs", BACKBONES)
 @pytest.mark.parametrize(
-    "estimator,global_critic,local_critic",
-    [("infonce", "dot", "dot"), ("jsd", "zz", "concat"), ("dv", "feature", "dot")],
+    "estimator,global_input,global_critic,local_critic",
+    [
+        ("infonce", "pooled", "dot", "dot"),
+        ("jsd", "mu", "concat", "concat"),
+        ("dv", "pooled", "concat", "dot"),
+    ],
 )
 def test_loss_finite_and_gradient_reaches_every_parameter(
-    backbone, local_layer, kwargs, estimator, global_critic, local_critic
+    backbone, local_layer, kwargs, estimator, global_input, global_critic, local_critic
 ):
     torch.manual_seed(0)
     cfg = load_config(
@@ -34,6 +38,7 @@ def test_loss_finite_and_gradient_reaches_every_parameter(
             f"model.backbone={backbone}",
             f"model.local_layer={local_layer}",
             f"loss.estimator={estimator}",
+            f"loss.global_input={global_input}",
             f"loss.global_critic={global_critic}",
             f"loss.local_critic={local_critic}",
             "model.fc_dim=64",
@@ -137,6 +142,7 @@ def test_training_on_digits_raises_the_mi_estimates(estimator, steps, margin):
     [
         ("loss.estimator=nce", "loss.estimator"),
         ("loss.global_critic=bilinear", "loss.global_critic"),
+        ("loss.global_input=features", "loss.global_input"),
         ("loss.local_critic=mlp", "loss.local_critic"),
         ("model.backbone=resnet_does_not_exist", "backbone"),
         ("model.local_layer=42", "local_layer"),
