@@ -1,33 +1,97 @@
-"""slurm/dim.sh in dry-run mode, with a fake `scontrol` on PATH: the per-node commands."""
+"""slurm/dim.sh with fake `scontrol`, `srun` and `accelerate` on PATH: which commands run,
+with which arguments, and what a signal does (dry run, a normal run, a failed run, a
+preemption)."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import time
+from pathlib import Path
 
+import pytest
 from train_helpers import ROOT
 
+SCRIPT = ROOT / "slurm" / "dim.sh"
 
-def test_dry_run_two_nodes(tmp_path):
-    fake = tmp_path / "scontrol"
-    fake.write_text(
-        '#!/bin/sh\n[ "$1 $2" = "show hostnames" ] || exit 1\necho "gpu-a01"\necho "gpu-a02"\n'
-    )
-    fake.chmod(0o755)
-    env = dict(
+FAKES = {
+    # hostnames of the allocation; anything else (requeue) is recorded
+    "scontrol": (
+        '#!/bin/bash\nif [ "$1 $2" = "show hostnames" ]; then printf "%s\\n" $FAKE_HOSTS;\n'
+        'else echo "scontrol $*" >> "$FAKE_LOG"; fi\n'
+    ),
+    # srun: record its arguments, run the task's `bash -c` string as node 0 and pass
+    # SIGTERM on to it, as srun does
+    "srun": (
+        '#!/bin/bash\n{ printf srun; printf \' %q\' "$@"; echo; } >> "$FAKE_LOG"\n'
+        'for a in "$@"; do last="$a"; done\n'
+        'SLURM_NODEID=0 bash -c "$last" & child=$!\n'
+        "trap 'kill -TERM $child' TERM\nwait $child; wait $child\n"
+    ),
+    # accelerate: record its arguments; exit with $FAKE_EXIT, or train until SIGTERM
+    "accelerate": (
+        "#!/bin/bash\ntrap 'echo got-TERM >> \"$FAKE_LOG\"; exit 0' TERM\n"
+        '{ printf accelerate; printf \' %q\' "$@"; echo; } >> "$FAKE_LOG"\n'
+        '[ -n "${FAKE_EXIT:-}" ] && exit "$FAKE_EXIT"\nwhile true; do sleep 0.1; done\n'
+    ),
+}
+
+
+def slurm_env(tmp_path: Path, hosts: str = "node1", **extra: str) -> dict[str, str]:
+    """An allocation of ``hosts`` (4 GPUs each, job 4242) with the fakes first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in FAKES.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return dict(
         os.environ,
-        PATH=f"{tmp_path}:{os.environ['PATH']}",
-        DRY_RUN="1",
-        SLURM_JOB_NODELIST="gpu-a[01-02]",
-        SLURM_NNODES="2",
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        ACCELERATE=str(bin_dir / "accelerate"),
+        FAKE_LOG=str(tmp_path / "log"),
+        FAKE_HOSTS=hosts,
+        SLURM_JOB_NODELIST="fake[1-9]",
+        SLURM_NNODES=str(len(hosts.split())),
         SLURM_JOB_ID="4242",
         SLURM_GPUS_ON_NODE="4",
         SLURM_SUBMIT_DIR=str(ROOT),
+        **extra,
     )
+
+
+def calls(tmp_path: Path) -> list[list[str]]:
+    """Each recorded command as its argument list (the srun task string kept whole)."""
+    return [shlex.split(line) for line in (tmp_path / "log").read_text().splitlines()]
+
+
+def sbatch_options(path: Path) -> dict[str, str]:
+    """The #SBATCH options as sbatch reads them: the comment block before the first
+    command; ``--flag`` without a value maps to ''."""
+    options = {}
+    for line in path.read_text().splitlines()[1:]:
+        if line.startswith("#SBATCH"):
+            key, _, value = line.split(None, 1)[1].partition("=")
+            options[key.removeprefix("--")] = value
+        elif line.strip() and not line.startswith("#"):
+            break
+    return options
+
+
+def launch(nodes: int, gpus: int, rank: int, head: str) -> list[str]:
+    """What ``accelerate`` should get on node ``rank``, up to the training arguments."""
+    return (
+        f"launch --config_file launch/multinode.yaml --num_machines {nodes} "
+        f"--num_processes {nodes * gpus} --machine_rank {rank} --main_process_ip {head} "
+        "--main_process_port 24242 pretrain.py"  # 20000 + job id 4242
+    ).split()
+
+
+def test_dry_run_two_nodes_prints_each_nodes_launch_and_runs_nothing(tmp_path):
+    env = slurm_env(tmp_path, hosts="gpu-a01 gpu-a02", DRY_RUN="1")
     proc = subprocess.run(
-        ["bash", "slurm/dim.sh", "--config", "configs/x.yaml", "train.output_dir=runs/a b"],
+        ["bash", str(SCRIPT), "--config", "configs/x.yaml", "train.output_dir=runs/a b"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -35,87 +99,56 @@ def test_dry_run_two_nodes(tmp_path):
         timeout=30,
     )
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    srun = next(line for line in lines if line.startswith("srun:"))
-    # the node rank stays a variable in the srun string, for each node to expand itself
-    assert "--machine_rank\\ \\$SLURM_NODEID" in srun and "--nodes=2" in srun
-    assert "--ntasks-per-node=1" in srun
-    nodes = [line for line in lines if line.startswith("node ")]
-    assert len(nodes) == 2
-    for rank, line in enumerate(nodes):
-        assert f"--machine_rank {rank} " in line
-        for part in (
-            "launch --config_file launch/multinode.yaml",
-            "--num_machines 2",
-            "--num_processes 8",
-            "--main_process_ip gpu-a01",
-            "--main_process_port 24242",
-            "pretrain.py --config configs/x.yaml",
-            "train.output_dir=runs/a\\ b",
-        ):
-            assert part in line, (part, line)
+    assert not (tmp_path / "log").exists()  # neither srun nor accelerate nor a requeue ran
+    nodes = [
+        line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("node ")
+    ]
+    training = ["--config", "configs/x.yaml", "train.output_dir=runs/a b"]
+    assert [shlex.split(line) for line in nodes] == [
+        ["exec", env["ACCELERATE"], *launch(2, 4, rank, "gpu-a01"), *training] for rank in (0, 1)
+    ]
 
 
-def test_script_requeues_on_signal():
-    text = (ROOT / "slurm" / "dim.sh").read_text()
-    for line in (
-        "#SBATCH --requeue",
-        "#SBATCH --signal=B:USR1@120",
-        "trap on_signal USR1 TERM",
-        "scontrol requeue",
-    ):
-        assert line in text
-
-
-def test_usr1_forwards_sigterm_and_requeues(tmp_path):
-    """The preemption path with fake srun/scontrol/accelerate: USR1 to the batch script
-    reaches the launcher as SIGTERM, and the job asks to be requeued."""
-    log = tmp_path / "log"
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    scripts = {
-        "scontrol": (
-            f'#!/bin/bash\nif [ "$1" = show ]; then echo node1; else echo "$*" >> {log}; fi\n'
-        ),
-        # srun: run the task's `bash -c` string as node 0 and pass SIGTERM on, like srun does
-        "srun": (
-            '#!/bin/bash\nfor a in "$@"; do last="$a"; done\n'
-            'SLURM_NODEID=0 bash -c "$last" & child=$!\n'
-            "trap 'kill -TERM $child' TERM\nwait $child; wait $child\n"
-        ),
-        "accelerate": (
-            f"#!/bin/bash\ntrap 'echo got-TERM >> {log}; exit 0' TERM\n"
-            f'echo "launch $*" >> {log}\nwhile true; do sleep 0.1; done\n'
-        ),
-    }
-    for name, text in scripts.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    env = dict(
-        os.environ,
-        PATH=f"{bin_dir}:{os.environ['PATH']}",
-        ACCELERATE=str(bin_dir / "accelerate"),
-        SLURM_JOB_NODELIST="node1",
-        SLURM_NNODES="1",
-        SLURM_JOB_ID="4242",
-        SLURM_GPUS_ON_NODE="2",
-        SLURM_SUBMIT_DIR=str(ROOT),
-    )
-    proc = subprocess.Popen(
-        ["bash", "slurm/dim.sh", "train.max_steps=5"],
+def run_job(tmp_path: Path, *args: str, **extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["bash", str(SCRIPT), *args],
         cwd=ROOT,
-        env=env,
+        env=slurm_env(tmp_path, **extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 20
-    while not (log.is_file() and "launch" in log.read_text()):
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_a_run_launches_once_per_node_and_keeps_the_exit_status(tmp_path, code):
+    """Catches: a requeue after a run that ended by itself, a failed run reported as
+    success, srun without --kill-on-bad-exit (one dead node would leave the rest waiting),
+    the node rank fixed on the batch host instead of read on each node."""
+    proc = run_job(tmp_path, "train.max_steps=5", FAKE_EXIT=str(code))
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    srun, accelerate = calls(tmp_path)
+    assert srun[:5] == ["srun", "--nodes=1", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash"]
+    assert "--machine_rank $SLURM_NODEID" in srun[-1]
+    assert accelerate == ["accelerate", *launch(1, 4, 0, "node1"), "train.max_steps=5"]
+
+
+def test_the_signal_sbatch_sends_checkpoints_and_requeues(tmp_path):
+    """The preemption path: the signal the #SBATCH header asks SLURM to send the batch
+    shell (``--signal=B:SIG@secs``) reaches the launcher as SIGTERM, and the job is
+    requeued (which SLURM allows only for a job submitted with ``--requeue``). Catches: a
+    trap on another signal than the header's, the signal not passed on, no requeue."""
+    options = sbatch_options(SCRIPT)
+    assert "requeue" in options and options["signal"].startswith("B:")
+    sig = getattr(signal, "SIG" + options["signal"][2:].split("@")[0])
+    proc = run_job(tmp_path, "train.max_steps=5")
+    log, deadline = tmp_path / "log", time.time() + 20
+    while not (log.is_file() and "accelerate" in log.read_text()):
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(sig)
     _out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
-    lines = log.read_text().splitlines()
-    assert "--machine_rank 0" in lines[0] and "train.max_steps=5" in lines[0]
-    assert "got-TERM" in lines and "requeue 4242" in lines
+    assert [c[0] for c in calls(tmp_path)] == ["srun", "accelerate", "got-TERM", "scontrol"]
+    assert calls(tmp_path)[-1] == ["scontrol", "requeue", "4242"]
