@@ -4,6 +4,7 @@ preemption)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -30,11 +31,12 @@ FAKES = {
         'SLURM_NODEID=0 bash -c "$last" & child=$!\n'
         "trap 'kill -TERM $child' TERM\nwait $child; wait $child\n"
     ),
-    # accelerate: record its arguments; exit with $FAKE_EXIT, or train until SIGTERM
+    # accelerate: record its arguments; exit with $FAKE_EXIT, or train until SIGTERM (30 s
+    # at most: nothing outlives a failed test for long)
     "accelerate": (
         "#!/bin/bash\ntrap 'echo got-TERM >> \"$FAKE_LOG\"; exit 0' TERM\n"
         '{ printf accelerate; printf \' %q\' "$@"; echo; } >> "$FAKE_LOG"\n'
-        '[ -n "${FAKE_EXIT:-}" ] && exit "$FAKE_EXIT"\nwhile true; do sleep 0.1; done\n'
+        '[ -n "${FAKE_EXIT:-}" ] && exit "$FAKE_EXIT"\nfor i in $(seq 300); do sleep 0.1; done\n'
     ),
 }
 
@@ -89,7 +91,7 @@ def launch(nodes: int, gpus: int, rank: int, head: str) -> list[str]:
 
 
 def test_dry_run_two_nodes_prints_each_nodes_launch_and_runs_nothing(tmp_path):
-    env = slurm_env(tmp_path, hosts="gpu-a01 gpu-a02", DRY_RUN="1")
+    env = slurm_env(tmp_path, hosts="gpu-a01 gpu-a02", DRY_RUN="1", FAKE_EXIT="0")
     proc = subprocess.run(
         ["bash", str(SCRIPT), "--config", "configs/x.yaml", "train.output_dir=runs/a b"],
         cwd=ROOT,
@@ -109,23 +111,37 @@ def test_dry_run_two_nodes_prints_each_nodes_launch_and_runs_nothing(tmp_path):
     ]
 
 
-def run_job(tmp_path: Path, *args: str, **extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        ["bash", str(SCRIPT), *args],
-        cwd=ROOT,
-        env=slurm_env(tmp_path, **extra),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+@pytest.fixture
+def run_job(tmp_path):
+    """Start the batch script in its own process group; the group is killed at the end,
+    so a test that fails mid-job leaves no fake srun or launcher behind."""
+    started = []
+
+    def start(*args: str, **extra: str) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            ["bash", str(SCRIPT), *args],
+            cwd=ROOT,
+            env=slurm_env(tmp_path, **extra),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("code", [0, 3])
-def test_a_run_launches_once_per_node_and_keeps_the_exit_status(tmp_path, code):
+def test_a_run_launches_once_per_node_and_keeps_the_exit_status(tmp_path, run_job, code):
     """Catches: a requeue after a run that ended by itself, a failed run reported as
     success, srun without --kill-on-bad-exit (one dead node would leave the rest waiting),
     the node rank fixed on the batch host instead of read on each node."""
-    proc = run_job(tmp_path, "train.max_steps=5", FAKE_EXIT=str(code))
+    proc = run_job("train.max_steps=5", FAKE_EXIT=str(code))
     _out, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
     srun, accelerate = calls(tmp_path)
@@ -134,7 +150,7 @@ def test_a_run_launches_once_per_node_and_keeps_the_exit_status(tmp_path, code):
     assert accelerate == ["accelerate", *launch(1, 4, 0, "node1"), "train.max_steps=5"]
 
 
-def test_the_signal_sbatch_sends_checkpoints_and_requeues(tmp_path):
+def test_the_signal_sbatch_sends_checkpoints_and_requeues(tmp_path, run_job):
     """The preemption path: the signal the #SBATCH header asks SLURM to send the batch
     shell (``--signal=B:SIG@secs``) reaches the launcher as SIGTERM, and the job is
     requeued (which SLURM allows only for a job submitted with ``--requeue``). Catches: a
@@ -142,13 +158,12 @@ def test_the_signal_sbatch_sends_checkpoints_and_requeues(tmp_path):
     options = sbatch_options(SCRIPT)
     assert "requeue" in options and options["signal"].startswith("B:")
     sig = getattr(signal, "SIG" + options["signal"][2:].split("@")[0])
-    proc = run_job(tmp_path, "train.max_steps=5")
+    proc = run_job("train.max_steps=5")
     log, deadline = tmp_path / "log", time.time() + 20
     while not (log.is_file() and "accelerate" in log.read_text()):
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(sig)
-    _out, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err
+    assert proc.wait(timeout=20) == 0, proc.stderr.read()  # not killed by the signal
     assert [c[0] for c in calls(tmp_path)] == ["srun", "accelerate", "got-TERM", "scontrol"]
     assert calls(tmp_path)[-1] == ["scontrol", "requeue", "4242"]
