@@ -7,11 +7,12 @@ all against ``step``.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-__all__ = ["PANELS", "plot_metrics", "read_metrics"]
+from .tracking import read_metrics
+
+__all__ = ["PANELS", "plot_metrics"]
 
 # (title, y label, predicate on a key)
 PANELS = (
@@ -20,19 +21,6 @@ PANELS = (
     ("loss terms", "loss", lambda k: k == "loss" or k.startswith("loss/")),
     ("probe accuracy", "accuracy", lambda k: k.startswith("probe/")),
 )
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a metrics.jsonl, skipping torn or non-object lines."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:

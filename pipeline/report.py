@@ -26,8 +26,7 @@ import yaml
 
 from .errors import ConfigError
 from .objective import ESTIMATORS
-from .plots import read_metrics
-from .tracking import METRICS, WANDB_ID
+from .tracking import METRICS, WANDB_ID, read_metrics
 
 __all__ = ["build_report", "default_keys", "describe_report", "main", "panel_specs"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import WandbConfig
 
-__all__ = ["Tracker", "truncate_metrics", "wandb_mode"]
+__all__ = ["METRICS", "Tracker", "read_metrics", "truncate_metrics", "wandb_mode"]
 
 METRICS = "metrics.jsonl"
 WANDB_ID = "wandb_id.txt"
@@ -36,20 +36,33 @@ def wandb_mode(mode: str) -> str:
     return "online" if has_key else "offline"
 
 
+def read_metrics(path: str | Path, *, strict: bool = False) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl``: the one parser of the file.
+
+    A kill can tear the last line; such a line (or any line that is not a JSON object
+    with a ``step``) is skipped, or with ``strict`` raises ``ValueError``, for callers
+    that must see a whole file.
+    """
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+        elif strict:
+            raise ValueError(f"{path}:{number} is not a metrics row: {line[:80]!r}")
+    return rows
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep only rows with ``step <= last_step`` (and drop a torn last line)."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", -1) <= last_step:
-            kept.append(line)
+    kept = [row for row in read_metrics(path) if row["step"] <= last_step]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.write_text("".join(f"{json.dumps(row)}\n" for row in kept))
     os.replace(tmp, path)
 
 

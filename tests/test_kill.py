@@ -12,7 +12,6 @@ checkpoint has the step and sample count of an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import pytest
 from train_helpers import ACCELERATE_LAUNCH, ROOT, TINY, env, metrics, pretrain_cmd, write_shards
+
+from pipeline.tracking import METRICS, read_metrics
 
 BATCH = 8  # TINY's train.batch_size
 
@@ -46,15 +47,10 @@ def _args(shards: str, out: Path, max_steps: int) -> list[str]:
 
 def _logged_step(out: Path) -> int:
     try:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
+        rows = read_metrics(out / METRICS)  # skips a line torn by an earlier kill
     except FileNotFoundError:
         return 0
-    for line in reversed(lines):
-        try:
-            return json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError):
-            continue  # a line torn by an earlier kill
-    return 0
+    return rows[-1]["step"] if rows else 0
 
 
 def _saving(out: Path) -> list[str]:

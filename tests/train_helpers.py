@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from pipeline.tracking import METRICS, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -77,5 +78,5 @@ def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def metrics(output_dir: Path) -> list[dict]:
-    path = output_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The run's metrics rows; a torn or foreign line fails the test."""
+    return read_metrics(output_dir / METRICS, strict=True)
