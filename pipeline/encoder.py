@@ -9,7 +9,8 @@ backbone's pooled features through the DIM head fc -> (mu, logvar).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import timm
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from .errors import ConfigError, unknown
 
-__all__ = ["DIMEncoder", "EncoderOutput", "create_backbone"]
+__all__ = ["DIMEncoder", "EncoderOutput", "build_encoder", "create_backbone"]
 
 
 class EncoderOutput(NamedTuple):
@@ -116,3 +117,22 @@ class DIMEncoder(nn.Module):
         from .receptive import receptive_field
 
         return receptive_field(self.backbone, self.local_index, img_size, self.in_chans)
+
+
+def build_encoder(model: Mapping[str, Any], *, pretrained: bool = False) -> DIMEncoder:
+    """The ``DIMEncoder`` a model config describes: the ``model`` section of a run's
+    config, or the same fields as an export saves them.
+
+    ``pretrained`` (timm's weights for the backbone) is an argument, not read from
+    ``model``: rebuilding an export must not download what its own weights replace.
+    """
+    return DIMEncoder(
+        model["backbone"],
+        code_dim=model["code_dim"],
+        fc_dim=model["fc_dim"],
+        local_layer=model["local_layer"],
+        in_chans=model["in_chans"],
+        img_size=model["img_size"],
+        pretrained=pretrained,
+        backbone_kwargs=model.get("backbone_kwargs"),
+    )

@@ -28,9 +28,9 @@ import torch
 
 from .card import update_evaluation
 from .classifiers import L2_GRID, knn_accuracy, linear_probe, mlp_probe
-from .encoder import DIMEncoder
+from .encoder import DIMEncoder, build_encoder
 from .errors import ConfigError
-from .export import encoder_from_meta, find_export, load_encoder, read_export_meta
+from .export import find_export, load_encoder, read_export_meta
 from .features import CONV_SOURCES, extract_features, recalibrate_batchnorm
 
 __all__ = ["evaluate", "find_export", "format_table", "main", "probe_all", "random_like"]
@@ -42,7 +42,7 @@ PROBES = ("linear", "mlp", "knn")
 def random_like(meta: dict, seed: int = 0) -> DIMEncoder:
     """The exported architecture at a seeded random initialisation (the baseline)."""
     torch.manual_seed(seed)
-    return encoder_from_meta(meta)
+    return build_encoder(meta)
 
 
 def probe_all(

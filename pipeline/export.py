@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .encoder import DIMEncoder
+from .encoder import DIMEncoder, build_encoder
 from .errors import ConfigError
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "EXPORT_HEAD",
     "LEGACY_META",
     "data_config",
-    "encoder_from_meta",
     "export_encoder",
     "find_export",
     "is_export",
@@ -242,7 +241,7 @@ def load_encoder(path: str | Path, map_location: str = "cpu") -> DIMEncoder:
     missing = [name for name in files if not (folder / name).is_file()]
     if missing:
         raise ConfigError(f"incomplete export at {folder}: {', '.join(missing)} missing")
-    encoder = encoder_from_meta(meta)
+    encoder = build_encoder(meta)
     backbone_file, head_file = (folder / name for name in files)
     encoder.backbone.load_state_dict(load_file(str(backbone_file), device=map_location))
     head = load_file(str(head_file), device=map_location)
@@ -259,16 +258,3 @@ def load_encoder(path: str | Path, map_location: str = "cpu") -> DIMEncoder:
             f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}, other shape {resized[:3]}"
         )
     return encoder.eval()
-
-
-def encoder_from_meta(meta: dict) -> DIMEncoder:
-    """A freshly initialised ``DIMEncoder`` of the architecture ``meta`` describes."""
-    return DIMEncoder(
-        meta["backbone"],
-        code_dim=meta["code_dim"],
-        fc_dim=meta["fc_dim"],
-        local_layer=meta["local_layer"],
-        in_chans=meta["in_chans"],
-        img_size=meta["img_size"],
-        backbone_kwargs=meta.get("backbone_kwargs"),
-    )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from .config import Config
-from .encoder import DIMEncoder
+from .encoder import DIMEncoder, build_encoder
 from .objective import DIMObjective
 
 __all__ = ["DIM", "build_model"]
@@ -39,16 +41,6 @@ class DIM(nn.Module):
 
 
 def build_model(cfg: Config) -> DIM:
-    m = cfg.model
-    encoder = DIMEncoder(
-        m.backbone,
-        code_dim=m.code_dim,
-        fc_dim=m.fc_dim,
-        local_layer=m.local_layer,
-        in_chans=m.in_chans,
-        img_size=m.img_size,
-        pretrained=m.pretrained,
-        backbone_kwargs=m.backbone_kwargs,
-    )
-    objective = DIMObjective(cfg.loss, encoder.local_channels, m.code_dim)
+    encoder = build_encoder(dataclasses.asdict(cfg.model), pretrained=cfg.model.pretrained)
+    objective = DIMObjective(cfg.loss, encoder.local_channels, cfg.model.code_dim)
     return DIM(encoder, objective)
