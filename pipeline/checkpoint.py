@@ -24,7 +24,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
-    "read_meta",
+    "read_checkpoint_meta",
     "save_checkpoint",
 ]
 
@@ -54,7 +54,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """A checkpoint folder's ``meta.json`` (step, samples seen, tag, world size, W&B run id)."""
     return json.loads((Path(path) / META).read_text())
 
 
@@ -98,4 +99,4 @@ def save_checkpoint(
 def load_checkpoint(accelerator, path: str | Path) -> dict[str, Any]:
     """Restore everything registered with ``accelerator``; return the checkpoint's meta."""
     accelerator.load_state(str(path))
-    return read_meta(path)
+    return read_checkpoint_meta(path)

@@ -34,12 +34,12 @@ def _legacy_card(folder: Path, location: str) -> str | None:
     import yaml
 
     from .card import render_card
-    from .checkpoint import latest_checkpoint, read_meta
+    from .checkpoint import latest_checkpoint, read_checkpoint_meta
 
     ckpt = latest_checkpoint(folder)
     if not (folder / "config.yaml").is_file() or ckpt is None:
         return None
-    meta = read_meta(ckpt)
+    meta = read_checkpoint_meta(ckpt)
     config = yaml.safe_load((folder / "config.yaml").read_text())
     return render_card(
         config,

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from .checkpoint import latest_checkpoint, read_meta
+from .checkpoint import latest_checkpoint, read_checkpoint_meta
 from .config import upgrade
 from .errors import ConfigError
 
@@ -152,7 +152,7 @@ def inspect_run(
     ckpt = latest_checkpoint(output_dir)
     if ckpt is None:
         return RunState(changed=tuple(changed))
-    meta = read_meta(ckpt)
+    meta = read_checkpoint_meta(ckpt)
     marker = output_dir / export_marker
     exported = marker.is_file() and marker.stat().st_mtime >= (ckpt / "meta.json").stat().st_mtime
     return RunState(

@@ -10,7 +10,7 @@ from pipeline.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    read_meta,
+    read_checkpoint_meta,
     save_checkpoint,
 )
 
@@ -67,4 +67,4 @@ def test_keep_last_and_resave(accelerator, tmp_path):
         _step(model, opt)
         save_checkpoint(accelerator, tmp_path, step, {"tag": f"t{step}"}, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003", "step_0000004"]
-    assert read_meta(latest_checkpoint(tmp_path))["step"] == 4
+    assert read_checkpoint_meta(latest_checkpoint(tmp_path))["step"] == 4

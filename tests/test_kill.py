@@ -127,11 +127,11 @@ def _check_run(out: Path, max_steps: int, world: int) -> dict:
     temporary folder left; returns the last checkpoint's meta."""
     import torch
 
-    from pipeline.checkpoint import latest_checkpoint, read_meta
+    from pipeline.checkpoint import latest_checkpoint, read_checkpoint_meta
     from pipeline.export import load_encoder
 
     assert [r["step"] for r in metrics(out)] == list(range(1, max_steps + 1))
-    meta = read_meta(latest_checkpoint(out))
+    meta = read_checkpoint_meta(latest_checkpoint(out))
     assert meta["step"] == max_steps and meta["samples_seen"] == max_steps * BATCH * world
     assert not [p.name for p in out.rglob(".tmp-*")] + [p.name for p in out.glob(".old-*")]
     encoder = load_encoder(out / "export")
