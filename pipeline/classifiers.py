@@ -1,28 +1,35 @@
-"""Classifiers on frozen features: weighted k-NN and a linear probe (pure torch).
+"""The probes: classifiers fit on frozen features (pure torch).
 
-Shared by the offline evaluation (``pipeline.evaluate``) and the online probe during
-pretraining (``pipeline.probe``), so both report the same quantity. No data loading,
-no model, no logging here: tensors in, predictions or accuracies out.
+``PROBES`` names each (linear, MLP, weighted k-NN); ``run_probes`` fits the named ones
+on train features and scores them on test features. The offline evaluation
+(``pipeline.evaluate``, every model and view) and the online probe during pretraining
+(``pipeline.probe``) both call it, so they report the same quantity. No data loading,
+no model, no logging here: tensors in, accuracies out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "L2_GRID",
+    "PROBES",
     "LinearProbeResult",
     "MLPProbeResult",
+    "ProbeScore",
+    "ProbeSettings",
     "accuracy",
     "fit_linear",
     "knn_accuracy",
     "knn_predict",
     "linear_probe",
     "mlp_probe",
+    "run_probes",
     "standardize",
 ]
 
@@ -44,8 +51,8 @@ def knn_predict(
     bank_labels: torch.Tensor,
     queries: torch.Tensor,
     *,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int,
+    temperature: float,
     num_classes: int | None = None,
     chunk: int = 1024,
 ) -> torch.Tensor:
@@ -74,10 +81,10 @@ def knn_accuracy(
     queries: torch.Tensor,
     query_labels: torch.Tensor,
     *,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int,
+    temperature: float,
 ) -> float:
-    """Accuracy of ``knn_predict`` on labelled queries."""
+    """Accuracy of ``knn_predict`` on labelled queries (defaults: ``ProbeSettings``)."""
     n = _num_classes(bank_labels, query_labels)
     pred = knn_predict(bank, bank_labels, queries, k=k, temperature=temperature, num_classes=n)
     return accuracy(pred, query_labels)
@@ -237,3 +244,51 @@ def mlp_probe(
         with torch.no_grad():
             test = accuracy(net(sx).argmax(dim=1), test_y)
     return MLPProbeResult(test, best[1], best[0])
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How the probes run; the defaults are the offline evaluation's."""
+
+    k: int = 20  # k-NN: neighbours that vote
+    temperature: float = 0.07  # k-NN: a vote weighs exp(cosine similarity / temperature)
+    l2_grid: tuple[float, ...] = L2_GRID  # linear: strengths, one picked on a validation split
+    max_iter: int = 200  # linear: L-BFGS iterations per fit
+    seed: int = 0  # validation splits and the MLP's initialisation
+
+
+class ProbeScore(NamedTuple):
+    accuracy: float  # on the test features, in [0, 1]
+    chosen: str  # what the probe picked on its validation split, for the log ("" if nothing)
+
+
+Features = torch.Tensor
+
+
+def _linear(x: Features, y: Features, tx: Features, ty: Features, s: ProbeSettings) -> ProbeScore:
+    fit = linear_probe(x, y, tx, ty, l2_grid=s.l2_grid, seed=s.seed, max_iter=s.max_iter)
+    return ProbeScore(fit.accuracy, f"l2={fit.l2:g}")
+
+
+def _mlp(x: Features, y: Features, tx: Features, ty: Features, s: ProbeSettings) -> ProbeScore:
+    fit = mlp_probe(x, y, tx, ty, seed=s.seed)
+    return ProbeScore(fit.accuracy, f"mlp epoch={fit.epoch}")
+
+
+def _knn(x: Features, y: Features, tx: Features, ty: Features, s: ProbeSettings) -> ProbeScore:
+    return ProbeScore(knn_accuracy(x, y, tx, ty, k=s.k, temperature=s.temperature), "")
+
+
+PROBES: dict[str, Callable[..., ProbeScore]] = {"linear": _linear, "mlp": _mlp, "knn": _knn}
+
+
+def run_probes(
+    names: Iterable[str],
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    settings: ProbeSettings = ProbeSettings(),
+) -> dict[str, ProbeScore]:
+    """Each named probe of ``PROBES``, fit on the train features, scored on the test ones."""
+    return {name: PROBES[name](train_x, train_y, test_x, test_y, settings) for name in names}

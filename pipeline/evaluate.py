@@ -27,16 +27,16 @@ from pathlib import Path
 import torch
 
 from .card import update_evaluation
-from .classifiers import L2_GRID, knn_accuracy, linear_probe, mlp_probe
+from .classifiers import PROBES, ProbeSettings, run_probes
 from .encoder import DIMEncoder, build_encoder
 from .errors import ConfigError
 from .export import find_export, load_encoder, read_export_meta
 from .features import CONV_SOURCES, extract_features, recalibrate_batchnorm
 
-__all__ = ["evaluate", "find_export", "format_table", "main", "probe_all", "random_like"]
+__all__ = ["evaluate", "find_export", "format_table", "main", "probe_every_view", "random_like"]
 
 Results = dict[str, dict[str, dict[str, float]]]
-PROBES = ("linear", "mlp", "knn")
+SETTINGS = ProbeSettings()  # the offline evaluation runs the probes at their defaults
 
 
 def random_like(meta: dict, seed: int = 0) -> DIMEncoder:
@@ -45,43 +45,28 @@ def random_like(meta: dict, seed: int = 0) -> DIMEncoder:
     return build_encoder(meta)
 
 
-def probe_all(
+def probe_every_view(
     train: dict[str, dict[str, torch.Tensor]],
     train_y: torch.Tensor,
     test: dict[str, dict[str, torch.Tensor]],
     test_y: torch.Tensor,
-    *,
-    probes: tuple[str, ...] = PROBES,
-    k: int = 20,
-    temperature: float = 0.07,
-    l2_grid=L2_GRID,
-    seed: int = 0,
+    probes: tuple[str, ...] = tuple(PROBES),
+    settings: ProbeSettings = SETTINGS,
     log=print,
 ) -> Results:
-    """Every probe in ``probes`` on every (model, view) pair of feature tensors."""
+    """``classifiers.run_probes`` on every (model, view) pair of feature tensors."""
     results: Results = {}
+    probes = tuple(p for p in PROBES if p in probes)  # the table's order, whatever was asked
     for model, views in train.items():
         for view, feats in views.items():
-            t0, cell, notes = time.perf_counter(), {}, []
-            if "linear" in probes:
-                lin = linear_probe(
-                    feats, train_y, test[model][view], test_y, l2_grid=l2_grid, seed=seed
-                )
-                cell["linear"] = lin.accuracy
-                notes.append(f"l2={lin.l2:g}")
-            if "mlp" in probes:
-                mlp = mlp_probe(feats, train_y, test[model][view], test_y, seed=seed)
-                cell["mlp"] = mlp.accuracy
-                notes.append(f"mlp epoch={mlp.epoch}")
-            if "knn" in probes:
-                cell["knn"] = knn_accuracy(
-                    feats, train_y, test[model][view], test_y, k=k, temperature=temperature
-                )
-            results.setdefault(model, {})[view] = cell
-            scores = " ".join(f"{p}={cell[p]:.4f}" for p in PROBES if p in cell)
+            t0 = time.perf_counter()
+            scores = run_probes(probes, feats, train_y, test[model][view], test_y, settings)
+            results.setdefault(model, {})[view] = {p: s.accuracy for p, s in scores.items()}
+            accuracies = " ".join(f"{p}={s.accuracy:.4f}" for p, s in scores.items())
+            chosen = ", ".join(s.chosen for s in scores.values() if s.chosen)
             log(
-                f"[evaluate] {model:>11s}/{view:<6s} dim={feats.shape[1]:5d} {scores} "
-                f"({', '.join(notes)}; {time.perf_counter() - t0:.1f}s)"
+                f"[evaluate] {model:>11s}/{view:<6s} dim={feats.shape[1]:5d} {accuracies} "
+                f"({chosen}; {time.perf_counter() - t0:.1f}s)"
             )
     return results
 
@@ -182,15 +167,13 @@ def evaluate(
     test_shards: str,
     *,
     batch_size: int = 256,
-    k: int = 20,
-    temperature: float = 0.07,
-    seed: int = 0,
+    settings: ProbeSettings = SETTINGS,
     device: str = "cpu",
     limit_train: int | None = None,
     limit_test: int | None = None,
     conv_source: str = "grid",
     num_workers: int = 0,
-    probes: tuple[str, ...] = PROBES,
+    probes: tuple[str, ...] = tuple(PROBES),
     baselines: bool = True,
     log=print,
 ) -> Results:
@@ -200,7 +183,7 @@ def evaluate(
     meta = read_export_meta(folder)
     encoders = {"dim": load_encoder(folder).to(device)}
     if baselines:
-        encoders["random_init"] = random_like(meta, seed).to(device)
+        encoders["random_init"] = random_like(meta, settings.seed).to(device)
         t0 = time.perf_counter()
         seen = recalibrate_batchnorm(
             encoders["random_init"],
@@ -230,17 +213,7 @@ def evaluate(
             f"[evaluate] {split}: {len(feats[split][1])} samples in {time.perf_counter() - t0:.1f}s"
         )
     (train, train_y), (test, test_y) = feats["train"], feats["test"]
-    return probe_all(
-        train,
-        train_y,
-        test,
-        test_y,
-        probes=probes,
-        k=k,
-        temperature=temperature,
-        seed=seed,
-        log=log,
-    )
+    return probe_every_view(train, train_y, test, test_y, probes, settings, log)
 
 
 def _probe_list(text: str) -> tuple[str, ...]:
@@ -272,9 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", help="write {model: {view: {probe: accuracy}}} here")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--knn-k", type=int, default=20)
-    p.add_argument("--knn-temperature", type=float, default=0.07)
-    p.add_argument("--seed", type=int, default=0, help="random-init baseline and validation split")
+    p.add_argument("--knn-k", type=int, default=ProbeSettings.k)
+    p.add_argument("--knn-temperature", type=float, default=ProbeSettings.temperature)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=ProbeSettings.seed,
+        help="random-init baseline and validation split",
+    )
     p.add_argument(
         "--limit-train", type=int, default=None, help="use at most this many train samples"
     )
@@ -291,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--probes",
         type=_probe_list,
-        default=PROBES,
-        help="comma list of linear, mlp, knn (default: all three)",
+        default=tuple(PROBES),
+        help=f"comma list of {', '.join(PROBES)} (default: all)",
     )
     p.add_argument(
         "--no-baselines",
@@ -315,15 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  table alone on stdout
+    settings = ProbeSettings(k=args.knn_k, temperature=args.knn_temperature, seed=args.seed)
     try:
+        folder = find_export(args.checkpoint)
         results = evaluate(
-            args.checkpoint,
+            folder,  # a model folder: evaluate's own find_export returns it as it is
             args.train_shards,
             args.test_shards,
             batch_size=args.batch_size,
-            k=args.knn_k,
-            temperature=args.knn_temperature,
-            seed=args.seed,
+            settings=settings,
             device=args.device,
             limit_train=args.limit_train,
             limit_test=args.limit_test,
@@ -341,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     card = update_evaluation(
-        find_export(args.checkpoint),
+        folder,
         results,
         {
             "train shards": args.train_shards,

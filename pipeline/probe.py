@@ -4,7 +4,8 @@
 ``cfg.data.train_shards`` (the eval stream: resized and normalised, no augmentation)
 as a k-NN memory bank, and up to ``query_samples`` of ``cfg.data.val_shards`` as
 queries; it returns ``{"probe/knn": acc, "probe/linear": acc}`` on the ``conv`` view,
-the same numbers ``pipeline.evaluate`` reports (same maths, ``pipeline.classifiers``).
+from the probes ``pipeline.evaluate`` runs (``classifiers.run_probes``), with one linear
+fit at a middle L2 strength instead of a search: a trend line, not the final figure.
 
 The decoded images are cached per process, so a probe every few hundred steps costs
 two forward passes over a few thousand images, not a re-read of the shards.
@@ -17,13 +18,14 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from .classifiers import knn_accuracy, linear_probe
+from .classifiers import ProbeSettings, run_probes
 from .config import Config
 from .features import extract_features
 
-__all__ = ["labelled_images", "online_probe"]
+__all__ = ["ONLINE", "labelled_images", "online_probe"]
 
 BATCH = 256
+ONLINE = ProbeSettings(l2_grid=(1e-3,), max_iter=100)  # cheap enough to run every few steps
 
 
 @lru_cache(maxsize=4)
@@ -61,12 +63,11 @@ def online_probe(
     *,
     bank_samples: int = 5000,
     query_samples: int = 2000,
-    k: int = 20,
-    temperature: float = 0.07,
-    linear: bool = True,
+    probes: tuple[str, ...] = ("knn", "linear"),
+    settings: ProbeSettings = ONLINE,
     view: str = "conv",
 ) -> dict[str, float]:
-    """k-NN (and a one-fit linear probe) accuracy on held-out labelled images.
+    """The accuracy of each of ``probes`` on held-out labelled images, keyed ``probe/<name>``.
 
     Returns ``{}`` when there is no labelled train/val data to probe with. The encoder's
     train/eval state is left as it was found.
@@ -80,10 +81,5 @@ def online_probe(
         return {}
     bank, _ = extract_features({"m": encoder}, _batches(bank_x, bank_y), device=device)
     query, _ = extract_features({"m": encoder}, _batches(query_x, query_y), device=device)
-    train, test = bank["m"][view], query["m"][view]
-    out = {"probe/knn": knn_accuracy(train, bank_y, test, query_y, k=k, temperature=temperature)}
-    if linear:  # one fit at a middle L2 strength: a trend line, not the final figure
-        out["probe/linear"] = linear_probe(
-            train, bank_y, test, query_y, l2_grid=(1e-3,), max_iter=100
-        ).accuracy
-    return out
+    scores = run_probes(probes, bank["m"][view], bank_y, query["m"][view], query_y, settings)
+    return {f"probe/{name}": score.accuracy for name, score in scores.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -41,14 +42,14 @@ def blobs(n: int, classes: int = 4, dim: int = 16, seed: int = 0, spread: float 
 def test_probes_separable_near_perfect():
     x, y = blobs(400)
     assert linear_probe(x[:300], y[:300], x[300:], y[300:]).accuracy >= 0.98
-    assert knn_accuracy(x[:300], y[:300], x[300:], y[300:], k=10) >= 0.98
+    assert knn_accuracy(x[:300], y[:300], x[300:], y[300:], k=10, temperature=0.07) >= 0.98
 
 
 def test_probes_random_labels_near_chance():
     x, _ = blobs(1000, classes=4)
     y = torch.randint(0, 4, (1000,), generator=torch.Generator().manual_seed(1))
     lin = linear_probe(x[:700], y[:700], x[700:], y[700:]).accuracy
-    knn = knn_accuracy(x[:700], y[:700], x[700:], y[700:], k=20)
+    knn = knn_accuracy(x[:700], y[:700], x[700:], y[700:], k=20, temperature=0.07)
     # chance is 0.25; 300 test samples: a 3-sigma band is about +-0.075
     assert abs(lin - 0.25) < 0.1 and abs(knn - 0.25) < 0.1
 
@@ -242,7 +243,7 @@ def test_online_probe_reports_the_offline_maths(tiny_run, tmp_path):
     """Catches: another view or k than asked, bank and queries mixed up, labels out of
     step with the images (then near chance on the easy squares)."""
     from pipeline.config import load_config
-    from pipeline.probe import online_probe
+    from pipeline.probe import ONLINE, online_probe
 
     _run, train, test = tiny_run
     cfg = load_config(
@@ -256,7 +257,7 @@ def test_online_probe_reports_the_offline_maths(tiny_run, tmp_path):
     )
     torch.manual_seed(0)
     enc = DIMEncoder(**TINY).train()
-    out = online_probe(enc, cfg, "cpu", k=5)
+    out = online_probe(enc, cfg, "cpu", settings=replace(ONLINE, k=5))
     assert set(out) == {"probe/knn", "probe/linear"} and enc.training
     # The corner of the bright square shows through even random conv features.
     assert out["probe/knn"] > 0.9 and out["probe/linear"] > 0.9, out
@@ -265,14 +266,18 @@ def test_online_probe_reports_the_offline_maths(tiny_run, tmp_path):
     train = write_tiny_shards(tmp_path, "faint_train", 60, seed=0, bright=50)
     test = write_tiny_shards(tmp_path, "faint_test", 30, seed=1, bright=50)
     cfg.data.train_shards, cfg.data.val_shards = train, test
-    out = online_probe(enc, cfg, "cpu", k=5)
+    out = online_probe(enc, cfg, "cpu", settings=replace(ONLINE, k=5))
     views = {}
     for name, spec in (("bank", train), ("query", test)):
         loader = eval_loader(spec, batch_size=16, img_size=16, in_chans=3)
         feats, labels = extract_features({"m": enc}, loader)
         views[name] = feats["m"]["conv"], labels
     (bank, bank_y), (query, query_y) = views["bank"], views["query"]
-    assert out["probe/knn"] == knn_accuracy(bank, bank_y, query, query_y, k=5) < 0.9
+    assert (
+        out["probe/knn"]
+        == knn_accuracy(bank, bank_y, query, query_y, k=5, temperature=ONLINE.temperature)
+        < 0.9
+    )
     assert all(abs(30 * v - round(30 * v)) < 1e-6 for v in out.values())
     cfg.data.val_shards = ""
     assert online_probe(enc, cfg, "cpu") == {}
@@ -429,3 +434,20 @@ def test_conv_view_keeps_a_small_grid():
     assert conv_grid(torch.randn(2, 2048, 7, 7)).shape == (2, 2 * 2 * 2048)
     fmap = torch.arange(16.0).reshape(1, 1, 4, 4)
     assert torch.equal(conv_grid(fmap), fmap.flatten(1))  # 4x4 is kept as is, not averaged
+
+
+def test_run_probes_dispatches_each_name_to_its_probe():
+    """The table behind evaluate and the online probe: a name wired to the wrong probe,
+    or settings not passed through, changes these numbers."""
+    from pipeline.classifiers import ProbeSettings, mlp_probe, run_probes
+
+    x, y = blobs(240, spread=0.8)
+    s = ProbeSettings(k=3, temperature=0.5, l2_grid=(1e-1,), max_iter=50, seed=2)
+    got = run_probes(["knn", "linear", "mlp"], x[:160], y[:160], x[160:], y[160:], s)
+    assert list(got) == ["knn", "linear", "mlp"]
+    assert got["knn"].accuracy == knn_accuracy(
+        x[:160], y[:160], x[160:], y[160:], k=3, temperature=0.5
+    )
+    lin = linear_probe(x[:160], y[:160], x[160:], y[160:], l2_grid=(1e-1,), max_iter=50, seed=2)
+    assert got["linear"] == (lin.accuracy, "l2=0.1")
+    assert got["mlp"].accuracy == mlp_probe(x[:160], y[:160], x[160:], y[160:], seed=2).accuracy
