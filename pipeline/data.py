@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import make_seed
@@ -293,20 +293,6 @@ def _decode(
         yield row
 
 
-def _collate(rows: list[dict]) -> dict:
-    batch: dict[str, Any] = {}
-    for key, first in rows[0].items():
-        values = [row[key] for row in rows]
-        batch[key] = (
-            torch.stack(values)
-            if isinstance(first, torch.Tensor)
-            else torch.tensor(values, dtype=torch.long)
-            if isinstance(first, int)
-            else values
-        )
-    return batch
-
-
 class _Stream(IterableDataset):
     """One process's (or worker's) batches, each tagged with its running skip count; a
     last count-only record reports skips that came after the last batch."""
@@ -473,7 +459,7 @@ def train_loader(
             random_views=AUGMENTS[cfg.augment].random and not batched,
             with_keys=with_keys,
         ),
-        wds.batched(batch_size, collation_fn=_collate, partial=False),
+        wds.batched(batch_size, collation_fn=default_collate, partial=False),
     )
     batches = max(1, epoch_samples // (batch_size * world_size))
     return StreamLoader(
@@ -526,7 +512,7 @@ def eval_loader(
             label_key=DataConfig.check_label_key(label_key),
             with_keys=with_keys,
         ),
-        wds.batched(batch_size, collation_fn=_collate, partial=True),
+        wds.batched(batch_size, collation_fn=default_collate, partial=True),
     ]
     total = sum(sizes.values()) if len(sizes) == len(urls) else None
     return StreamLoader(
