@@ -35,7 +35,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing
 import random
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -44,7 +46,7 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import make_seed
@@ -336,7 +338,7 @@ class _Stream(IterableDataset):
 
 
 class StreamLoader:
-    """Iterates a ``webdataset.WebLoader`` and sums the workers' skip counts.
+    """Iterates a ``DataLoader`` over the stream and sums the workers' skip counts.
 
     ``skipped`` is this process's total of skipped samples (cumulative over epochs for
     training, per pass for evaluation). ``epochs=None`` iterates forever.
@@ -351,7 +353,7 @@ class StreamLoader:
         batches_per_epoch: int | None = None,
         num_samples: int | None = None,
     ):
-        self.loader = wds.WebLoader(
+        self.loader: DataLoader | None = DataLoader(
             stream,
             batch_size=None,
             num_workers=num_workers,
@@ -360,6 +362,8 @@ class StreamLoader:
         )
         self.epochs, self.skipped = epochs, 0
         self.batches_per_epoch, self.num_samples = batches_per_epoch, num_samples
+        self._passes: weakref.WeakSet = weakref.WeakSet()  # iterations in progress
+        self._workers: set[multiprocessing.process.BaseProcess] = set()
 
     def close(self) -> None:
         """Stop the loader's worker processes now, with SIGKILL if they linger.
@@ -367,29 +371,41 @@ class StreamLoader:
         The train loop starts workers with the stop signals blocked (so a job-wide
         SIGTERM cannot kill them before the main process saves); such a worker also
         ignores the SIGTERM that DataLoader and multiprocessing send at shutdown, and
-        the interpreter would wait for it forever at exit.
+        the interpreter would wait for it forever at exit. DataLoader stops its workers
+        when its iterator is garbage collected; with persistent workers the DataLoader
+        holds that iterator, so closing ends every pass in progress and drops the
+        DataLoader. A worker still alive after that is killed. The loader is spent.
         """
-        loaders = [s for s in self.loader.pipeline if isinstance(s, torch.utils.data.DataLoader)]
-        iterator = getattr(loaders[0], "_iterator", None) if loaders else None
-        if iterator is None:
-            return
-        workers = list(getattr(iterator, "_workers", []))
-        shutdown = getattr(iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-        for worker in workers:
+        for batches in list(self._passes):
+            batches.close()
+        self.loader = None  # the last reference to the DataLoader and its iterator
+        for worker in self._workers:
             if worker.is_alive():
                 worker.kill()
-                worker.join(timeout=5)
-        loaders[0]._iterator = None
+            worker.join(timeout=5)
+        self._workers.clear()
 
     def __iter__(self) -> Iterator[dict]:
+        if self.loader is None:
+            raise RuntimeError("StreamLoader is closed")
+        batches = self._batches(self.loader)
+        self._passes.add(batches)
+        return batches
+
+    def _epoch(self, loader: DataLoader) -> Iterator[dict]:
+        """One pass of the DataLoader, noting the worker processes it starts."""
+        before = set(multiprocessing.active_children())
+        items = iter(loader)
+        self._workers |= set(multiprocessing.active_children()) - before
+        return items
+
+    def _batches(self, loader: DataLoader) -> Iterator[dict]:
         if self.epochs == 1:
             self.skipped = 0
         epoch = 0
         while self.epochs is None or epoch < self.epochs:
             base, latest, yielded = self.skipped, {}, 0
-            for item in self.loader:
+            for item in self._epoch(loader):
                 for message in item.pop("_log", ()):
                     log.warning(message)
                 if "_error" in item:

@@ -371,3 +371,32 @@ def test_corrupt_jpeg_and_truncated_tar_are_skipped_and_counted(tmp_path, writer
         assert read_all(spec)[3] == 1 + lost  # in-process, so the log is visible here
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert shards[1].name in messages and shards[2].name in messages
+
+
+def test_close_stops_workers_that_ignore_sigterm(tmp_path):
+    """The train loop starts workers with SIGTERM blocked, so they ignore the SIGTERM of
+    DataLoader's shutdown; close() must still end them, mid-pass and after persistent
+    workers crossed an epoch, or the interpreter waits for them at exit."""
+    import multiprocessing
+    import signal
+
+    cfg = DataConfig(
+        train_shards=write_project(tmp_path, 12, max_samples=4), num_workers=2, epoch_samples=8
+    )
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        loader = train_loader(
+            cfg, batch_size=2, img_size=SIZE, in_chans=3, seed=0, rank=0, world_size=1
+        )
+        before = set(multiprocessing.active_children())
+        batches = iter(loader)
+        assert len(list(islice(batches, 6))) == 6  # an epoch is 4 batches
+        workers = set(multiprocessing.active_children()) - before
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    assert len(workers) == 2
+    loader.close()
+    assert not any(w.is_alive() for w in workers)
+    loader.close()  # a second close (atexit after the normal one) does nothing
+    with pytest.raises(RuntimeError, match="closed"):
+        iter(loader)
