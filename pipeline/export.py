@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .encoder import DIMEncoder, build_encoder
 from .errors import ConfigError
+from .filemode import share_mode
 
 __all__ = [
     "EXPORT_BACKBONE",
@@ -40,7 +41,6 @@ __all__ = [
     "find_export",
     "is_export",
     "load_encoder",
-    "make_readable",
     "read_export_meta",
     "remove_partial_export",
 ]
@@ -132,15 +132,6 @@ def _write_folder(encoder: DIMEncoder, folder: Path, meta: dict, card: str | Non
         (folder / EXPORT_CARD).write_text(card)
 
 
-def make_readable(folder: Path) -> None:
-    """mkdtemp makes a private folder; an export is for sharing (subject to the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o755 & ~umask)
-    for p in folder.iterdir():
-        p.chmod(0o644 & ~umask)
-
-
 def export_encoder(
     encoder: DIMEncoder, folder: str | Path, meta: dict, card: str | None = None
 ) -> Path:
@@ -156,7 +147,7 @@ def export_encoder(
     tmp = Path(tempfile.mkdtemp(prefix=building, dir=folder.parent))
     try:
         _write_folder(encoder, tmp, meta, card)
-        make_readable(tmp)
+        share_mode(tmp)  # mkdtemp made it private; an export is for sharing
         old = folder.parent / f"{parked}{os.getpid()}"
         if folder.exists():
             os.replace(folder, old)

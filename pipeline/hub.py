@@ -102,7 +102,8 @@ def stage(
     The card's usage block names ``hf-hub:repo_id`` when given, else ``dest``. An existing
     ``dest`` is replaced only if it is a model folder itself.
     """
-    from .export import is_export, make_readable
+    from .export import is_export
+    from .filemode import share_mode
 
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not is_export(dest))):
@@ -113,7 +114,7 @@ def stage(
         _build(Path(src), tmp)
         ref = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{dest.resolve()}"
         _finish_card(tmp, ref, license, datasets)
-        make_readable(tmp)
+        share_mode(tmp)  # mkdtemp made it private
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)

@@ -68,3 +68,28 @@ def test_keep_last_and_resave(accelerator, tmp_path):
         save_checkpoint(accelerator, tmp_path, step, {"tag": f"t{step}"}, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003", "step_0000004"]
     assert read_checkpoint_meta(latest_checkpoint(tmp_path))["step"] == 4
+
+
+def test_share_mode_opens_private_folders_and_files(tmp_path):
+    """mkdtemp folders (0700) and safetensors files (0600) get the umask's modes, so a
+    group sharing the run folder can read checkpoints and exports."""
+    import os
+    import stat
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.filemode import share_mode
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    (folder / "sub").mkdir(mode=0o700)
+    weights = folder / "sub" / "model.safetensors"
+    weights.write_bytes(b"x")
+    weights.chmod(0o600)
+    mask = os.umask(0o022)
+    try:
+        share_mode(folder)
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(folder.stat().st_mode) == stat.S_IMODE((folder / "sub").stat().st_mode)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o644
