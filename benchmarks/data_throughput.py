@@ -93,7 +93,10 @@ def main() -> None:
     parser.add_argument("--augment-on", default="batch", choices=("batch", "worker"))
     args = parser.parse_args()
     if not args.tar.is_file():
-        raise SystemExit(f"{args.tar} not found (see ../shared/data/README.md)")
+        raise SystemExit(
+            f"{args.tar} not found: --tar takes a tar of CIFAR-10-like class folders, "
+            f"train/<class>/*.jpg"
+        )
     with tempfile.TemporaryDirectory(prefix="dim-bench-") as tmp:
         manifest = cifar_shards(args.tar, Path(tmp))
         print(

@@ -1,8 +1,8 @@
 """A new user's mistakes: each is one line naming the problem, a fixed exit code, no
 traceback, and nothing written where the mistake is knowable before training.
 
-One test per row of the table in the issue that asked for this (output folder, bad
-values, backbone, shards, bad data, reruns into an existing run, dim-report, file modes).
+One test per kind of mistake (output folder, bad values, backbone, shards, bad data,
+reruns into an existing run, dim-report, file modes).
 Every run is a subprocess with the tiny model of ``train_helpers``.
 """
 
