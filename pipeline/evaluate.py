@@ -290,6 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# command-line options that evaluate() takes as they are
+PASSED_ON = (
+    "batch_size",
+    "device",
+    "limit_train",
+    "limit_test",
+    "conv_source",
+    "num_workers",
+    "probes",
+    "baselines",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  table alone on stdout
@@ -300,16 +313,9 @@ def main(argv: list[str] | None = None) -> int:
             folder,  # a model folder: evaluate's own find_export returns it as it is
             args.train_shards,
             args.test_shards,
-            batch_size=args.batch_size,
             settings=settings,
-            device=args.device,
-            limit_train=args.limit_train,
-            limit_test=args.limit_test,
-            conv_source=args.conv_source,
-            num_workers=args.num_workers,
-            probes=args.probes,
-            baselines=args.baselines,
             log=log,
+            **{name: getattr(args, name) for name in PASSED_ON},
         )
     except ConfigError as err:
         print(f"dim-evaluate: error: {err}", file=sys.stderr)
