@@ -2,7 +2,7 @@
 
     L = -alpha * I_global - beta * mean_ij I_local + gamma * E[KL(N(mu, sigma^2) || N(0, I))]
 
-Where each estimator draws its negatives (the design card fixes this):
+Where each estimator draws its negatives (set by the estimator; no other setting changes it):
 
 - ``jsd``: local negatives. One random derangement of the device batch pairs every
   code with another image of the same batch; nothing crosses devices.

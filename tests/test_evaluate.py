@@ -387,7 +387,7 @@ def test_wandb_logging_joins_the_training_run(tmp_path, monkeypatch):
     assert len(active.logged) == 1
 
 
-# ------------------------------------------------------ issue 9: fair baselines, MLP, conv grid
+# ------------------------------------------ fair random-init baseline, MLP probe, conv grid view
 
 
 def test_mlp_probe_solves_what_a_linear_probe_cannot():
