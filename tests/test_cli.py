@@ -5,18 +5,11 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from train_helpers import PY, ROOT, env
+from train_helpers import PY, ROOT, run
 
 
 def _pretrain(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PY, str(ROOT / "pretrain.py"), *args],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run([PY, str(ROOT / "pretrain.py"), *args], timeout=120)
 
 
 def test_help_lists_keys_with_defaults():

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from train_helpers import PY, ROOT, TINY, env, pretrain_cmd, run, write_shards
+from train_helpers import PY, TINY, pretrain_cmd, run, write_shards
 from wandb_log import history, records, run_files
 
 import pipeline  # noqa: F401  registers this project's backbones with timm (where it does)
 from pipeline.config import Config
 from pipeline.encoder import DIMEncoder
 from pipeline.export import EXPORT_DIR, export_encoder, find_export, load_encoder
+from pipeline.model import build_model
 
 # timm-native backbones (a CNN; a ViT, whose img_size goes into config.json's model_args),
 # and one this project registers (loads through timm only after `import pipeline`)
@@ -27,12 +28,8 @@ BACKBONES = ["test_resnet", "test_vit", "dim_conv32"]
 
 def _config(backbone: str) -> Config:
     cfg = Config()
-    cfg.model.backbone, cfg.model.img_size, cfg.model.fc_dim, cfg.model.code_dim = (
-        backbone,
-        32,
-        16,
-        8,
-    )
+    m = cfg.model
+    m.backbone, m.img_size, m.fc_dim, m.code_dim = backbone, 32, 16, 8
     return cfg
 
 
@@ -40,22 +37,15 @@ def _export(backbone: str, folder: Path, seed: int = 0) -> DIMEncoder:
     from pipeline.card import render_card
 
     cfg = _config(backbone)
-    m = cfg.model
     torch.manual_seed(seed)
-    encoder = DIMEncoder(
-        m.backbone,
-        code_dim=m.code_dim,
-        fc_dim=m.fc_dim,
-        local_layer=m.local_layer,
-        img_size=m.img_size,
-    ).eval()
+    encoder = build_model(cfg).encoder.eval()
     with torch.no_grad():  # BatchNorm statistics that are not the defaults, so a lost buffer shows
         for mod in encoder.modules():
             if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
                 mod.running_mean.uniform_(-0.5, 0.5)
                 mod.running_var.uniform_(0.5, 2.0)
     card = render_card(cfg.to_dict(), step=7, samples_seen=56, world_size=1, location=str(folder))
-    export_encoder(encoder, folder, dataclasses.asdict(m), card=card)
+    export_encoder(encoder, folder, dataclasses.asdict(cfg.model), card=card)
     return encoder
 
 
@@ -167,6 +157,15 @@ def test_card_table_has_a_column_per_probe_that_ran():
     assert "| pixels | pixels | 90.00% | - | 80.00% |" in block
 
 
+def _evaluate_args(checkpoint: Path, shards: str, train: int, test: int, *extra: str) -> list[str]:
+    """dim-evaluate on ``train`` / ``test`` samples of the same tiny shards."""
+    return [
+        *("--checkpoint", str(checkpoint), "--train-shards", shards, "--test-shards", shards),
+        *("--batch-size", "32", "--knn-k", "5", "--limit-train", str(train)),
+        *("--limit-test", str(test), *extra),
+    ]
+
+
 def test_evaluate_writes_its_table_into_the_card(tmp_path):
     """Run twice: the card holds the latest table, once, and the rest of the card stays."""
     from huggingface_hub import ModelCard
@@ -177,24 +176,7 @@ def test_evaluate_writes_its_table_into_the_card(tmp_path):
     shards = write_shards(tmp_path / "shards", n=96, per_shard=48)
     run_dir = tmp_path / "run"
     _export("test_resnet", run_dir / EXPORT_DIR)
-    args = [
-        "--checkpoint",
-        str(run_dir),
-        "--train-shards",
-        shards,
-        "--test-shards",
-        shards,
-        "--batch-size",
-        "32",
-        "--knn-k",
-        "5",
-        "--limit-train",
-        "64",
-        "--limit-test",
-        "32",
-        "--json",
-        str(tmp_path / "eval.json"),
-    ]
+    args = _evaluate_args(run_dir, shards, 64, 32, "--json", str(tmp_path / "eval.json"))
     assert main(args) == 0
     assert main(args) == 0
     text = (run_dir / EXPORT_DIR / "README.md").read_text()
@@ -211,19 +193,8 @@ def test_evaluate_writes_its_table_into_the_card(tmp_path):
 
 
 def _cli(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
-    e = env()
-    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
-        e.pop(key, None)
-    e.update(extra_env)
-    return subprocess.run(
-        [PY, "-m", "pipeline.hub", *args],
-        check=False,
-        cwd=ROOT,
-        env=e,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    no_token = dict.fromkeys(("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"))
+    return run([PY, "-m", "pipeline.hub", *args], timeout=120, env_update=no_token | extra_env)
 
 
 def test_dim_export_dry_run_lists_what_would_be_uploaded(tmp_path):
@@ -348,34 +319,7 @@ def test_run_exports_a_timm_folder_and_logs_it_as_a_wandb_artifact(tmp_path, mon
     }
     assert len(arts) >= 2  # the checkpoint exports at steps 2 and 4, then the final one
     # evaluate --wandb on the export joins the same W&B run (a second .wandb file of that id)
-    shown = subprocess.run(
-        [
-            PY,
-            "-m",
-            "pipeline.evaluate",
-            "--checkpoint",
-            str(folder),
-            "--train-shards",
-            shards,
-            "--test-shards",
-            shards,
-            "--batch-size",
-            "32",
-            "--knn-k",
-            "5",
-            "--limit-train",
-            "48",
-            "--limit-test",
-            "16",
-            "--wandb",
-        ],
-        check=False,
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    shown = run([PY, "-m", "pipeline.evaluate", *_evaluate_args(folder, shards, 48, 16, "--wandb")])
     assert shown.returncode == 0, shown.stderr[-3000:]
     files = run_files(out)
     assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)

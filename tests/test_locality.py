@@ -9,6 +9,7 @@ import torch
 import pipeline  # noqa: F401  (registers the backbones)
 from pipeline.config import load_config
 from pipeline.encoder import DIMEncoder
+from pipeline.model import build_model
 from pipeline.receptive import gradient_extent
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -88,13 +89,5 @@ def test_whole_image_field_is_reported_as_such():
 @pytest.mark.parametrize("config", ["cifar10_cpu.yaml", "cifar10_gpu.yaml", "digits.yaml"])
 def test_shipped_configs_have_local_maps_that_see_a_fraction_of_the_image(config):
     cfg = load_config(CONFIGS / config)
-    m = cfg.model
-    encoder = DIMEncoder(
-        m.backbone,
-        local_layer=m.local_layer,
-        img_size=m.img_size,
-        code_dim=m.code_dim,
-        fc_dim=m.fc_dim,
-        backbone_kwargs=m.backbone_kwargs,
-    )
-    assert encoder.receptive_field(m.img_size) <= m.img_size // 2
+    encoder = build_model(cfg).encoder
+    assert encoder.receptive_field(cfg.model.img_size) <= cfg.model.img_size // 2

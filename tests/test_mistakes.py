@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-from train_helpers import PY, ROOT, TINY, env, metrics, pretrain_cmd, write_shards
+from train_helpers import PY, ROOT, TINY, metrics, pretrain_cmd, run, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,7 @@ def shards(tmp_path_factory) -> str:
 def pretrain(
     *args: str, cwd: Path = ROOT, timeout: float = 300, extra_env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        pretrain_cmd(*TINY, *args),
-        cwd=cwd,
-        env={**env(), **(extra_env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run(pretrain_cmd(*TINY, *args), timeout, cwd=cwd, env_update=extra_env)
 
 
 def one_line_error(proc: subprocess.CompletedProcess, code: int, *words: str) -> str:
@@ -258,17 +251,7 @@ def test_rerun_finished_changed_and_longer(shards, tmp_path):
 
     other = pretrain(*args, "train.max_steps=6", "model.backbone=resnet10t")
     one_line_error(other, 2, "model.backbone: 'test_resnet' -> 'resnet10t'", "--force-config")
-    forced = subprocess.run(
-        [
-            *pretrain_cmd(*TINY, *args, "train.max_steps=8", "model.backbone=resnet10t"),
-            "--force-config",
-        ],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    forced = pretrain(*args, "train.max_steps=8", "model.backbone=resnet10t", "--force-config")
     one_line_error(forced, 2, "does not fit the configured model")
     assert (out / "config.yaml").read_bytes() == saved_config
 
@@ -281,16 +264,8 @@ def test_rerun_finished_changed_and_longer(shards, tmp_path):
 
 
 def _report(*args: str) -> subprocess.CompletedProcess:
-    e = {**env(), "HOME": "/nonexistent"}
-    e.pop("WANDB_MODE")
-    return subprocess.run(
-        [PY, "-m", "pipeline.report", *args],
-        cwd=ROOT,
-        env=e,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    no_key = {"HOME": "/nonexistent", "WANDB_MODE": None}
+    return run([PY, "-m", "pipeline.report", *args], timeout=120, env_update=no_key)
 
 
 @pytest.mark.parametrize(
@@ -302,14 +277,14 @@ def _report(*args: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_dim_report_mistakes_are_one_line(tmp_path, case, words):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "wandb_id.txt").write_text("abc123\n")
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "mi/global/jsd": 0.1}) + "\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "wandb_id.txt").write_text("abc123\n")
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "mi/global/jsd": 0.1}) + "\n")
     args = {
         "missing": ["--dry-run", "--metrics", str(tmp_path / "nope.jsonl")],
-        "folder": ["--dry-run", "--metrics", str(run)],
-        "no_key": [str(run)],
+        "folder": ["--dry-run", "--metrics", str(run_dir)],
+        "no_key": [str(run_dir)],
     }[case]
     proc = _report(*args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -318,12 +293,12 @@ def test_dim_report_mistakes_are_one_line(tmp_path, case, words):
 
 
 def test_dim_report_reads_a_run_folder(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "wandb_id.txt").write_text("abc123\n")
-    (run / "config.yaml").write_text("wandb:\n  project: myproj\n")
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "mi/global/jsd": 0.1}) + "\n")
-    proc = _report(str(run), "--dry-run")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "wandb_id.txt").write_text("abc123\n")
+    (run_dir / "config.yaml").write_text("wandb:\n  project: myproj\n")
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "mi/global/jsd": 0.1}) + "\n")
+    proc = _report(str(run_dir), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     structure = json.loads(proc.stdout)
     assert structure["project"] == "myproj"

@@ -70,8 +70,22 @@ def pretrain_cmd(*overrides: str, launcher: list[str] | None = None) -> list[str
     return [*head, str(ROOT / "pretrain.py"), *overrides]
 
 
-def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+def run(
+    cmd: list[str],
+    timeout: float = 300,
+    *,
+    cwd: Path = ROOT,
+    env_update: dict[str, str | None] | None = None,
+) -> subprocess.CompletedProcess:
+    """``cmd`` in the test environment (``env_update``: variables set, or removed where
+    None), output captured; printed when it fails, so pytest shows it."""
+    e = env()
+    for key, value in (env_update or {}).items():
+        if value is None:
+            e.pop(key, None)
+        else:
+            e[key] = value
+    proc = subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         print(proc.stdout[-4000:], proc.stderr[-8000:], sep="\n")
     return proc
