@@ -160,7 +160,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-5
     warmup_steps: int = 100
-    optimizer: str = "adamw"  # adamw | lars
+    optimizer: str = "adamw"  # adamw | lars (timm's; trust ratio on the decayed weights)
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (the DIM paper: 0.5, 0.999)
     grad_clip: float = 1.0  # max grad norm; 0 disables
     grad_accum: int = 1
@@ -176,6 +176,11 @@ class TrainConfig:
 
     def __post_init__(self):
         _choice("train", "optimizer", self.optimizer, OPTIMIZERS)
+        if self.optimizer == "lars" and self.weight_decay == 0:
+            raise ConfigError(
+                "train.optimizer=lars needs train.weight_decay > 0: timm's Lars adapts the "
+                "rate of decayed weights only, so with 0 it would be plain momentum SGD"
+            )
         _choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _bounds(
             self,
