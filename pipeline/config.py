@@ -71,7 +71,7 @@ class LossConfig:
     estimator: str = "infonce"  # jsd | dv | infonce
     global_critic: str = "dot"  # concat | dot | none (no global MI term)
     global_input: str = "pooled"  # what the global critic pairs with z: pooled (the local
-    # map's spatial mean) | mu (the code's mean, the DIM authors' "zz")
+    # map's spatial mean) | mu (the code's mean; with concat, the old "zz")
     local_critic: str = "dot"  # concat | dot | none
     alpha: float = 0.5  # weight of the global MI term
     beta: float = 1.0  # weight of the mean local MI term

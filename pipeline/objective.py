@@ -144,9 +144,9 @@ def _pooled_local_map(out: EncoderOutput) -> torch.Tensor:
     return out.local.mean(dim=(2, 3))
 
 
-# loss.global_input. "mu": the code's mean stands in for the image (the DIM authors'
-# weight sharing); mu rather than a second copy of z, because I(z; z) is infinite while
-# I(mu(x); z) is the I(x; z) the encoder controls. "pooled": the local map's spatial mean.
+# loss.global_input. "mu": the code's mean stands in for the image; mu rather than a
+# second copy of z, because I(z; z) is infinite while I(mu(x); z) is the I(x; z) the
+# encoder controls. "pooled": the local map's spatial mean.
 GLOBAL_INPUTS = {
     "mu": GlobalInput(lambda channels, code_dim: code_dim, _code_mean),
     "pooled": GlobalInput(lambda channels, code_dim: channels, _pooled_local_map),
