@@ -32,6 +32,7 @@ __all__ = [
     "CONV_SOURCES",
     "VIEWS",
     "conv_grid",
+    "eval_mode",
     "extract_features",
     "recalibrate_batchnorm",
     "unwrap_encoder",
@@ -122,8 +123,9 @@ def recalibrate_batchnorm(
 
 
 @contextmanager
-def _eval_mode(modules: Iterable[nn.Module]):
-    modules = list(modules)
+def eval_mode(*modules: nn.Module):
+    """The modules in eval mode inside the block; each gets back its own train/eval
+    state on leaving, so a probe or an evaluation can run in the middle of training."""
     states = [m.training for m in modules]
     try:
         for m in modules:
@@ -158,7 +160,7 @@ def extract_features(
     if pixels:
         parts[PIXELS] = {}
     labels: list[torch.Tensor] = []
-    with _eval_mode(encoders.values()):
+    with eval_mode(*encoders.values()):
         for batch in _first(batches, limit):
             images, y = batch["image"], batch["label"]
             x = images.to(device, non_blocking=True).float()

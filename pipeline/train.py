@@ -249,18 +249,16 @@ def bar_fields(row: dict) -> dict[str, str]:
 
 
 def run_probe(model, accelerator, cfg: Config) -> dict[str, float]:
-    """The online probe (pipeline.probe), main process only, if it is available."""
+    """The online probe (pipeline.probe) on the encoder in eval mode, if it is available."""
     try:
         from .probe import online_probe
     except ImportError:
         return {}
+    from .features import eval_mode
+
     encoder = accelerator.unwrap_model(model).encoder
-    was_training = encoder.training
-    encoder.eval()
-    try:
+    with eval_mode(encoder):
         return online_probe(encoder, cfg, accelerator.device)
-    finally:
-        encoder.train(was_training)
 
 
 def plot(output_dir: Path) -> None:
