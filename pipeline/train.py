@@ -22,9 +22,11 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from .config import Config, describe, load_config, save_config
 from .errors import ConfigError
+from .preflight import preflight
 
 __all__ = ["main", "parse_args", "train"]
 
@@ -66,7 +68,52 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     return load_config(args.config, args.overrides), args.force_config
 
 
-# ------------------------------------------------------------------ set-up helpers
+# ------------------------------------------------------------------ the outline
+
+
+def train(cfg: Config, force_config: bool = False) -> int:
+    """Train (resuming if a checkpoint exists); returns the last step reached.
+
+    Nothing is written into ``train.output_dir`` until the whole input has been checked:
+    the config, the folder, the shards, the backbone, the folder's saved config and the
+    first batch of data. A run that is complete says so and returns.
+    """
+    preflight(cfg)  # before any set-up: a wrong path is reported in a blink
+    tc, stop, accelerator = cfg.train, StopFlag(), make_accelerator(cfg)
+    if not cfg.data.train_shards:
+        use_default_data(accelerator, cfg)
+    state = inspect_output_dir(accelerator, cfg, force_config)
+    if state.complete(tc.max_steps) and state.exported:
+        return end_complete_run(accelerator, cfg, state)
+    finishing = state.complete(tc.max_steps)  # trained, killed before the export: export only
+    batches = contextlib.nullcontext() if finishing else open_batches(accelerator, cfg, state, stop)
+    prepare_output_dir(accelerator, cfg)
+    model = build_seeded_model(cfg)
+    report_receptive_field(accelerator, model.encoder, cfg)
+    model, optimizer, scheduler = prepare_training(accelerator, model, tc)
+    recast_batchnorm_for_deepspeed(accelerator, model)
+    restore_or_seed(accelerator, cfg, state)
+    save_run_config(accelerator, cfg)  # after the restore: a misfit never replaces the saved one
+    train_step = TrainStep(accelerator, cfg, model, optimizer, scheduler)
+    tracker = open_tracker(accelerator, cfg, state.step)  # also when only the export is left
+    with batches, Progress(accelerator, tc, state, hidden=finishing) as progress:
+        while progress.step < tc.max_steps:
+            result = train_step(batches, progress.step)
+            progress.advance()
+            vote = agree(accelerator, stop.raised, result.skipped, result.sums)
+            raise_if_nonfinite(vote.means, progress.step)
+            if log_due(tc, progress.step) or probe_due(accelerator, cfg, progress.step):
+                row = log_row(vote, train_step.lr(), result.grad_norm, progress)
+                progress.log(row | probe_if_due(accelerator, model, cfg, progress.step), tracker)
+            progress.bar.update(1)
+            if vote.stopping or save_due(tc, progress.step):
+                save(accelerator, model, cfg, progress, tracker, checkpoint_tag(vote, progress, tc))
+            if vote.stopping:
+                break
+    return finish(accelerator, model, cfg, progress, tracker)
+
+
+# ------------------------------------------------------------------ set-up
 
 
 class StopFlag:
@@ -131,29 +178,6 @@ def make_accelerator(cfg: Config):
     return accelerator
 
 
-def deepspeed_half(accelerator, model):
-    """Autocast for DeepSpeed bf16/fp16, whose engine casts the weights but neither the
-    inputs nor the BatchNorm running statistics; the statistics are cast here to match.
-
-    (Under DDP, accelerate's ``prepare`` already wraps the forward in autocast.)
-    """
-    import torch
-
-    plugin = accelerator.state.deepspeed_plugin
-    ds = plugin.deepspeed_config if plugin is not None else {}
-    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        if ds.get(key, {}).get("enabled") is True:
-            for m in accelerator.unwrap_model(model).modules():
-                if (
-                    isinstance(m, torch.nn.modules.batchnorm._NormBase)
-                    and m.running_mean is not None
-                ):
-                    m.running_mean.data = m.running_mean.data.to(dtype)
-                    m.running_var.data = m.running_var.data.to(dtype)
-            return torch.autocast(accelerator.device.type, dtype=dtype)
-    return contextlib.nullcontext()
-
-
 def use_default_data(accelerator, cfg: Config) -> None:
     """The embedded default data: digits written as shards on first use (main first).
 
@@ -169,6 +193,114 @@ def use_default_data(accelerator, cfg: Config) -> None:
     val_manifest = train_manifest.parent / "val.json"
     if not cfg.data.val_shards and val_manifest.is_file():
         cfg.data.val_shards = str(val_manifest)
+
+
+def inspect_output_dir(accelerator, cfg: Config, force_config: bool):
+    """What ``train.output_dir`` already holds (``run_folder.RunState``), read-only; a
+    folder of another configuration is refused unless forced, and forcing is announced."""
+    from .export import EXPORT_CONFIG, EXPORT_DIR
+    from .run_folder import inspect_run
+
+    out = Path(cfg.train.output_dir)
+    state = inspect_run(
+        out,
+        cfg.to_dict(),
+        Config().to_dict(),
+        force=force_config,
+        export_marker=f"{EXPORT_DIR}/{EXPORT_CONFIG}",
+    )
+    if state.changed:
+        accelerator.print(f"--force-config: continuing {out} with {'; '.join(state.changed)}")
+    return state
+
+
+def end_complete_run(accelerator, cfg: Config, state) -> int:
+    """A run already trained to ``train.max_steps`` and exported: say so, end, return its step."""
+    accelerator.print(
+        f"{Path(cfg.train.output_dir)} is complete: trained to step {state.step} "
+        f"(train.max_steps={cfg.train.max_steps}) and exported; raise "
+        f"train.max_steps to train further"
+    )
+    accelerator.end_training()
+    return state.step
+
+
+class TrainBatches:
+    """The endless training stream, read with ``next()``.
+
+    It starts again at the end of an epoch, and is read with the stop signals blocked
+    (``StopFlag.shielded_children``), since reading may start loader workers. As a
+    context manager it stops the workers on leaving.
+    """
+
+    def __init__(self, loader, stop: StopFlag):
+        self.loader, self.stop = loader, stop
+        self.batches = iter(loader)
+        self.pending: list[dict] = []
+
+    def __next__(self) -> dict:
+        if self.pending:
+            return self.pending.pop()
+        with self.stop.shielded_children():
+            try:
+                return next(self.batches)
+            except StopIteration:  # the end of an epoch: start the stream again
+                self.batches = iter(self.loader)
+                return next(self.batches)
+
+    def __enter__(self) -> TrainBatches:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loader.close()
+
+
+def open_batches(accelerator, cfg: Config, state, stop: StopFlag) -> TrainBatches:
+    """This rank's training stream, with its first batch already read: unusable data
+    stops the run here, before anything is written."""
+    from .data import train_loader
+
+    # A resampled stream cannot be rewound; reseeding with seed + step gives a resumed
+    # run fresh, reproducible data instead of replaying the first batches.
+    loader = train_loader(
+        cfg.data,
+        batch_size=cfg.train.batch_size,
+        img_size=cfg.model.img_size,
+        in_chans=cfg.model.in_chans,
+        seed=cfg.train.seed + state.step,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
+    atexit.register(loader.close)  # also on an exception: no worker left to wait for
+    batches = TrainBatches(loader, stop)
+    batches.pending.append(next(batches))
+    return batches
+
+
+def prepare_output_dir(accelerator, cfg: Config) -> None:
+    """Collective: the main process creates ``train.output_dir`` and removes what a killed
+    run left half-written (a checkpoint, an export)."""
+    from .checkpoint import clean_partial
+    from .export import EXPORT_DIR, remove_partial_export
+
+    out = Path(cfg.train.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_partial(out)
+        remove_partial_export(out / EXPORT_DIR)
+    accelerator.wait_for_everyone()
+
+
+def build_seeded_model(cfg: Config):
+    """The DIM model from ``train.seed`` (identical initial weights on every rank), laid
+    out for speed (``speed.prepare_model``: channels_last, compile)."""
+    from accelerate.utils import set_seed
+
+    from .model import build_model
+    from .speed import prepare_model
+
+    set_seed(cfg.train.seed)
+    return prepare_model(build_model(cfg), cfg.train)
 
 
 def report_receptive_field(accelerator, encoder, cfg: Config) -> None:
@@ -192,6 +324,359 @@ def report_receptive_field(accelerator, encoder, cfg: Config) -> None:
             f"{size} px input ({rf} px receptive field): local MI will not be local; "
             f"use an earlier stage or a small-image backbone (dim_conv32, resnet18_cifar)",
             stacklevel=2,
+        )
+
+
+def prepare_training(accelerator, model, tc):
+    """(model, optimizer, scheduler), built from ``train.*`` and wrapped by accelerate
+    (DDP or the DeepSpeed engine)."""
+    from .optim import build_optimizer, build_scheduler
+
+    optimizer = build_optimizer(model, tc)
+    scheduler = build_scheduler(optimizer, tc)
+    return accelerator.prepare(model, optimizer, scheduler)
+
+
+def deepspeed_half_dtype(accelerator):
+    """The dtype DeepSpeed's ``bf16`` / ``fp16`` setting trains in, or None (no DeepSpeed,
+    or full precision)."""
+    import torch
+
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config if plugin is not None else {}
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if ds.get(key, {}).get("enabled") is True:
+            return dtype
+    return None
+
+
+def recast_batchnorm_for_deepspeed(accelerator, model) -> None:
+    """Under DeepSpeed bf16/fp16, cast the BatchNorm running statistics to the weights'
+    dtype: the engine casts the weights but not these buffers. Nothing otherwise."""
+    import torch
+
+    dtype = deepspeed_half_dtype(accelerator)
+    if dtype is None:
+        return
+    for m in accelerator.unwrap_model(model).modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.running_mean is not None:
+            m.running_mean.data = m.running_mean.data.to(dtype)
+            m.running_var.data = m.running_var.data.to(dtype)
+
+
+def deepspeed_autocast(accelerator):
+    """Autocast for DeepSpeed bf16/fp16, whose engine does not cast the inputs; a null
+    context otherwise (under DDP, accelerate's ``prepare`` already wraps the forward)."""
+    import torch
+
+    dtype = deepspeed_half_dtype(accelerator)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(accelerator.device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------ resume
+
+
+def load_run(accelerator, ckpt: Path) -> dict:
+    """Restore a checkpoint; one line when it does not fit the configured model."""
+    from .checkpoint import load_checkpoint
+
+    try:
+        return load_checkpoint(accelerator, ckpt)  # restores RNG states as well
+    except RuntimeError as err:  # e.g. "size mismatch for ...", "Missing key(s) ..."
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
+        if len(detail) > 300:
+            detail = detail[:300].rsplit(", ", 1)[0] + ", ..."
+        raise ConfigError(
+            f"checkpoint {ckpt} does not fit the configured model ({detail}); "
+            f"start a new run with another train.output_dir"
+        ) from None
+
+
+def restore_or_seed(accelerator, cfg: Config, state) -> None:
+    """Where the random state starts: the latest checkpoint (weights, optimizer, RNG
+    states) when the folder has one, else ``train.seed`` made per-rank, so that noise,
+    augmentations and negatives differ between ranks."""
+    from accelerate.utils import set_seed
+
+    if state.checkpoint is not None:
+        load_run(accelerator, state.checkpoint)
+        accelerator.print(f"resumed from {state.checkpoint} at step {state.step}")
+    else:
+        set_seed(cfg.train.seed, device_specific=True)
+
+
+def save_run_config(accelerator, cfg: Config) -> None:
+    """The main process writes the resolved config into ``train.output_dir``."""
+    from .run_folder import CONFIG_FILE
+
+    if accelerator.is_main_process:
+        save_config(cfg, Path(cfg.train.output_dir) / CONFIG_FILE)
+
+
+# ------------------------------------------------------------------ the step
+
+
+@dataclasses.dataclass
+class StepResult:
+    """This rank's part of one step: the loss terms averaged over the micro-batches, the
+    loader's skipped-sample count, and the gradient norm before clipping."""
+
+    sums: dict
+    skipped: int
+    grad_norm: float | None
+
+
+class TrainStep:
+    """One optimizer step: ``train.grad_accum`` micro-batches, each moved to the device,
+    augmented and run forward and backward; gradients clipped, then the optimizer and
+    the schedule stepped. Made with the model in train mode."""
+
+    def __init__(self, accelerator, cfg: Config, model, optimizer, scheduler):
+        from .batch_augment import build_batch_augment
+
+        self.accelerator, self.tc = accelerator, cfg.train
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.autocast = deepspeed_autocast(accelerator)
+        # Random crops, jitter and the second view on the step's device, drawn from
+        # (seed, rank, step): a resumed run augments step k as the first run did.
+        self.augment = build_batch_augment(
+            cfg.data,
+            img_size=cfg.model.img_size,
+            seed=cfg.train.seed,
+            rank=accelerator.process_index,
+        )
+        model.train()  # the probe leaves it so as well
+
+    def lr(self) -> float:
+        """The rate the next step will use."""
+        return self.scheduler.get_last_lr()[0]
+
+    def views(self, batch: dict, step: int, micro: int):
+        """(images, second view or None) on the device, augmented, in the step's layout."""
+        from .speed import prepare_input
+
+        device = self.accelerator.device
+        images = batch["image"].to(device, non_blocking=True)
+        images2 = batch.get("image2")
+        images2 = images2.to(device, non_blocking=True) if images2 is not None else None
+        if self.augment is not None:
+            images, *second = self.augment(images, step, micro)
+            images2 = second[0] if second else None
+        return prepare_input(images, self.tc), prepare_input(images2, self.tc)
+
+    def __call__(self, batches: TrainBatches, step: int) -> StepResult:
+        accelerator, tc = self.accelerator, self.tc
+        sums: dict = {}
+        skipped, grad_norm = 0, None
+        for micro in range(tc.grad_accum):
+            batch = next(batches)
+            images, images2 = self.views(batch, step, micro)
+            skipped = int(batch.get("skipped", 0))
+            with accelerator.accumulate(self.model):
+                with self.autocast:
+                    loss, terms = self.model(images, images2)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(self.params, tc.grad_clip or math.inf)
+                self.optimizer.step()  # a no-op until the last micro-batch of the step
+                if accelerator.sync_gradients:
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum
+        return StepResult(sums, skipped, grad_norm)
+
+
+class Vote(NamedTuple):
+    """What every rank agrees on after a step."""
+
+    stopping: bool  # some rank got a stop signal
+    skipped: int  # skipped samples, all ranks
+    means: dict[str, float]  # the loss terms, averaged over ranks
+
+
+def agree(accelerator, stop: bool, skipped: int, sums: dict) -> Vote:
+    """The one all-reduce of a step. Every rank gets the same answers, so all stop at the
+    same step, and all see a NaN or inf that any rank's terms hold."""
+    import torch
+
+    keys = sorted(sums)
+    flags = torch.tensor([float(stop), float(skipped)], device=accelerator.device)
+    vec = torch.cat([flags, torch.stack([sums[k].detach().float() for k in keys])])
+    world = accelerator.num_processes
+    vec = accelerator.reduce(vec, reduction="sum") if world > 1 else vec
+    flag, skipped_total, *values = vec.tolist()
+    means = {k: v / world for k, v in zip(keys, values, strict=True)}
+    return Vote(flag > 0, int(skipped_total), means)
+
+
+def raise_if_nonfinite(means: dict[str, float], step: int) -> None:
+    """NonFiniteLoss naming the step and the terms that are NaN or infinite."""
+    bad = [k for k, v in means.items() if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteLoss(
+            f"non-finite loss at step {step}: {', '.join(bad)} "
+            f"({', '.join(f'{k}={means[k]}' for k in bad)})"
+        )
+
+
+# ------------------------------------------------------------------ logging
+
+
+def open_tracker(accelerator, cfg: Config, step: int):
+    """metrics.jsonl and W&B (``tracking.Tracker``) on the main process, None elsewhere."""
+    from .tracking import Tracker
+
+    if not accelerator.is_main_process:
+        return None
+    return Tracker(Path(cfg.train.output_dir), cfg.wandb, cfg.to_dict(), resume_step=step)
+
+
+class Progress:
+    """Where the run is (step, samples seen), its throughput since the last logged row,
+    and the progress bar (main process). As a context manager, warnings print above the
+    bar rather than through it, and the bar closes on leaving."""
+
+    def __init__(self, accelerator, tc, state, *, hidden: bool):
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self.step, self.samples_seen = state.step, state.samples_seen
+        self.world = accelerator.num_processes
+        self.per_step = tc.batch_size * tc.grad_accum  # samples per process
+        self.bar = tqdm(
+            total=tc.max_steps,
+            initial=state.step,
+            disable=not accelerator.is_main_process or hidden,
+            dynamic_ncols=True,
+            unit="step",
+        )
+        self.redirect = logging_redirect_tqdm()
+        self.since, self.steps = time.perf_counter(), 0
+
+    def __enter__(self) -> Progress:
+        self.redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.redirect.__exit__(*exc)
+        self.bar.close()
+
+    def advance(self) -> None:
+        """One optimizer step done."""
+        self.step += 1
+        self.samples_seen += self.per_step * self.world
+        self.steps += 1
+
+    def samples_per_s(self) -> float:
+        """Samples per second of this process since the last logged row."""
+        return self.per_step * self.steps / max(time.perf_counter() - self.since, 1e-9)
+
+    def log(self, row: dict, tracker) -> None:
+        """The row to the tracker and the bar (main process); the throughput window
+        starts again."""
+        if tracker:
+            tracker.log(row, self.step)
+            self.bar.set_postfix(bar_fields(row), refresh=False)
+        self.since, self.steps = time.perf_counter(), 0
+
+
+def log_due(tc, step: int) -> bool:
+    return step % tc.log_every == 0 or step == tc.max_steps
+
+
+def probe_due(accelerator, cfg: Config, step: int) -> bool:
+    """The online probe runs every ``train.eval_every`` steps, on the main process, when
+    there is labelled validation data."""
+    every = cfg.train.eval_every
+    return bool(
+        accelerator.is_main_process and every > 0 and step % every == 0 and cfg.data.val_shards
+    )
+
+
+def log_row(vote: Vote, lr: float, grad_norm, progress: Progress) -> dict:
+    """One metrics.jsonl / W&B row: the mean terms, the rate, throughput and counts."""
+    per_proc = progress.samples_per_s()
+    return {
+        **vote.means,
+        "lr": lr,
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "samples_per_s": per_proc,
+        "samples_per_s_total": per_proc * progress.world,
+        "data/skipped": vote.skipped,
+        "samples_seen": progress.samples_seen,
+        "world_size": progress.world,
+    }
+
+
+def bar_fields(row: dict) -> dict[str, str]:
+    """What the progress bar shows: loss, images/s over all ranks, the MI estimates."""
+    fields = {"loss": f"{row['loss']:.3f}", "img/s": f"{row['samples_per_s_total']:.0f}"}
+    fields.update(
+        {k.removeprefix("mi/"): f"{v:.3f}" for k, v in row.items() if k.startswith("mi/")}
+    )
+    return fields
+
+
+def probe_if_due(accelerator, model, cfg: Config, step: int) -> dict[str, float]:
+    """The online probe's accuracies (pipeline.probe, the encoder in eval mode) when
+    ``probe_due``, else nothing."""
+    if not probe_due(accelerator, cfg, step):
+        return {}
+    try:
+        from .probe import online_probe
+    except ImportError:
+        return {}
+    from .features import eval_mode
+
+    encoder = accelerator.unwrap_model(model).encoder
+    with eval_mode(encoder):
+        return online_probe(encoder, cfg, accelerator.device)
+
+
+# ------------------------------------------------------------------ saving
+
+
+def save_due(tc, step: int) -> bool:
+    return step % tc.save_every == 0 or step == tc.max_steps
+
+
+def checkpoint_tag(vote: Vote, progress: Progress, tc) -> str:
+    """Why this checkpoint is written: ``preempted``, ``final`` or ``periodic``."""
+    if vote.stopping:
+        return "preempted"
+    return "final" if progress.step == tc.max_steps else "periodic"
+
+
+def save(accelerator, model, cfg: Config, progress: Progress, tracker, tag: str) -> None:
+    """Collective: a checkpoint of this step, and with ``train.export_checkpoints`` an
+    export beside it."""
+    from .checkpoint import save_checkpoint
+    from .export import EXPORT_DIR
+
+    meta = {
+        "samples_seen": progress.samples_seen,
+        "world_size": accelerator.num_processes,
+        "tag": tag,
+        "wandb_id": tracker.run_id if tracker else None,
+    }
+    out = Path(cfg.train.output_dir)
+    path = save_checkpoint(accelerator, out, progress.step, meta, cfg.train.keep_last)
+    if accelerator.is_main_process:
+        progress.bar.write(f"saved {path}")
+    if cfg.train.export_checkpoints:
+        export(
+            accelerator,
+            model,
+            cfg,
+            path / EXPORT_DIR,
+            step=progress.step,
+            samples_seen=progress.samples_seen,
+            tracker=tracker,
         )
 
 
@@ -222,43 +707,7 @@ def export(
     return folder
 
 
-def load_run(accelerator, ckpt: Path) -> dict:
-    """Restore a checkpoint; one line when it does not fit the configured model."""
-    from .checkpoint import load_checkpoint
-
-    try:
-        return load_checkpoint(accelerator, ckpt)  # restores RNG states as well
-    except RuntimeError as err:  # e.g. "size mismatch for ...", "Missing key(s) ..."
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
-        if len(detail) > 300:
-            detail = detail[:300].rsplit(", ", 1)[0] + ", ..."
-        raise ConfigError(
-            f"checkpoint {ckpt} does not fit the configured model ({detail}); "
-            f"start a new run with another train.output_dir"
-        ) from None
-
-
-def bar_fields(row: dict) -> dict[str, str]:
-    """What the progress bar shows: loss, images/s over all ranks, the MI estimates."""
-    fields = {"loss": f"{row['loss']:.3f}", "img/s": f"{row['samples_per_s_total']:.0f}"}
-    fields.update(
-        {k.removeprefix("mi/"): f"{v:.3f}" for k, v in row.items() if k.startswith("mi/")}
-    )
-    return fields
-
-
-def run_probe(model, accelerator, cfg: Config) -> dict[str, float]:
-    """The online probe (pipeline.probe) on the encoder in eval mode, if it is available."""
-    try:
-        from .probe import online_probe
-    except ImportError:
-        return {}
-    from .features import eval_mode
-
-    encoder = accelerator.unwrap_model(model).encoder
-    with eval_mode(encoder):
-        return online_probe(encoder, cfg, accelerator.device)
+# ------------------------------------------------------------------ finishing
 
 
 def plot(output_dir: Path) -> None:
@@ -269,254 +718,28 @@ def plot(output_dir: Path) -> None:
     plot_metrics(output_dir / "metrics.jsonl", output_dir / "metrics.png")
 
 
-# ------------------------------------------------------------------ the loop
+def finish(accelerator, model, cfg: Config, progress: Progress, tracker) -> int:
+    """The end of a run: the final export and plots when ``train.max_steps`` is reached,
+    else (a stop signal) how to resume; then the tracker and the accelerator are closed.
+    Returns the step reached."""
+    from .export import EXPORT_DIR
 
-
-def agree(accelerator, step: int, stop: bool, skipped: int, sums: dict) -> tuple[bool, int, dict]:
-    """The one all-reduce of a step: (anyone stopping, total skipped, mean terms).
-
-    Every rank gets the same answers, so all stop at the same step; a NaN or inf in any
-    rank's terms shows up in the sum and stops every rank with the step and term named.
-    """
-    import torch
-
-    keys = sorted(sums)
-    flags = torch.tensor([float(stop), float(skipped)], device=accelerator.device)
-    vec = torch.cat([flags, torch.stack([sums[k].detach().float() for k in keys])])
-    world = accelerator.num_processes
-    vec = accelerator.reduce(vec, reduction="sum") if world > 1 else vec
-    flag, skipped_total, *values = vec.tolist()
-    means = {k: v / world for k, v in zip(keys, values, strict=True)}
-    bad = [k for k, v in means.items() if not math.isfinite(v)]
-    if bad:
-        raise NonFiniteLoss(
-            f"non-finite loss at step {step}: {', '.join(bad)} "
-            f"({', '.join(f'{k}={means[k]}' for k in bad)})"
-        )
-    return flag > 0, int(skipped_total), means
-
-
-def train(cfg: Config, force_config: bool = False) -> int:
-    """Train (resuming if a checkpoint exists); returns the last step reached.
-
-    Nothing is written into ``train.output_dir`` until the whole input has been checked:
-    the config, the folder, the shards, the backbone, the folder's saved config and the
-    first batch of data. A run that is complete says so and returns.
-    """
-    from .preflight import preflight
-
-    preflight(cfg)  # before the heavy imports: a wrong path is reported in a blink
-    import torch
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from .batch_augment import build_batch_augment
-    from .checkpoint import clean_partial, save_checkpoint
-    from .data import train_loader
-    from .export import EXPORT_CONFIG, EXPORT_DIR, remove_partial_export
-    from .model import build_model
-    from .optim import build_optimizer, build_scheduler
-    from .run_folder import CONFIG_FILE, inspect_run
-    from .speed import prepare_input, prepare_model
-    from .tracking import Tracker
-
-    stop = StopFlag()
-    accelerator = make_accelerator(cfg)
-    tc, out = cfg.train, Path(cfg.train.output_dir)
-    world, main = accelerator.num_processes, accelerator.is_main_process
-    if not cfg.data.train_shards:
-        use_default_data(accelerator, cfg)
-    state = inspect_run(
-        out,
-        cfg.to_dict(),
-        Config().to_dict(),
-        force=force_config,
-        export_marker=f"{EXPORT_DIR}/{EXPORT_CONFIG}",
-    )
-    if state.complete(tc.max_steps) and state.exported:
-        accelerator.print(
-            f"{out} is complete: trained to step {state.step} "
-            f"(train.max_steps={tc.max_steps}) and exported; raise "
-            f"train.max_steps to train further"
-        )
-        accelerator.end_training()
-        return state.step
-    if state.changed:
-        accelerator.print(f"--force-config: continuing {out} with {'; '.join(state.changed)}")
-    finishing = state.complete(tc.max_steps)  # trained, killed before the export: export only
-    step, samples_seen = state.step, state.samples_seen
-
-    loader = batches = None
-    pending: list[dict] = []
-
-    def next_batch():
-        nonlocal batches
-        if pending:
-            return pending.pop()
-        with stop.shielded_children():
-            try:
-                return next(batches)
-            except StopIteration:  # the end of an epoch: start the stream again
-                batches = iter(loader)
-                return next(batches)
-
-    if not finishing:
-        # A resampled stream cannot be rewound; reseeding with seed + step gives a resumed
-        # run fresh, reproducible data instead of replaying the first batches.
-        loader = train_loader(
-            cfg.data,
-            batch_size=tc.batch_size,
-            img_size=cfg.model.img_size,
-            in_chans=cfg.model.in_chans,
-            seed=tc.seed + step,
-            rank=accelerator.process_index,
-            world_size=world,
-        )
-        atexit.register(loader.close)  # also on an exception: no worker left to wait for
-        batches = iter(loader)
-        pending.append(next_batch())  # unusable data stops here, before anything is written
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        clean_partial(out)
-        remove_partial_export(out / EXPORT_DIR)
-    accelerator.wait_for_everyone()
-
-    set_seed(tc.seed)  # identical initial weights on every rank
-    model = prepare_model(build_model(cfg), tc)  # channels_last, compile
-    report_receptive_field(accelerator, model.encoder, cfg)
-    optimizer = build_optimizer(model, tc)
-    scheduler = build_scheduler(optimizer, tc)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    autocast = deepspeed_half(accelerator, model)
-    if state.checkpoint is not None:
-        load_run(accelerator, state.checkpoint)
-        accelerator.print(f"resumed from {state.checkpoint} at step {step}")
-    else:
-        set_seed(tc.seed, device_specific=True)  # per-rank noise, augmentations, negatives
-    if main:  # only now: a config that does not fit the checkpoint never replaces its own
-        save_config(cfg, out / CONFIG_FILE)
-
-    # Random crops, jitter and the second view on the step's device, drawn from
-    # (seed, rank, step): a resumed run augments step k as the first run did.
-    augment = build_batch_augment(
-        cfg.data, img_size=cfg.model.img_size, seed=tc.seed, rank=accelerator.process_index
-    )
-    tracker = Tracker(out, cfg.wandb, cfg.to_dict(), resume_step=step) if main else None  # (also
-    # when only the export is left: it is logged as a model artifact of the same run)
-    params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(
-        total=tc.max_steps,
-        initial=step,
-        disable=not main or finishing,
-        dynamic_ncols=True,
-        unit="step",
-    )
-    redirect = logging_redirect_tqdm()  # warnings print above the bar, not through it
-    redirect.__enter__()
-    window = {"t": time.perf_counter(), "steps": 0}
-    model.train()
-
-    def save(tag: str) -> None:
-        meta = {
-            "samples_seen": samples_seen,
-            "world_size": world,
-            "tag": tag,
-            "wandb_id": tracker.run_id if tracker else None,
-        }
-        path = save_checkpoint(accelerator, out, step, meta, tc.keep_last)
-        if main:
-            bar.write(f"saved {path}")
-        if tc.export_checkpoints:
-            export(
-                accelerator,
-                model,
-                cfg,
-                path / EXPORT_DIR,
-                step=step,
-                samples_seen=samples_seen,
-                tracker=tracker,
-            )
-
-    while step < tc.max_steps:
-        sums: dict[str, torch.Tensor] = {}
-        skipped, grad_norm = 0, None
-        for micro in range(tc.grad_accum):
-            batch = next_batch()
-            images = batch["image"].to(accelerator.device, non_blocking=True)
-            images2 = batch.get("image2")
-            images2 = (
-                images2.to(accelerator.device, non_blocking=True) if images2 is not None else None
-            )
-            if augment is not None:
-                images, *second = augment(images, step, micro)
-                images2 = second[0] if second else None
-            images, images2 = prepare_input(images, tc), prepare_input(images2, tc)
-            skipped = int(batch.get("skipped", 0))
-            with accelerator.accumulate(model):
-                with autocast:
-                    loss, terms = model(images, images2)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, tc.grad_clip or math.inf)
-                optimizer.step()  # a no-op until the last micro-batch of the step
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum
-        step += 1
-        samples_seen += tc.batch_size * tc.grad_accum * world
-        window["steps"] += 1
-
-        stopping, skipped_total, terms_mean = agree(accelerator, step, stop.raised, skipped, sums)
-        probe_now = main and tc.eval_every > 0 and step % tc.eval_every == 0 and cfg.data.val_shards
-        if step % tc.log_every == 0 or step == tc.max_steps or probe_now:
-            elapsed = time.perf_counter() - window["t"]
-            per_proc = tc.batch_size * tc.grad_accum * window["steps"] / max(elapsed, 1e-9)
-            row = {
-                **terms_mean,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "samples_per_s": per_proc,
-                "samples_per_s_total": per_proc * world,
-                "data/skipped": skipped_total,
-                "samples_seen": samples_seen,
-                "world_size": world,
-            }
-            if probe_now:
-                row.update(run_probe(model, accelerator, cfg))
-            if tracker:
-                tracker.log(row, step)
-                bar.set_postfix(bar_fields(row), refresh=False)
-            window = {"t": time.perf_counter(), "steps": 0}
-        bar.update(1)
-
-        if stopping:
-            save("preempted")
-            accelerator.print(f"stop signal: saved at step {step}; run again to resume")
-            break
-        if step % tc.save_every == 0 or step == tc.max_steps:
-            save("final" if step == tc.max_steps else "periodic")
-
-    redirect.__exit__(None, None, None)
-    bar.close()
-    if loader is not None:
-        loader.close()
-    if step >= tc.max_steps:
+    out, step = Path(cfg.train.output_dir), progress.step
+    if step >= cfg.train.max_steps:
         path = export(
             accelerator,
             model,
             cfg,
             out / EXPORT_DIR,
             step=step,
-            samples_seen=samples_seen,
+            samples_seen=progress.samples_seen,
             tracker=tracker,
         )
-        if main:
+        if accelerator.is_main_process:
             plot(out)
         accelerator.print(f"exported the encoder to {path}")
+    else:
+        accelerator.print(f"stop signal: saved at step {step}; run again to resume")
     if tracker:
         tracker.close()
     accelerator.end_training()

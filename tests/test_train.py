@@ -6,12 +6,14 @@ Each run is a subprocess, as a user would start it; the model is tiny (test_resn
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from train_helpers import (
@@ -270,3 +272,67 @@ def test_run_with_loader_workers_exits(shards, tmp_path, extra, code):
         timeout=120,
     )
     assert proc.returncode == code
+
+
+# The loop's helpers, in process: each does the one thing its name says.
+
+
+def _accelerator(ds_config: dict | None = None):
+    import torch
+
+    plugin = None if ds_config is None else SimpleNamespace(deepspeed_config=ds_config)
+    return SimpleNamespace(
+        device=torch.device("cpu"),
+        num_processes=1,
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+        unwrap_model=lambda m: m,
+    )
+
+
+def test_agree_reports_nan_and_raise_if_nonfinite_names_step_and_terms():
+    """`agree` only reduces (a NaN term comes back, not raised); the check names the step
+    and just the non-finite terms. Catches the check folded back into the reduction, or
+    naming a finite term."""
+    import torch
+
+    from pipeline.train import NonFiniteLoss, agree, raise_if_nonfinite
+
+    sums = {"loss": torch.tensor(float("nan")), "loss/kl": torch.tensor(0.5)}
+    vote = agree(_accelerator(), True, 3, sums)
+    assert vote.stopping and vote.skipped == 3 and vote.means["loss/kl"] == 0.5
+    with pytest.raises(NonFiniteLoss, match=r"at step 7: loss \(loss=nan\)$"):
+        raise_if_nonfinite(vote.means, 7)
+    raise_if_nonfinite({"loss": 1.0}, 7)  # finite: nothing
+
+
+def test_deepspeed_half_recast_and_autocast_are_separate():
+    """Under DeepSpeed bf16 the BatchNorm statistics are cast by the recast alone, and the
+    autocast helper casts nothing; without DeepSpeed neither does anything."""
+    import torch
+
+    from pipeline.train import deepspeed_autocast, recast_batchnorm_for_deepspeed
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    bf16 = _accelerator({"bf16": {"enabled": True}})
+    assert isinstance(deepspeed_autocast(bf16), torch.autocast)
+    assert model[1].running_mean.dtype == torch.float32  # the autocast helper left it alone
+    recast_batchnorm_for_deepspeed(_accelerator(), model)
+    assert model[1].running_var.dtype == torch.float32
+    assert isinstance(deepspeed_autocast(_accelerator()), contextlib.nullcontext)
+    recast_batchnorm_for_deepspeed(bf16, model)
+    assert model[1].running_mean.dtype == model[1].running_var.dtype == torch.bfloat16
+    assert model[0].weight.dtype == torch.float32  # weights are the engine's business
+
+
+def test_eval_mode_restores_each_module_own_state():
+    """Inside: every module in eval mode. After, also after an error: each back in its
+    own mode (catches restoring all to train, or not restoring on an exception)."""
+    import torch
+
+    from pipeline.features import eval_mode
+
+    training, evaluating = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1).eval()
+    with pytest.raises(KeyError), eval_mode(training, evaluating):
+        assert not training.training and not evaluating.training
+        raise KeyError
+    assert training.training and not evaluating.training
