@@ -248,6 +248,10 @@ class TrainBatches:
                 self.batches = iter(self.loader)
                 return next(self.batches)
 
+    def read_first(self) -> None:
+        """Read the first batch now (it is the first one ``next()`` returns)."""
+        self.pending.append(next(self))
+
     def __enter__(self) -> TrainBatches:
         return self
 
@@ -273,7 +277,7 @@ def open_batches(accelerator, cfg: Config, state, stop: StopFlag) -> TrainBatche
     )
     atexit.register(loader.close)  # also on an exception: no worker left to wait for
     batches = TrainBatches(loader, stop)
-    batches.pending.append(next(batches))
+    batches.read_first()
     return batches
 
 
