@@ -1,6 +1,6 @@
 """DeepSpeed with bf16 on CPU: two gloo ranks through accelerate, ZeRO-2, bf16 weights.
 
-DeepSpeed's CPU accelerator runs bf16 (docs: ../shared/ENVIRONMENT.md), so this is a real
+DeepSpeed's CPU accelerator runs bf16 (its ``is_bf16_supported()`` is true), so this is a real
 run, not an expected error. (ZeRO-2 without mixed precision, and resuming, are pinned in
 test_train.py; the ZeRO-3 refusal in test_mistakes.py.)
 """
