@@ -14,21 +14,25 @@ from .config import load_config
 from .digits import digits_tensor
 from .model import build_model
 
-POOL = 512  # digits the batches are drawn from
 LR = 1e-3
-LOG_EVERY = 20
 SEED = 0
 
 
 def run_objective(
-    overrides: list[str], steps: int = 200, batch: int = 64
+    overrides: list[str],
+    steps: int = 200,
+    batch: int = 64,
+    *,
+    pool: int = 512,
+    log_every: int = 20,
+    verbose: bool = True,
 ) -> list[dict[str, float]]:
-    """Train encoder + critics on ``POOL`` digits for ``steps`` steps; print and return
-    the log."""
+    """Train encoder + critics on ``pool`` digits for ``steps`` steps; return the log
+    (a row every ``log_every`` steps, printed with ``verbose``)."""
     torch.manual_seed(SEED)
     cfg = load_config(None, overrides)
     model = build_model(cfg)
-    images, _ = digits_tensor(cfg.model.img_size, limit=POOL)
+    images, _ = digits_tensor(cfg.model.img_size, limit=pool)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     gen = torch.Generator().manual_seed(SEED)
     history = []
@@ -37,11 +41,14 @@ def run_objective(
         x = images[idx]
         x = x + 0.05 * torch.randn(x.shape, generator=gen)  # a light augmentation
         loss, terms = model(x, generator=gen)
-        if step % LOG_EVERY == 0 or step == steps:
+        if step % log_every == 0 or step == steps:
             row = {"step": step, **{k: float(v) for k, v in terms.items()}}
             history.append(row)
-            mi = "  ".join(f"{k}={v:+.3f}" for k, v in row.items() if k.startswith("mi/"))
-            print(f"step {step:4d}  loss={row['loss']:+.3f}  {mi}  kl={row['kl']:.2f}", flush=True)
+            if verbose:
+                mi = "  ".join(f"{k}={v:+.3f}" for k, v in row.items() if k.startswith("mi/"))
+                print(
+                    f"step {step:4d}  loss={row['loss']:+.3f}  {mi}  kl={row['kl']:.2f}", flush=True
+                )
         if step < steps:
             opt.zero_grad(set_to_none=True)
             loss.backward()

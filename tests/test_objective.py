@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from pipeline import demo
 from pipeline.config import ConfigError, load_config
+from pipeline.demo import run_objective
 from pipeline.encoder import DIMEncoder
 from pipeline.model import build_model
 
@@ -111,12 +111,9 @@ def test_the_second_views_local_map_enters_the_loss():
         ("jsd", 300, 0.08),  # JSD lives in [0, log 2] and learns from one negative per positive
     ],
 )
-def test_training_on_digits_raises_the_mi_estimates(estimator, steps, margin, monkeypatch):
-    # Critic widths pinned: the test is about the estimators, not the (narrow) defaults;
-    # the demo's pool and log period as the margins were set with.
-    monkeypatch.setattr(demo, "POOL", 256)
-    monkeypatch.setattr(demo, "LOG_EVERY", 10)
-    log = demo.run_objective(
+def test_training_on_digits_raises_the_mi_estimates(estimator, steps, margin):
+    # Critic widths pinned: the test is about the estimators, not the (narrow) defaults.
+    log = run_objective(
         [
             f"loss.estimator={estimator}",
             "model.backbone=test_resnet",
@@ -125,6 +122,9 @@ def test_training_on_digits_raises_the_mi_estimates(estimator, steps, margin, mo
         ],
         steps=steps,
         batch=32,
+        pool=256,
+        log_every=10,
+        verbose=False,
     )
     for scope in ("global", "local"):
         key = f"mi/{scope}/{estimator}"
