@@ -12,6 +12,7 @@ checkpoint has the step and sample count of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -19,6 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from train_helpers import ACCELERATE_LAUNCH, ROOT, TINY, env, metrics, pretrain_cmd, write_shards
 
@@ -60,6 +62,22 @@ def _saving(out: Path) -> list[str]:
         return []
 
 
+def _kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher's process group and every process below it, as a scheduler
+    ending the job would. torch's elastic launcher starts each rank in a session of its
+    own, so the group kill alone leaves the ranks running (waiting for each other)."""
+    try:
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        ranks = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in ranks:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    proc.wait()
+    psutil.wait_procs(ranks, timeout=30)
+
+
 def _kill_when(cmd: list[str], out: Path, trigger, timeout: float = 240) -> tuple[str, int | None]:
     """Start ``cmd``, SIGKILL its process group once ``trigger()`` is true; returns
     (what the kill hit, the exit code if the run ended by itself first)."""
@@ -71,8 +89,7 @@ def _kill_when(cmd: list[str], out: Path, trigger, timeout: float = 240) -> tupl
         while proc.poll() is None and time.time() < deadline:
             hit = trigger()
             if hit:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                _kill_job(proc)
                 # the save had not finished if its temporary folder outlived the process
                 return (
                     "save"
@@ -83,7 +100,7 @@ def _kill_when(cmd: list[str], out: Path, trigger, timeout: float = 240) -> tupl
                 ), None
             time.sleep(0.001)
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_job(proc)
             raise TimeoutError(f"no trigger within {timeout} s")
         return "none", proc.returncode
 
