@@ -8,6 +8,10 @@ A "step" is one optimizer step (``train.grad_accum`` micro-batches). Once per st
 ranks all-reduce one small vector: the stop flag (SIGTERM / SIGUSR1), the loss terms
 and the skipped-sample count, so every rank agrees on when to stop, a NaN anywhere stops
 all of them with the step and the term named, and the log holds cross-rank means.
+
+This module holds the outline of a run (``train``) with its set-up, resume, saving and
+finishing; the step and the cross-rank vote are in ``pipeline.step``, logging and the
+progress bar in ``pipeline.progress``.
 """
 
 from __future__ import annotations
@@ -16,17 +20,23 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
-import math
 import os
 import signal
 import sys
-import time
 from pathlib import Path
-from typing import NamedTuple
 
 from .config import Config, describe, load_config, save_config
 from .errors import ConfigError
 from .preflight import preflight
+from .progress import Progress, log_due, log_row, open_tracker, probe_due, probe_if_due
+from .step import (
+    NonFiniteLoss,
+    TrainStep,
+    Vote,
+    agree,
+    raise_if_nonfinite,
+    recast_batchnorm_for_deepspeed,
+)
 
 __all__ = ["main", "parse_args", "train"]
 
@@ -37,10 +47,6 @@ dotted overrides. Launch with `accelerate launch [--config_file launch/X.yaml] p
 for several processes. A run resumes from the latest checkpoint in train.output_dir;
 a folder holding a run of another configuration is refused (see --force-config).
 """
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss or one of its terms became NaN or infinite."""
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
@@ -341,44 +347,6 @@ def prepare_training(accelerator, model, tc):
     return accelerator.prepare(model, optimizer, scheduler)
 
 
-def deepspeed_half_dtype(accelerator):
-    """The dtype DeepSpeed's ``bf16`` / ``fp16`` setting trains in, or None (no DeepSpeed,
-    or full precision)."""
-    import torch
-
-    plugin = accelerator.state.deepspeed_plugin
-    ds = plugin.deepspeed_config if plugin is not None else {}
-    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        if ds.get(key, {}).get("enabled") is True:
-            return dtype
-    return None
-
-
-def recast_batchnorm_for_deepspeed(accelerator, model) -> None:
-    """Under DeepSpeed bf16/fp16, cast the BatchNorm running statistics to the weights'
-    dtype: the engine casts the weights but not these buffers. Nothing otherwise."""
-    import torch
-
-    dtype = deepspeed_half_dtype(accelerator)
-    if dtype is None:
-        return
-    for m in accelerator.unwrap_model(model).modules():
-        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.running_mean is not None:
-            m.running_mean.data = m.running_mean.data.to(dtype)
-            m.running_var.data = m.running_var.data.to(dtype)
-
-
-def deepspeed_autocast(accelerator):
-    """Autocast for DeepSpeed bf16/fp16, whose engine does not cast the inputs; a null
-    context otherwise (under DDP, accelerate's ``prepare`` already wraps the forward)."""
-    import torch
-
-    dtype = deepspeed_half_dtype(accelerator)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(accelerator.device.type, dtype=dtype)
-
-
 # ------------------------------------------------------------------ resume
 
 
@@ -418,228 +386,6 @@ def save_run_config(accelerator, cfg: Config) -> None:
 
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.train.output_dir) / CONFIG_FILE)
-
-
-# ------------------------------------------------------------------ the step
-
-
-@dataclasses.dataclass
-class StepResult:
-    """This rank's part of one step: the loss terms averaged over the micro-batches, the
-    loader's skipped-sample count, and the gradient norm before clipping."""
-
-    sums: dict
-    skipped: int
-    grad_norm: float | None
-
-
-class TrainStep:
-    """One optimizer step: ``train.grad_accum`` micro-batches, each moved to the device,
-    augmented and run forward and backward; gradients clipped, then the optimizer and
-    the schedule stepped. Made with the model in train mode."""
-
-    def __init__(self, accelerator, cfg: Config, model, optimizer, scheduler):
-        from .batch_augment import build_batch_augment
-
-        self.accelerator, self.tc = accelerator, cfg.train
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.autocast = deepspeed_autocast(accelerator)
-        # Random crops, jitter and the second view on the step's device, drawn from
-        # (seed, rank, step): a resumed run augments step k as the first run did.
-        self.augment = build_batch_augment(
-            cfg.data,
-            img_size=cfg.model.img_size,
-            seed=cfg.train.seed,
-            rank=accelerator.process_index,
-        )
-        model.train()  # the probe leaves it so as well
-
-    def lr(self) -> float:
-        """The rate the next step will use."""
-        return self.scheduler.get_last_lr()[0]
-
-    def views(self, batch: dict, step: int, micro: int):
-        """(images, second view or None) on the device, augmented, in the step's layout."""
-        from .speed import prepare_input
-
-        device = self.accelerator.device
-        images = batch["image"].to(device, non_blocking=True)
-        images2 = batch.get("image2")
-        images2 = images2.to(device, non_blocking=True) if images2 is not None else None
-        if self.augment is not None:
-            images, *second = self.augment(images, step, micro)
-            images2 = second[0] if second else None
-        return prepare_input(images, self.tc), prepare_input(images2, self.tc)
-
-    def __call__(self, batches: TrainBatches, step: int) -> StepResult:
-        accelerator, tc = self.accelerator, self.tc
-        sums: dict = {}
-        skipped, grad_norm = 0, None
-        for micro in range(tc.grad_accum):
-            batch = next(batches)
-            images, images2 = self.views(batch, step, micro)
-            skipped = int(batch.get("skipped", 0))
-            with accelerator.accumulate(self.model):
-                with self.autocast:
-                    loss, terms = self.model(images, images2)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(self.params, tc.grad_clip or math.inf)
-                self.optimizer.step()  # a no-op until the last micro-batch of the step
-                if accelerator.sync_gradients:
-                    self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum
-        return StepResult(sums, skipped, grad_norm)
-
-
-class Vote(NamedTuple):
-    """What every rank agrees on after a step."""
-
-    stopping: bool  # some rank got a stop signal
-    skipped: int  # skipped samples, all ranks
-    means: dict[str, float]  # the loss terms, averaged over ranks
-
-
-def agree(accelerator, stop: bool, skipped: int, sums: dict) -> Vote:
-    """The one all-reduce of a step. Every rank gets the same answers, so all stop at the
-    same step, and all see a NaN or inf that any rank's terms hold."""
-    import torch
-
-    keys = sorted(sums)
-    flags = torch.tensor([float(stop), float(skipped)], device=accelerator.device)
-    vec = torch.cat([flags, torch.stack([sums[k].detach().float() for k in keys])])
-    world = accelerator.num_processes
-    vec = accelerator.reduce(vec, reduction="sum") if world > 1 else vec
-    flag, skipped_total, *values = vec.tolist()
-    means = {k: v / world for k, v in zip(keys, values, strict=True)}
-    return Vote(flag > 0, int(skipped_total), means)
-
-
-def raise_if_nonfinite(means: dict[str, float], step: int) -> None:
-    """NonFiniteLoss naming the step and the terms that are NaN or infinite."""
-    bad = [k for k, v in means.items() if not math.isfinite(v)]
-    if bad:
-        raise NonFiniteLoss(
-            f"non-finite loss at step {step}: {', '.join(bad)} "
-            f"({', '.join(f'{k}={means[k]}' for k in bad)})"
-        )
-
-
-# ------------------------------------------------------------------ logging
-
-
-def open_tracker(accelerator, cfg: Config, step: int):
-    """metrics.jsonl and W&B (``tracking.Tracker``) on the main process, None elsewhere."""
-    from .tracking import Tracker
-
-    if not accelerator.is_main_process:
-        return None
-    return Tracker(Path(cfg.train.output_dir), cfg.wandb, cfg.to_dict(), resume_step=step)
-
-
-class Progress:
-    """Where the run is (step, samples seen), its throughput since the last logged row,
-    and the progress bar (main process). As a context manager, warnings print above the
-    bar rather than through it, and the bar closes on leaving."""
-
-    def __init__(self, accelerator, tc, state, *, hidden: bool):
-        from tqdm.auto import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        self.step, self.samples_seen = state.step, state.samples_seen
-        self.world = accelerator.num_processes
-        self.per_step = tc.batch_size * tc.grad_accum  # samples per process
-        self.bar = tqdm(
-            total=tc.max_steps,
-            initial=state.step,
-            disable=not accelerator.is_main_process or hidden,
-            dynamic_ncols=True,
-            unit="step",
-        )
-        self.redirect = logging_redirect_tqdm()
-        self.since, self.steps = time.perf_counter(), 0
-
-    def __enter__(self) -> Progress:
-        self.redirect.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.redirect.__exit__(*exc)
-        self.bar.close()
-
-    def advance(self) -> None:
-        """One optimizer step done."""
-        self.step += 1
-        self.samples_seen += self.per_step * self.world
-        self.steps += 1
-
-    def samples_per_s(self) -> float:
-        """Samples per second of this process since the last logged row."""
-        return self.per_step * self.steps / max(time.perf_counter() - self.since, 1e-9)
-
-    def log(self, row: dict, tracker) -> None:
-        """The row to the tracker and the bar (main process); the throughput window
-        starts again."""
-        if tracker:
-            tracker.log(row, self.step)
-            self.bar.set_postfix(bar_fields(row), refresh=False)
-        self.since, self.steps = time.perf_counter(), 0
-
-
-def log_due(tc, step: int) -> bool:
-    return step % tc.log_every == 0 or step == tc.max_steps
-
-
-def probe_due(accelerator, cfg: Config, step: int) -> bool:
-    """The online probe runs every ``train.eval_every`` steps, on the main process, when
-    there is labelled validation data."""
-    every = cfg.train.eval_every
-    return bool(
-        accelerator.is_main_process and every > 0 and step % every == 0 and cfg.data.val_shards
-    )
-
-
-def log_row(vote: Vote, lr: float, grad_norm, progress: Progress) -> dict:
-    """One metrics.jsonl / W&B row: the mean terms, the rate, throughput and counts."""
-    per_proc = progress.samples_per_s()
-    return {
-        **vote.means,
-        "lr": lr,
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "samples_per_s": per_proc,
-        "samples_per_s_total": per_proc * progress.world,
-        "data/skipped": vote.skipped,
-        "samples_seen": progress.samples_seen,
-        "world_size": progress.world,
-    }
-
-
-def bar_fields(row: dict) -> dict[str, str]:
-    """What the progress bar shows: loss, images/s over all ranks, the MI estimates."""
-    fields = {"loss": f"{row['loss']:.3f}", "img/s": f"{row['samples_per_s_total']:.0f}"}
-    fields.update(
-        {k.removeprefix("mi/"): f"{v:.3f}" for k, v in row.items() if k.startswith("mi/")}
-    )
-    return fields
-
-
-def probe_if_due(accelerator, model, cfg: Config, step: int) -> dict[str, float]:
-    """The online probe's accuracies (pipeline.probe, the encoder in eval mode) when
-    ``probe_due``, else nothing."""
-    if not probe_due(accelerator, cfg, step):
-        return {}
-    try:
-        from .probe import online_probe
-    except ImportError:
-        return {}
-    from .features import eval_mode
-
-    encoder = accelerator.unwrap_model(model).encoder
-    with eval_mode(encoder):
-        return online_probe(encoder, cfg, accelerator.device)
 
 
 # ------------------------------------------------------------------ saving

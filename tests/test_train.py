@@ -295,7 +295,7 @@ def test_agree_reports_nan_and_raise_if_nonfinite_names_step_and_terms():
     naming a finite term."""
     import torch
 
-    from pipeline.train import NonFiniteLoss, agree, raise_if_nonfinite
+    from pipeline.step import NonFiniteLoss, agree, raise_if_nonfinite
 
     sums = {"loss": torch.tensor(float("nan")), "loss/kl": torch.tensor(0.5)}
     vote = agree(_accelerator(), True, 3, sums)
@@ -310,7 +310,7 @@ def test_deepspeed_half_recast_and_autocast_are_separate():
     autocast helper casts nothing; without DeepSpeed neither does anything."""
     import torch
 
-    from pipeline.train import deepspeed_autocast, recast_batchnorm_for_deepspeed
+    from pipeline.step import deepspeed_autocast, recast_batchnorm_for_deepspeed
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
     bf16 = _accelerator({"bf16": {"enabled": True}})
