@@ -118,16 +118,10 @@ def bar_fields(row: dict) -> dict[str, str]:
 
 
 def probe_if_due(accelerator, model, cfg: Config, step: int) -> dict[str, float]:
-    """The online probe's accuracies (pipeline.probe, the encoder in eval mode) when
-    ``probe_due``, else nothing."""
+    """The online probe's accuracies (pipeline.probe) when ``probe_due``, else nothing.
+    Its feature extraction puts the encoder in eval mode and back (``features.eval_mode``)."""
     if not probe_due(accelerator, cfg, step):
         return {}
-    try:
-        from .probe import online_probe
-    except ImportError:
-        return {}
-    from .features import eval_mode
+    from .probe import online_probe
 
-    encoder = accelerator.unwrap_model(model).encoder
-    with eval_mode(encoder):
-        return online_probe(encoder, cfg, accelerator.device)
+    return online_probe(accelerator.unwrap_model(model).encoder, cfg, accelerator.device)

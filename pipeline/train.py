@@ -461,11 +461,11 @@ def export(
 
 
 def plot(output_dir: Path) -> None:
-    try:
-        from .plots import plot_metrics
-    except ImportError:
-        return
-    plot_metrics(output_dir / "metrics.jsonl", output_dir / "metrics.png")
+    """metrics.png from the run's metrics.jsonl."""
+    from .plots import plot_metrics
+    from .tracking import METRICS
+
+    plot_metrics(output_dir / METRICS, output_dir / "metrics.png")
 
 
 def finish(accelerator, model, cfg: Config, progress: Progress, tracker) -> int:
