@@ -5,7 +5,8 @@ step, so the same module scores aligned pairs (a_i, b_i), shuffled pairs, and al
 pairs of a batch (or of a batch gathered across devices) without recomputing the
 embeddings. ``a`` is the image side (features of x, or a second view of its code),
 ``b`` is the code z. Local critics take a map (N, C, H, W) on the image side and score
-each of its H*W locations; embeddings are then (N, L, D) with L = H*W.
+each of its H*W locations, with the critic's linear layers applied to the map as 1x1
+convolutions (no transposed copy of the map, forward or backward).
 
 - ``ConcatCritic``: an MLP on the concatenation [a, b] (1x1 convolutions when local).
   Its first linear layer is split as W [a; b] = W_a a + W_b b, so all-pairs scoring adds
@@ -23,17 +24,22 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
     from .config import LossConfig
 
-__all__ = ["CRITICS", "ConcatCritic", "Critic", "DotCritic", "flatten_map"]
+__all__ = ["CRITICS", "ConcatCritic", "Critic", "DotCritic", "per_location"]
 
 
-def flatten_map(a: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) feature map -> (N, H*W, C) location vectors."""
-    return a.flatten(2).transpose(1, 2)
+def per_location(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear`` on vectors (N, C) -> (N, D), or on every location of a map
+    (N, C, H, W) -> (N, D, H, W) as a 1x1 convolution: the same weights, but the map
+    stays in its own layout, where flattening it to (N*H*W, C) rows would copy it."""
+    if x.dim() == 2:
+        return linear(x)
+    return F.conv2d(x, linear.weight[:, :, None, None], linear.bias)
 
 
 class Critic(nn.Module):
@@ -79,12 +85,20 @@ class _ResidualMLP(nn.Module):
         self.shortcut = nn.Linear(in_dim, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.shortcut(x)
-        return out if self.block is None else self.block(x) + out
+        """(N, in) -> (N, out), or (N, in, H, W) -> (N, out, H, W) location by location."""
+        out = per_location(self.shortcut, x)
+        if self.block is None:
+            return out
+        first, relu, second = self.block
+        return per_location(second, relu(per_location(first, x))) + out
 
 
 class DotCritic(Critic):
-    """T(a, b) = f(a) . g(b) / sqrt(dim); f and g are residual MLPs (1x1 convs if local)."""
+    """T(a, b) = f(a) . g(b) / sqrt(dim); f and g are residual MLPs (1x1 convs if local).
+
+    Local embeddings of the image side are (N, dim, L); the 1 / sqrt(dim) scale goes on
+    the code's embedding, N vectors instead of N * L.
+    """
 
     def __init__(
         self, a_dim: int, b_dim: int, dim: int = 256, hidden: int = 512, local: bool = False
@@ -100,19 +114,21 @@ class DotCritic(Critic):
         return cls(a_dim, b_dim, cfg.critic_dim, cfg.critic_hidden, local=local)
 
     def embed_a(self, a: torch.Tensor) -> torch.Tensor:
-        return self.f(flatten_map(a) if self.local else a) * self.scale
+        """(N, dim), or (N, dim, L) for a map."""
+        e = self.f(a)
+        return e.flatten(2) if self.local else e
 
     def embed_b(self, b: torch.Tensor) -> torch.Tensor:
-        return self.g(b)
+        return self.g(b) * self.scale
 
     def aligned(self, ea: torch.Tensor, eb: torch.Tensor) -> torch.Tensor:
         if self.local:
-            return torch.einsum("nld,nd->nl", ea, eb)
+            return torch.einsum("ndl,nd->nl", ea, eb)
         return (ea * eb).sum(-1)
 
     def pairwise(self, ea: torch.Tensor, eb: torch.Tensor) -> torch.Tensor:
         if self.local:
-            return torch.einsum("jld,id->ijl", ea, eb)
+            return torch.einsum("jdl,id->ijl", ea, eb)
         return eb @ ea.t()
 
 
@@ -135,7 +151,9 @@ class ConcatCritic(Critic):
         return cls(a_dim, b_dim, cfg.critic_hidden, local=local)
 
     def embed_a(self, a: torch.Tensor) -> torch.Tensor:
-        return self.first_a(flatten_map(a) if self.local else a)
+        """(N, hidden), or (N, L, hidden) for a map: the rest of the MLP works on the last dim."""
+        e = per_location(self.first_a, a)
+        return e.flatten(2).transpose(1, 2) if self.local else e
 
     def embed_b(self, b: torch.Tensor) -> torch.Tensor:
         return self.first_b(b)

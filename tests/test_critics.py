@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from pipeline.critics import ConcatCritic, DotCritic
+from pipeline.critics import ConcatCritic, DotCritic, per_location
 
 N, A, B, H, W = 5, 6, 4, 2, 3  # batch, image-side width, code width, local map size
 
@@ -43,3 +44,19 @@ def test_aligned_is_the_diagonal_of_pairwise(kind, local):
             alone[:, :, k // W, k % W] = a[:, :, k // W, k % W]
             moved = critic.aligned(critic.embed_a(alone), eb)
             torch.testing.assert_close(moved[:, k], aligned[:, k])
+
+
+def test_per_location_is_the_linear_layer_at_every_location():
+    """A map's embedding is the Linear applied to each location's vector, in either memory
+    layout. Catches: a transposed weight, a lost bias, locations mixed up."""
+    torch.manual_seed(0)
+    linear = nn.Linear(A, 7)
+    a = torch.randn(N, A, H, W)
+    out = per_location(linear, a)
+    assert out.shape == (N, 7, H, W)
+    for y in range(H):
+        for x in range(W):
+            torch.testing.assert_close(out[:, :, y, x], linear(a[:, :, y, x]))
+    nhwc = per_location(linear, a.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(nhwc, out)
+    torch.testing.assert_close(per_location(linear, a[:, :, 0, 0]), linear(a[:, :, 0, 0]))
