@@ -148,12 +148,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="more config overrides (train.compile=true, ...)")
     args = p.parse_args(argv)
     from pipeline.config import load_config
+    from pipeline.speed import keep_freed_memory
 
+    kept = keep_freed_memory(load_config(args.config, args.overrides).train.keep_freed_memory)
     with tempfile.TemporaryDirectory(prefix="dim-bench-") as tmp:
         shards = args.shards or make_shards(args.config, tmp, args.tar)
         print(
             f"{args.config}  augment={args.augment}  threads={torch.get_num_threads()}  "
-            f"load average {os.getloadavg()[0]:.1f}  {' '.join(args.overrides)}"
+            f"keep_freed_memory={kept}  load average {os.getloadavg()[0]:.1f}  "
+            f"{' '.join(args.overrides)}"
         )
         print(
             f"{'augment_on':<11}{'workers':>8}{'batch':>6}{'input img/s':>13}"

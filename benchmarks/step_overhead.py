@@ -9,12 +9,16 @@ loss, forward + backward + AdamW step. Baseline: the same timm backbone's forwar
 Also times the DIM encoder alone (its z.mean() as the loss), to split the overhead
 between the encoder head and the critics + estimators. Prints the fastest step of
 each and their ratios (the target for dot critics is DIM/bare <= 1.15x), in wall time,
-in CPU time and in FLOPs (forward + backward, torch's FLOP counter). Single
+in CPU time and in FLOPs (forward + backward, torch's FLOP counter), and the median
+over rounds of DIM/bare within one round ("paired"; quartiles beside it), which a
+drift of the machine's speed during the run moves least. Single
 process: the cross-device gather is the identity here. "cpu" ratios use the process's
 CPU time (``time.process_time``), which on one thread leaves out the time other jobs
 held the cores: steadier than wall time on a shared machine (GPU steps: use wall).
 ``--views 2``: DIM gets two views of the batch (the encoder runs on 2B images), so the
 baseline runs on 2B too.
+``train.keep_freed_memory`` (on unless overridden to false) is applied as training applies
+it, to all three models alike; it is process-wide, so compare it on and off in two runs.
 ``--compile`` / ``--channels-last``: the ``train.compile`` / ``train.channels_last``
 options, applied to all three models alike (compilation happens in the warm-up steps);
 an eager copy of DIM then alternates with them, for compiled (or NHWC) vs eager.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import time
 
 import torch
@@ -32,7 +37,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.encoder import create_backbone
 from pipeline.model import build_model
-from pipeline.speed import prepare_input, prepare_model
+from pipeline.speed import keep_freed_memory, prepare_input, prepare_model
 
 
 class Stepper:
@@ -71,7 +76,7 @@ def step_flops(model: torch.nn.Module, loss_fn, x: torch.Tensor) -> int:
 
 
 def measure(
-    backbone: str,
+    backbone: str | None,
     size: int,
     batch: int,
     overrides: list[str],
@@ -81,16 +86,19 @@ def measure(
     *,
     config: str | None = None,
     views: int = 1,
-) -> dict[str, float]:
+) -> dict:
     """Fastest step, in seconds, of the bare backbone, the DIM encoder alone and full DIM
-    (and of eager DIM when compile or channels_last is on), plus FLOPs of bare and DIM.
+    (and of eager DIM when compile or channels_last is on), FLOPs of bare and DIM, the
+    quartiles of the per-round DIM/bare ratio, and the backbone (``None``: the config's).
 
     The models alternate step by step and the minimum over steps is kept: on a shared
     machine other processes only ever add time, so the minimum is the least noisy
     estimate of each step's own cost.
     """
     torch.manual_seed(0)
-    cfg = load_config(config, [f"model.backbone={backbone}", f"model.img_size={size}", *overrides])
+    chosen = [f"model.backbone={backbone}"] if backbone else []
+    cfg = load_config(config, [*chosen, f"model.img_size={size}", *overrides])
+    backbone = cfg.model.backbone
     tc = cfg.train
     x = prepare_input(torch.randn(views * batch, cfg.model.in_chans, size, size, device=device), tc)
     bare = create_backbone(backbone, in_chans=cfg.model.in_chans, img_size=size).to(device)
@@ -120,7 +128,10 @@ def measure(
     for i in range(warmup + steps):
         for name, s in steppers.items():
             s.step(plain if name == "eager" else x, record=i >= warmup)
+    paired = [d / b for d, b in zip(steppers["dim"].times, steppers["bare"].times, strict=True)]
     return {
+        "backbone": backbone,
+        "paired": statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3,
         **{name: min(s.times) for name, s in steppers.items()},
         **{f"{name}_cpu": min(s.cpu) for name, s in steppers.items()},
         **flops,
@@ -131,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--backbones", default="resnet18")
+    p.add_argument(
+        "--backbones", default=None, help="comma-separated (default: the config's, else resnet18)"
+    )
     p.add_argument("--sizes", default="32,64")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
@@ -150,18 +163,21 @@ def main(argv: list[str] | None = None) -> None:
     args.overrides += ["train.compile=true"] * args.compile + [
         "train.channels_last=true"
     ] * args.channels_last
+    kept = keep_freed_memory(load_config(args.config, args.overrides).train.keep_freed_memory)
     print(
         f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} "
+        f"keep_freed_memory={kept} "
         f"views={args.views} config={args.config or '(built-in)'} load={os.getloadavg()[0]:.1f} "
         f"overrides={' '.join(args.overrides) or '(defaults: infonce, dot critics)'}"
     )
     optimised = args.compile or args.channels_last
     print(
         f"{'backbone':<20}{'size':>5}{'bare ms':>10}{'encoder ms':>12}{'DIM ms':>10}"
-        f"{'enc/bare':>10}{'DIM/bare':>10}{'cpu':>7}{'flops':>7}"
+        f"{'enc/bare':>10}{'DIM/bare':>10}{'cpu':>7}{'flops':>7}{'paired (q1-q3)':>20}"
         + (f"{'eager DIM ms':>14}{'DIM/eager':>10}{'cpu':>7}" if optimised else "")
     )
-    for backbone in args.backbones.split(","):
+    default = "resnet18" if args.config is None else None
+    for backbone in (args.backbones or default or "").split(","):
         for size in map(int, args.sizes.split(",")):
             t = measure(
                 backbone,
@@ -174,11 +190,13 @@ def main(argv: list[str] | None = None) -> None:
                 config=args.config,
                 views=args.views,
             )
+            q = t["paired"]
             print(
-                f"{backbone:<20}{size:>5}{1e3 * t['bare']:>10.1f}{1e3 * t['encoder']:>12.1f}"
+                f"{t['backbone']:<20}{size:>5}{1e3 * t['bare']:>10.1f}{1e3 * t['encoder']:>12.1f}"
                 f"{1e3 * t['dim']:>10.1f}{t['encoder'] / t['bare']:>10.3f}"
                 f"{t['dim'] / t['bare']:>10.3f}{t['dim_cpu'] / t['bare_cpu']:>7.3f}"
                 f"{t['dim_flops'] / t['bare_flops']:>7.3f}"
+                f"{q[1]:>9.3f} ({q[0]:.3f}-{q[2]:.3f})"
                 + (
                     f"{1e3 * t['eager']:>14.1f}{t['dim'] / t['eager']:>10.3f}"
                     f"{t['dim_cpu'] / t['eager_cpu']:>7.3f}"

@@ -1,6 +1,11 @@
-"""train.compile and train.channels_last change how the step runs, not what it computes."""
+"""train.compile, train.channels_last and train.keep_freed_memory change how the step runs,
+not what it computes."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +78,35 @@ def test_linear_critic_embeddings_train_and_concat_refuses_them():
     assert torch.isfinite(loss) and critic.f.shortcut.weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="critic_hidden=0"):
         load_config(None, ["loss.critic_hidden=0", "loss.local_critic=concat"])
+
+
+RELEASE_PROBE = """
+import sys, psutil, torch
+from pipeline.speed import keep_freed_memory
+applied = keep_freed_memory(sys.argv[1] == "keep")
+process = psutil.Process()
+block = torch.ones(64 * 2**20 // 4)  # 64 MiB, far above glibc's largest default mmap threshold
+held = process.memory_info().rss
+del block
+print(applied, (held - process.memory_info().rss) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_keep_freed_memory_keeps_a_freed_block_in_the_process():
+    """With train.keep_freed_memory glibc keeps a freed 64 MiB block for reuse; without it
+    the block goes back to the OS at once. Catches: a mallopt call that does nothing (wrong
+    parameter number or a threshold glibc refuses), the flag ignored."""
+    released = {}
+    for mode in ("keep", "default"):
+        out = subprocess.run(
+            [sys.executable, "-c", RELEASE_PROBE, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        ).stdout.split()
+        assert out[0] == str(mode == "keep")
+        released[mode] = float(out[1])
+    assert released["default"] > 48, released
+    assert released["keep"] < 16, released
