@@ -29,3 +29,13 @@ def choose(kind: str, name: str, table: Mapping[str, T]) -> T:
         return table[name]
     except KeyError:
         raise unknown(kind, name, table) from None
+
+
+def state_dict_mismatch(err: RuntimeError, limit: int = 300) -> str:
+    """The telling line of torch's ``load_state_dict`` error ("size mismatch for ...",
+    "Missing key(s) ..."), shortened: for a one-line ConfigError instead of the whole dump."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
+    if len(detail) > limit:
+        detail = detail[:limit].rsplit(", ", 1)[0] + ", ..."
+    return detail

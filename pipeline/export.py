@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from .encoder import DIMEncoder, build_encoder
-from .errors import ConfigError
+from .errors import ConfigError, state_dict_mismatch
 from .filemode import share_mode
 
 __all__ = [
@@ -234,7 +234,13 @@ def load_encoder(path: str | Path, map_location: str = "cpu") -> DIMEncoder:
         raise ConfigError(f"incomplete export at {folder}: {', '.join(missing)} missing")
     encoder = build_encoder(meta)
     backbone_file, head_file = (folder / name for name in files)
-    encoder.backbone.load_state_dict(load_file(str(backbone_file), device=map_location))
+    try:
+        encoder.backbone.load_state_dict(load_file(str(backbone_file), device=map_location))
+    except RuntimeError as err:  # weights of another architecture or width
+        raise ConfigError(
+            f"{backbone_file} does not hold the {meta['backbone']!r} backbone its export "
+            f"describes ({state_dict_mismatch(err)})"
+        ) from None
     head = load_file(str(head_file), device=map_location)
     # A head of another width is reported with the key mismatches, not as torch's RuntimeError.
     shapes = {k: v.shape for k, v in encoder.state_dict().items()}

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from .config import Config, describe, load_config, save_config
-from .errors import ConfigError
+from .errors import ConfigError, state_dict_mismatch
 from .preflight import preflight
 from .progress import Progress, log_due, log_row, open_tracker, probe_due, probe_if_due
 from .step import (
@@ -365,12 +365,9 @@ def load_run(accelerator, ckpt: Path) -> dict:
     try:
         return load_checkpoint(accelerator, ckpt)  # restores RNG states as well
     except RuntimeError as err:  # e.g. "size mismatch for ...", "Missing key(s) ..."
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
-        if len(detail) > 300:
-            detail = detail[:300].rsplit(", ", 1)[0] + ", ..."
         raise ConfigError(
-            f"checkpoint {ckpt} does not fit the configured model ({detail}); "
+            f"checkpoint {ckpt} does not fit the configured model "
+            f"({state_dict_mismatch(err)}); "
             f"start a new run with another train.output_dir"
         ) from None
 

@@ -383,3 +383,21 @@ def test_load_encoder_refuses_a_head_that_does_not_fit(tmp_path, change):
     save_file(head, str(folder / "dim_head.safetensors"))
     with pytest.raises(ConfigError, match=r"dim_head\.safetensors does not match 'test_resnet'"):
         load_encoder(folder)
+
+
+def test_load_encoder_refuses_backbone_weights_of_another_architecture(tmp_path):
+    """model.safetensors of another backbone than config.json names: one ConfigError
+    naming the file and the backbone, not torch's RuntimeError with every key listed."""
+    from safetensors.torch import save_file
+
+    from pipeline.errors import ConfigError
+
+    folder = tmp_path / "model"
+    _export("test_resnet", folder)
+    other = DIMEncoder("dim_conv32", code_dim=8, fc_dim=16, img_size=32).backbone.state_dict()
+    save_file(other, str(folder / "model.safetensors"))
+    with pytest.raises(
+        ConfigError, match=r"model\.safetensors does not hold the 'test_resnet'"
+    ) as e:
+        load_encoder(folder)
+    assert len(str(e.value)) < 600
