@@ -256,6 +256,35 @@ def test_grad_accum_lars_bf16(shards, tmp_path):
     assert all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in rows)
 
 
+def test_online_probe_runs_in_the_loop_every_eval_every_steps(shards, tmp_path):
+    """train.eval_every=2: rows 2 and 4 carry probe/knn and probe/linear, accuracies well
+    above chance on digits; rows 1 and 3 carry none, and training goes on after a probe.
+    Catches: the probe not wired into the loop, run on every logged step, scoring at
+    chance (features of the wrong view or labels out of step), or ending the run."""
+    proc = run(
+        pretrain_cmd(
+            *TINY,
+            f"data.train_shards={shards}",
+            f"data.val_shards={shards}",
+            f"train.output_dir={tmp_path}",
+            "train.max_steps=4",
+            "train.log_every=1",
+            "train.eval_every=2",
+        )
+    )
+    assert proc.returncode == 0
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        probed = {k: v for k, v in row.items() if k.startswith("probe/")}
+        if row["step"] % 2:
+            assert probed == {}
+        else:
+            assert set(probed) == {"probe/knn", "probe/linear"}
+            assert all(0.3 < v <= 1.0 for v in probed.values()), probed  # chance is 0.1
+    assert all(r["loss"] == r["loss"] for r in rows)
+
+
 @pytest.mark.parametrize("extra,code", [([], 0), (DIVERGE, 1)])
 def test_run_with_loader_workers_exits(shards, tmp_path, extra, code):
     """Workers start with the stop signals blocked; they must still be stopped at the
