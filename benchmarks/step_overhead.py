@@ -176,8 +176,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{'enc/bare':>10}{'DIM/bare':>10}{'cpu':>7}{'flops':>7}{'paired (q1-q3)':>20}"
         + (f"{'eager DIM ms':>14}{'DIM/eager':>10}{'cpu':>7}" if optimised else "")
     )
-    default = "resnet18" if args.config is None else None
-    for backbone in (args.backbones or default or "").split(","):
+    if args.backbones:
+        backbones = args.backbones.split(",")
+    else:  # None: the config's own backbone; without a config, resnet18 (not dim_conv32)
+        backbones = [None] if args.config else ["resnet18"]
+    for backbone in backbones:
         for size in map(int, args.sizes.split(",")):
             t = measure(
                 backbone,

@@ -29,6 +29,7 @@ from .config import Config, describe, load_config, save_config
 from .errors import ConfigError, state_dict_mismatch
 from .preflight import preflight
 from .progress import Progress, log_due, log_row, open_tracker, probe_due, probe_if_due
+from .speed import keep_freed_memory
 from .step import (
     NonFiniteLoss,
     TrainStep,
@@ -85,7 +86,7 @@ def train(cfg: Config, force_config: bool = False) -> int:
     first batch of data. A run that is complete says so and returns.
     """
     preflight(cfg)  # before any set-up: a wrong path is reported in a blink
-    keep_freed_memory_if_set(cfg.train)  # before the loader workers fork
+    keep_freed_memory(cfg.train.keep_freed_memory)  # before the loader workers fork
     tc, stop, accelerator = cfg.train, StopFlag(), make_accelerator(cfg)
     if not cfg.data.train_shards:
         use_default_data(accelerator, cfg)
@@ -336,13 +337,6 @@ def report_receptive_field(accelerator, encoder, cfg: Config) -> None:
             f"use an earlier stage or a small-image backbone (dim_conv32, resnet18_cifar)",
             stacklevel=2,
         )
-
-
-def keep_freed_memory_if_set(tc) -> None:
-    """``train.keep_freed_memory``: glibc keeps freed activations for the next step."""
-    from .speed import keep_freed_memory
-
-    keep_freed_memory(tc.keep_freed_memory)
 
 
 def prepare_training(accelerator, model, tc):
