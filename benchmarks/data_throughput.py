@@ -2,7 +2,7 @@
 
 ``--augment-on worker`` augments each image in the loader (torchvision.transforms.v2);
 ``--augment-on batch`` (the default, as ``data.augment_on``) has the loader decode only
-and times ``pipeline.batch_augment`` on each batch in this process, as the train loop does.
+and times ``pipeline.data.batch_augment`` on each batch in this process, as the train loop does.
 
 The data: the CIFAR-10 training images as an image folder (``train/<class>/*.jpg``, 50,000
 32x32 JPEGs), extracted to a temporary folder and written as shards by the project's own
@@ -31,9 +31,9 @@ DEFAULT_TAR = ROOT.parent / "shared" / "data" / "cifar10-train-jpg.tar"
 
 def measure(manifest: Path, workers: int, args: argparse.Namespace) -> float:
     """Images per second over ``args.batches`` batches after one warm-up batch."""
-    from pipeline.batch_augment import build_batch_augment
-    from pipeline.config import DataConfig
-    from pipeline.data import train_loader
+    from pipeline.core.schema import DataConfig
+    from pipeline.data.batch_augment import build_batch_augment
+    from pipeline.data.loaders import train_loader
 
     cfg = DataConfig(
         train_shards=str(manifest),
@@ -66,7 +66,7 @@ def measure(manifest: Path, workers: int, args: argparse.Namespace) -> float:
 
 def cifar_shards(tar: Path, tmp: Path) -> Path:
     """Extract the CIFAR-10 image-folder tar into ``tmp`` and write it as shards there."""
-    from pipeline.prepare import prepare_folder
+    from pipeline.data.write import prepare_folder
 
     start = time.perf_counter()
     with tarfile.open(tar) as archive:

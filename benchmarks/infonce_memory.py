@@ -51,7 +51,7 @@ TCLIP = 20.0  # LossConfig.tclip default
 
 def _precomputed_critic(local: bool):
     """A dot critic whose inputs are already its embeddings, so only scoring runs."""
-    from pipeline.critics import DotCritic
+    from pipeline.objective.critics import DotCritic
 
     class Precomputed(DotCritic):
         def embed_a(self, a):
@@ -66,7 +66,7 @@ def _precomputed_critic(local: bool):
 @contextmanager
 def _gather_from(remote: torch.Tensor):
     """Stand in for the all-gather: this rank's rows first, the other ranks' after."""
-    import pipeline.objective as objective
+    import pipeline.objective.loss as objective
 
     saved = objective.gather_with_grad
     objective.gather_with_grad = lambda ea: torch.cat([ea, remote])
@@ -93,7 +93,7 @@ def _saved_bytes(step) -> int:
 
 def run_one(critic: str, mode: str, b_global: int, b_local: int, repeats: int) -> dict:
     """One configuration; meant to run alone in a fresh process (see ``main``)."""
-    from pipeline.objective import mi_estimate
+    from pipeline.objective.loss import mi_estimate
 
     local = critic == "local"
     rows = b_local if mode == "rows" else b_global

@@ -3,13 +3,13 @@
 For one shipped config (its model, loss, batch size and data settings, with
 ``data.augment`` overridable, default two views) and each place the augmentation can
 run (``data.augment_on``: ``worker``, per-image PIL-free v2 transforms in the loader;
-``batch``, the loader only decodes and ``pipeline.batch_augment`` augments the batch):
+``batch``, the loader only decodes and ``pipeline.data.batch_augment`` augments the batch):
 
 - input: images/s of the loader with the config's ``data.num_workers``, plus the batched
   augmentation where it applies (timed in this process, as the train loop runs it);
 - step: images/s of the DIM step alone (forward + backward + AdamW) on ready batches;
 - end to end: images/s of loader -> augmentation -> step in one loop, as in
-  ``pipeline/train.py`` (without its logging and checkpoints).
+  ``pipeline/train/loop.py`` (without its logging and checkpoints).
 
     OMP_NUM_THREADS=1 python benchmarks/input_vs_step.py --config configs/cifar10_cpu.yaml \
         --shards data/cifar10/train.json [--augment amdim] [--batches 20] [--steps 6]
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_shards(config: str, tmp: str, tar: Path) -> str:
     if "digits" in Path(config).name:
-        from pipeline.prepare import prepare_digits
+        from pipeline.data.write import prepare_digits
 
         return str(prepare_digits(Path(tmp) / "digits", val_fraction=0.3))
     from data_throughput import cifar_shards
@@ -48,8 +48,8 @@ def make_shards(config: str, tmp: str, tar: Path) -> str:
 
 
 def build(cfg, *, rank: int = 0):
-    from pipeline.batch_augment import build_batch_augment
-    from pipeline.data import train_loader
+    from pipeline.data.batch_augment import build_batch_augment
+    from pipeline.data.loaders import train_loader
 
     loader = train_loader(
         cfg.data,
@@ -86,8 +86,8 @@ def input_rate(cfg, batches: int) -> float:
 
 
 def make_step(cfg):
-    from pipeline.model import build_model
-    from pipeline.speed import prepare_input, prepare_model
+    from pipeline.models.speed import prepare_input, prepare_model
+    from pipeline.objective.model import build_model
 
     torch.manual_seed(0)
     model = prepare_model(build_model(cfg).train(), cfg.train)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="more config overrides (train.compile=true, ...)")
     args = p.parse_args(argv)
     from pipeline.config import load_config
-    from pipeline.speed import keep_freed_memory
+    from pipeline.models.speed import keep_freed_memory
 
     kept = keep_freed_memory(load_config(args.config, args.overrides).train.keep_freed_memory)
     with tempfile.TemporaryDirectory(prefix="dim-bench-") as tmp:

@@ -35,9 +35,9 @@ import time
 import torch
 
 from pipeline.config import load_config
-from pipeline.encoder import create_backbone
-from pipeline.model import build_model
-from pipeline.speed import keep_freed_memory, prepare_input, prepare_model
+from pipeline.models.encoder import create_backbone
+from pipeline.models.speed import keep_freed_memory, prepare_input, prepare_model
+from pipeline.objective.model import build_model
 
 
 class Stepper:

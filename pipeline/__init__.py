@@ -1,3 +1,3 @@
 """Deep InfoMax pretraining. Importing the package registers its backbones with timm."""
 
-from . import backbones  # noqa: F401  (timm.create_model("dim_conv32"), "resnet18_cifar", ...)
+from pipeline.models import backbones  # noqa: F401  (timm.create_model("dim_conv32"), "resnet18_cifar", ...)

@@ -9,7 +9,7 @@ is read against its baselines: ``dim`` (the checkpoint), ``random_init`` (the sa
 architecture, seeded random weights, with BatchNorm statistics re-estimated on the
 probe's training images: a random network run with BatchNorm's initial statistics is a
 broken baseline, not a fair one) and ``pixels`` (flattened, normalised images).
-Views ``conv``/``fc``/``y`` are described in ``pipeline.features``; probes are
+Views ``conv``/``fc``/``y`` are described in ``pipeline.eval.features``; probes are
 ``linear`` (L-BFGS logistic regression), ``mlp`` (the DIM paper's 200-unit MLP) and
 ``knn`` (weighted cosine k-NN). The JSON is ``{model: {view: {probe: accuracy}}}``
 with accuracies as fractions in [0, 1]. The table also goes into the export's model
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .card import update_evaluation
-from .classifiers import PROBES, ProbeSettings, run_probes
-from .encoder import DIMEncoder, build_encoder
-from .errors import ConfigError
-from .export import find_export, load_encoder, read_export_meta
-from .features import CONV_SOURCES, extract_features, recalibrate_batchnorm
+from pipeline.core.errors import ConfigError
+from pipeline.eval.features import CONV_SOURCES, extract_features, recalibrate_batchnorm
+from pipeline.eval.probes import PROBES, ProbeSettings, run_probes
+from pipeline.models.encoder import DIMEncoder, build_encoder
+from pipeline.share.card import update_evaluation
+from pipeline.share.export import find_export, load_encoder, read_export_meta
 
 __all__ = ["evaluate", "find_export", "format_table", "main", "probe_every_view", "random_like"]
 
@@ -125,7 +125,7 @@ def log_to_wandb(
     ``eval/<model>/<view>/<probe>``, and a table ``eval/table``."""
     import wandb
 
-    from .tracking import wandb_mode
+    from pipeline.share.tracking import wandb_mode
 
     run = wandb.run
     if run is None and not start:
@@ -150,7 +150,9 @@ def log_to_wandb(
 
 
 def _loader(spec: str, meta: dict, batch_size: int, workers: int):
-    from .data import eval_loader  # the data side stays out of this module's import time
+    from pipeline.data.loaders import (
+        eval_loader,  # the data side stays out of this module's import time
+    )
 
     return eval_loader(
         spec,

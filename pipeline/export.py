@@ -1,257 +1,218 @@
-"""Export a trained encoder as a timm / Hugging Face model folder, and load it back.
+"""``dim-export``: copy or share a model folder; ``from pipeline.export import load_encoder``.
 
-The folder is what ``timm.save_for_hf`` writes, so the field's loaders read it as is:
+    dim-export RUN_OR_FOLDER --out DIR       # a copy of the model folder at DIR
+    dim-export RUN_OR_FOLDER --push org/name # upload it to the Hugging Face Hub
+    dim-export RUN_OR_FOLDER --push org/name --dry-run    # build what would be uploaded, list it
 
-    config.json           timm's config (architecture, num_features, model_args,
-                          pretrained_cfg with the input size and normalisation used in
-                          training) plus a ``dim`` block: what rebuilds the DIM head
-    model.safetensors     the backbone's timm state dict
-    dim_head.safetensors  the DIM head (fc, mu, logvar)
-    README.md             the model card (``pipeline.card``)
+The upload is staged first (the export's files, the card's usage block naming the repo),
+then checked (a token, the Hub reachable) before anything is created there, then sent
+as one commit, so a failure leaves nothing half-done. timm's ``push_to_hf_hub`` is not
+used as is: it re-serialises the backbone alone and writes its own card only where the
+repo has none, so the DIM head and this card would not travel; the calls here are the
+ones it makes (``create_repo``, then ``upload_folder``) on the staged folder.
 
-``timm.create_model("local-dir:FOLDER", pretrained=True)`` gives the backbone (after
-``import pipeline`` when the backbone is one this project registers); ``load_encoder``
-gives the whole ``DIMEncoder``. Folders of the earlier layout (``encoder.safetensors``,
-``head.safetensors``, ``encoder.json``) still load; ``dim-export OLD --out NEW``
-converts them.
+``load_encoder`` is here too: model cards print ``from pipeline.export import
+load_encoder``, and that stays the public way to load a whole DIM encoder.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import argparse
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-from .encoder import DIMEncoder, build_encoder
-from .errors import ConfigError, state_dict_mismatch
-from .filemode import share_mode
+from pipeline.core.errors import ConfigError
+from pipeline.share.export import load_encoder
 
-__all__ = [
-    "EXPORT_BACKBONE",
-    "EXPORT_CARD",
-    "EXPORT_CONFIG",
-    "EXPORT_DIR",
-    "EXPORT_FILES",
-    "EXPORT_HEAD",
-    "LEGACY_META",
-    "data_config",
-    "export_encoder",
-    "find_export",
-    "is_export",
-    "load_encoder",
-    "read_export_meta",
-    "remove_partial_export",
-]
-
-EXPORT_DIR = "export"  # the model folder inside a run's output_dir
-EXPORT_CONFIG = "config.json"  # timm's config.json + the "dim" block
-EXPORT_BACKBONE = "model.safetensors"  # timm state dict of the backbone alone
-EXPORT_HEAD = "dim_head.safetensors"  # fc, mu, logvar of the DIM head
-EXPORT_CARD = "README.md"  # the model card
-EXPORT_FILES = (EXPORT_CONFIG, EXPORT_BACKBONE, EXPORT_HEAD, EXPORT_CARD)
-EXPORT_FORMAT = "dim-pretrain/export/2"
-
-LEGACY_META, LEGACY_BACKBONE, LEGACY_HEAD = (
-    "encoder.json",
-    "encoder.safetensors",
-    "head.safetensors",
-)
-
-# pretrained_cfg fields that describe the weights timm would download for this name,
-# not the weights in this folder
-_SOURCE_FIELDS = (
-    "tag",
-    "license",
-    "origin_url",
-    "paper_ids",
-    "paper_name",
-    "notes",
-    "description",
-    "hf_hub_filename",
-    "hf_hub_id",
-    "url",
-)
+__all__ = ["PushError", "load_encoder", "main", "push", "stage"]
 
 
-def data_config(img_size: int, in_chans: int) -> dict:
-    """timm's preprocessing fields, read off the evaluation transform the encoder saw.
-
-    Reading them from ``pipeline.augment.eval_transform`` keeps one home for the
-    normalisation: a change there changes the export too.
-    """
-    from torchvision.transforms import v2
-
-    from .augment import eval_transform
-
-    steps = eval_transform(img_size, in_chans).transforms
-    norm = next(t for t in steps if isinstance(t, v2.Normalize))
-    resize = next(t for t in steps if isinstance(t, v2.Resize))
-    interpolation = getattr(resize.interpolation, "value", resize.interpolation)  # enum or str
-    return {
-        "input_size": (in_chans, img_size, img_size),
-        "mean": tuple(norm.mean),
-        "std": tuple(norm.std),
-        "interpolation": str(interpolation),
-        "crop_pct": 1.0,
-        "crop_mode": "center",
-    }
+class PushError(RuntimeError):
+    """No token, no network, or the Hub refused: nothing was uploaded."""
 
 
-def _write_folder(encoder: DIMEncoder, folder: Path, meta: dict, card: str | None) -> None:
-    from safetensors.torch import save_file
-    from timm.models import save_for_hf
-
-    save_for_hf(
-        encoder.backbone,
-        str(folder),
-        safe_serialization=True,
-        model_config={"dim": {"format": EXPORT_FORMAT, **meta}},
-        data_config=data_config(meta["img_size"], meta["in_chans"]),
+def _build(src: Path, dest: Path) -> None:
+    """Write the model folder found at ``src`` into the empty folder ``dest``."""
+    from pipeline.share.export import (
+        EXPORT_FILES,
+        find_export,
     )
-    config_file = folder / EXPORT_CONFIG
-    config = json.loads(config_file.read_text())
-    pcfg = config["pretrained_cfg"]
-    for key in _SOURCE_FIELDS:
-        pcfg.pop(key, None)
-    pcfg["tag"] = "dim"
-    size = config.get("model_args", {}).get("img_size")
-    if isinstance(size, list) and len(set(size)) == 1:
-        # timm records the size as (h, w); a square one goes back as the int the config
-        # holds, which every model accepts (not all take a pair)
-        config["model_args"]["img_size"] = size[0]
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
-    head = {
-        k: v.detach().contiguous().cpu()
-        for k, v in encoder.state_dict().items()
-        if not k.startswith("backbone.")
-    }
-    save_file(head, str(folder / EXPORT_HEAD))
-    if card is not None:
-        (folder / EXPORT_CARD).write_text(card)
+
+    folder = find_export(src)
+    for name in EXPORT_FILES:
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, dest / name)
 
 
-def export_encoder(
-    encoder: DIMEncoder, folder: str | Path, meta: dict, card: str | None = None
-) -> Path:
-    """Write the model folder ``folder`` (replacing one there); returns the folder.
+def _finish_card(dest: Path, ref: str, license: str | None, datasets: list[str] | None) -> None:
+    from pipeline.share.card import set_block, set_front_matter, usage_block
+    from pipeline.share.export import EXPORT_CARD, read_export_meta
 
-    ``meta`` is the model config (backbone, code_dim, fc_dim, local_layer, img_size,
-    in_chans, backbone_kwargs); ``card`` the README.md text. The folder is built beside
-    its final place and renamed in, so a reader never sees half an export.
+    path = dest / EXPORT_CARD
+    if not path.is_file():
+        return
+    text = set_block(
+        path.read_text(),
+        "usage",
+        usage_block(ref, read_export_meta(dest)["backbone"]),
+        heading="How to use",
+    )
+    path.write_text(set_front_matter(text, license=license, datasets=datasets or None))
+
+
+def stage(
+    src: str | Path,
+    dest: str | Path,
+    *,
+    repo_id: str | None = None,
+    license: str | None = None,
+    datasets: list[str] | None = None,
+) -> list[Path]:
+    """Build the model folder for ``src`` at ``dest``; returns its files, sorted.
+
+    The card's usage block names ``hf-hub:repo_id`` when given, else ``dest``. An existing
+    ``dest`` is replaced only if it is a model folder itself.
     """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    building, parked = (p.rstrip("*") for p in _partial_patterns(folder))
-    tmp = Path(tempfile.mkdtemp(prefix=building, dir=folder.parent))
+    from pipeline.core.files import share_mode
+    from pipeline.share.export import is_export
+
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not is_export(dest))):
+        raise ConfigError(f"{dest} exists and is not a model folder; pick an empty or new --out")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
     try:
-        _write_folder(encoder, tmp, meta, card)
-        share_mode(tmp)  # mkdtemp made it private; an export is for sharing
-        old = folder.parent / f"{parked}{os.getpid()}"
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        _build(Path(src), tmp)
+        ref = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{dest.resolve()}"
+        _finish_card(tmp, ref, license, datasets)
+        share_mode(tmp)  # mkdtemp made it private
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return sorted(p for p in dest.iterdir() if p.is_file())
 
 
-def _partial_patterns(folder: Path) -> tuple[str, str]:
-    """Where export_encoder builds a folder, and where it parks the one it replaces."""
-    return f".tmp-{folder.name}-*", f".old-{folder.name}-*"
+def push(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    message: str = "Add DIM encoder",
+) -> str:
+    """Upload ``folder`` to ``repo_id`` as one commit; returns the commit URL."""
+    import timm
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
 
-
-def remove_partial_export(folder: str | Path) -> None:
-    """Remove what a killed ``export_encoder`` left beside ``folder``."""
-    folder = Path(folder)
-    for pattern in _partial_patterns(folder):
-        for path in folder.parent.glob(pattern):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def is_export(folder: Path) -> bool:
-    config = folder / EXPORT_CONFIG
-    if config.is_file():
-        try:
-            return "dim" in json.loads(config.read_text())
-        except (json.JSONDecodeError, OSError):
-            return False
-    return (folder / LEGACY_META).is_file()
-
-
-def find_export(path: str | Path) -> Path:
-    """The model folder for a model folder, a file in one, or a run's output folder.
-
-    A run folder keeps its final export in ``export/``; failing that (an old layout, or
-    only per-checkpoint exports) the newest model folder below it wins.
-    """
-    path = Path(path)
-    if path.is_file():
-        path = path.parent
-    for candidate in (path, path / EXPORT_DIR):
-        if is_export(candidate):
-            return candidate
-    found = []
-    if path.is_dir():
-        for name in (EXPORT_CONFIG, LEGACY_META):
-            found += [
-                p.parent
-                for p in path.rglob(name)  # not a half-written .tmp-* one
-                if not any(part.startswith(".") for part in p.relative_to(path).parts)
-                and is_export(p.parent)
-            ]
-    if not found:
-        raise ConfigError(
-            f"no exported encoder at {path}: expected a model folder "
-            f"({EXPORT_CONFIG} + {EXPORT_BACKBONE}) there, in {EXPORT_DIR}/ "
-            f"or below (pass a run's output folder or its export)"
+    token = get_token()
+    if not token:
+        raise PushError(
+            "no Hugging Face token: set HF_TOKEN or run `hf auth login`; nothing was uploaded"
         )
-    return max(found, key=lambda p: p.stat().st_mtime)
-
-
-def read_export_meta(folder: str | Path) -> dict:
-    """The model config of a model folder (either layout)."""
-    folder = Path(folder)
-    if (folder / EXPORT_CONFIG).is_file():
-        meta = dict(json.loads((folder / EXPORT_CONFIG).read_text())["dim"])
-        meta.pop("format", None)
-        return meta
-    return json.loads((folder / LEGACY_META).read_text())
-
-
-def load_encoder(path: str | Path, map_location: str = "cpu") -> DIMEncoder:
-    """Rebuild a ``DIMEncoder`` from a model folder (or a run folder, or a file in one)."""
-    from safetensors.torch import load_file
-
-    folder = find_export(path)
-    meta = read_export_meta(folder)
-    legacy = not (folder / EXPORT_CONFIG).is_file()
-    files = (LEGACY_BACKBONE, LEGACY_HEAD) if legacy else (EXPORT_BACKBONE, EXPORT_HEAD)
-    missing = [name for name in files if not (folder / name).is_file()]
-    if missing:
-        raise ConfigError(f"incomplete export at {folder}: {', '.join(missing)} missing")
-    encoder = build_encoder(meta)
-    backbone_file, head_file = (folder / name for name in files)
+    api = HfApi(token=token, library_name="timm", library_version=timm.__version__)
     try:
-        encoder.backbone.load_state_dict(load_file(str(backbone_file), device=map_location))
-    except RuntimeError as err:  # weights of another architecture or width
-        raise ConfigError(
-            f"{backbone_file} does not hold the {meta['backbone']!r} backbone its export "
-            f"describes ({state_dict_mismatch(err)})"
+        api.whoami()  # the token and the network, before anything is created remotely
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        raise PushError(
+            f"the Hugging Face Hub refused the token ({status}); nothing was uploaded"
         ) from None
-    head = load_file(str(head_file), device=map_location)
-    # A head of another width is reported with the key mismatches, not as torch's RuntimeError.
-    shapes = {k: v.shape for k, v in encoder.state_dict().items()}
-    resized = [k for k, v in head.items() if k in shapes and v.shape != shapes[k]]
-    result = encoder.load_state_dict(
-        {k: v for k, v in head.items() if k not in resized}, strict=False
-    )  # the backbone was loaded above
-    missing = [k for k in result.missing_keys if not k.startswith("backbone.")]
-    if missing or result.unexpected_keys or resized:
-        raise ConfigError(
-            f"{head_file} does not match {meta['backbone']!r}: missing "
-            f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}, other shape {resized[:3]}"
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise PushError(
+            f"cannot reach the Hugging Face Hub ({type(err).__name__}: {first}); "
+            f"nothing was uploaded"
+        ) from None
+    try:
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo.repo_id, folder_path=str(folder), revision=revision, commit_message=message
         )
-    return encoder.eval()
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PushError(f"upload to {repo_id} failed: {first}") from None
+    return commit.commit_url
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dim-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("source", help="run output folder, model folder, or an old-layout export")
+    p.add_argument("--out", help="write the model folder here (kept after --dry-run too)")
+    p.add_argument("--push", metavar="ORG/NAME", help="upload to this Hugging Face model repo")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --push: build exactly what would be uploaded and list it; send nothing",
+    )
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", default=None, help="branch to push to")
+    p.add_argument("--license", default=None, help="the card's license id (e.g. mit, cc-by-4.0)")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=None,
+        help="a Hugging Face dataset id for the card (repeatable)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.out and not args.push:
+        print(
+            "dim-export: error: nothing to do: give --out DIR and/or --push ORG/NAME",
+            file=sys.stderr,
+        )
+        return 2
+    if args.push and args.push.count("/") != 1:
+        print(f"dim-export: error: --push expects ORG/NAME, got {args.push!r}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="dim-export-") as scratch:
+        dest = Path(args.out) if args.out else Path(scratch) / "model"
+        try:
+            files = stage(
+                args.source, dest, repo_id=args.push, license=args.license, datasets=args.dataset
+            )
+        except ConfigError as err:
+            print(f"dim-export: error: {err}", file=sys.stderr)
+            return 2
+        if not args.push:
+            print(f"wrote {dest}: {', '.join(p.name for p in files)}")
+            return 0
+        head = (
+            f"dry run: would upload {len(files)} files to "
+            f"https://huggingface.co/{args.push} (nothing sent)"
+            if args.dry_run
+            else f"uploading {len(files)} files to https://huggingface.co/{args.push}"
+        )
+        print(head)
+        for p in files:
+            print(f"  {p.name:<24s} {_human(p.stat().st_size):>9s}")
+        if args.dry_run:
+            return 0
+        try:
+            url = push(dest, args.push, private=args.private, revision=args.revision)
+        except PushError as err:
+            print(f"dim-export: error: {err}", file=sys.stderr)
+            return 1
+        print(f"pushed: {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
-from .objective import ESTIMATORS
-from .tracking import METRICS, WANDB_ID, read_metrics
+from pipeline.core.errors import ConfigError
+from pipeline.objective.loss import ESTIMATORS
+from pipeline.share.tracking import METRICS, WANDB_ID, read_metrics
 
 __all__ = ["build_report", "default_keys", "describe_report", "main", "panel_specs"]
 
@@ -208,7 +208,7 @@ def _metric_keys(path: Path) -> list[str]:
 
 def _default_entity() -> str:
     """The W&B entity of the logged-in user; one line when there is no key or no network."""
-    from .tracking import wandb_mode
+    from pipeline.share.tracking import wandb_mode
 
     if wandb_mode("auto") != "online":
         raise ConfigError(

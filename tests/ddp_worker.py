@@ -25,9 +25,9 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline import distributed
 from pipeline.config import load_config
-from pipeline.model import build_model
+from pipeline.objective import distributed
+from pipeline.objective.model import build_model
 
 WORLD, B_LOCAL, STEPS = 2, 4, 3
 OVERRIDES = [

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline import batch_augment as ba
-from pipeline.augment import FixedSize
-from pipeline.config import DataConfig
-from pipeline.data import eval_loader, train_loader
-from pipeline.prepare import write_dataset
+from pipeline.core.schema import DataConfig
+from pipeline.data import batch_augment as ba
+from pipeline.data.augment import FixedSize
+from pipeline.data.loaders import eval_loader, train_loader
+from pipeline.data.write import write_dataset
 
 
 def image_bytes(value: int, size: int) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.checkpoint import (
+from pipeline.train.checkpoint import (
     clean_partial,
     latest_checkpoint,
     list_checkpoints,
@@ -78,7 +78,7 @@ def test_share_mode_opens_private_folders_and_files(tmp_path):
     import tempfile
     from pathlib import Path
 
-    from pipeline.filemode import share_mode
+    from pipeline.core.files import share_mode
 
     folder = Path(tempfile.mkdtemp(dir=tmp_path))
     (folder / "sub").mkdir(mode=0o700)

@@ -2,7 +2,9 @@
 
 import pytest
 
-from pipeline.config import Config, ConfigError, describe, load_config, save_config
+from pipeline.config import describe, load_config
+from pipeline.core.errors import ConfigError
+from pipeline.core.schema import Config, save_config
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -92,8 +94,9 @@ def test_a_name_added_to_a_registry_is_accepted_and_dispatched(monkeypatch):
     caught: the config keeping its own list of names beside the table the code uses."""
     import torch
 
-    from pipeline import objective, optim
-    from pipeline.critics import DotCritic
+    from pipeline.objective import loss as objective
+    from pipeline.objective.critics import DotCritic
+    from pipeline.train import optim
 
     seen = []
 
@@ -122,65 +125,12 @@ def test_dispatch_refuses_names_it_does_not_know(call, message):
     """Bug caught: build_critic built a concat critic for any name it did not know."""
     import torch
 
-    from pipeline.config import LossConfig
-    from pipeline.critics import DotCritic
-    from pipeline.objective import build_critic, mi_estimate
+    from pipeline.core.schema import LossConfig
+    from pipeline.objective.critics import DotCritic
+    from pipeline.objective.loss import build_critic, mi_estimate
 
     with pytest.raises(ConfigError, match=message):
         if call == "critic":
             build_critic("bilinear", 4, 4, LossConfig(), local=True)
         else:
             mi_estimate("nce", DotCritic(2, 2, dim=2, hidden=0), torch.ones(2, 2), torch.ones(2, 2))
-
-
-# ------------------------------------------------------------------ old spellings
-
-
-@pytest.mark.parametrize("old,global_input,a_dim", [("zz", "mu", 5), ("feature", "pooled", 6)])
-def test_old_global_critic_words_load_as_the_two_settings(tmp_path, old, global_input, a_dim):
-    """A config file from before the split builds the same critic, under the same state
-    dict keys (old checkpoints load), and says the new spelling once."""
-    from pipeline.critics import ConcatCritic
-    from pipeline.objective import DIMObjective
-
-    path = tmp_path / "old.yaml"
-    path.write_text(f"loss:\n  global_critic: {old}\n  local_critic: dot\n")
-    with pytest.warns(
-        FutureWarning, match=f"loss.global_input={global_input} loss.global_critic=concat"
-    ):
-        cfg = load_config(path)
-    assert (cfg.loss.global_input, cfg.loss.global_critic) == (global_input, "concat")
-    objective = DIMObjective(cfg.loss, local_channels=6, code_dim=5)
-    assert isinstance(objective.global_critic, ConcatCritic)
-    assert objective.state_dict()["global_critic.first_a.weight"].shape[1] == a_dim
-
-
-def test_old_word_with_a_contradicting_input_or_built_directly_is_refused():
-    from pipeline.config import LossConfig
-
-    with pytest.raises(ConfigError, match=r"old spelling of loss\.global_input=mu"):
-        load_config(None, ["loss.global_critic=zz", "loss.global_input=pooled"])
-    with pytest.raises(ConfigError, match=r"loss\.global_input=pooled loss\.global_critic=concat"):
-        LossConfig(global_critic="feature")
-
-
-def test_a_run_folder_saved_with_the_old_word_is_the_same_run(tmp_path):
-    """Bug caught: resuming a run saved as global_critic=zz refused as 'another
-    configuration' (zz -> concat, global_input absent -> pooled)."""
-    import warnings
-
-    from pipeline.card import render_card
-    from pipeline.run_folder import CONFIG_FILE, inspect_run
-
-    old = Config().to_dict()
-    del old["loss"]["global_input"]
-    old["loss"]["global_critic"] = "zz"
-    (tmp_path / CONFIG_FILE).write_text(__import__("yaml").safe_dump(old))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        new = load_config(tmp_path / CONFIG_FILE).to_dict()
-    defaults = Config().to_dict()
-    assert inspect_run(tmp_path, new, defaults, force=False, export_marker="x").changed == ()
-    assert "global_input" not in old["loss"]  # the caller's mapping is untouched
-    card = render_card(old, step=1, samples_seen=1, world_size=1, location=str(tmp_path))
-    assert "global critic `concat` on `mu`" in card

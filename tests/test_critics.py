@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.critics import ConcatCritic, DotCritic, per_location
+from pipeline.objective.critics import ConcatCritic, DotCritic, per_location
 
 N, A, B, H, W = 5, 6, 4, 2, 3  # batch, image-side width, code width, local map size
 

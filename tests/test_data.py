@@ -15,11 +15,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline import data
-from pipeline.config import DataConfig
-from pipeline.data import dataset_size, eval_loader, resolve_shards, train_loader
-from pipeline.errors import ConfigError
-from pipeline.prepare import write_dataset
+from pipeline.core.errors import ConfigError
+from pipeline.core.schema import DataConfig
+from pipeline.data import loaders as data
+from pipeline.data.loaders import dataset_size, eval_loader, resolve_shards, train_loader
+from pipeline.data.write import write_dataset
 
 SIZE = 8  # tiny images keep decode and augmentation cheap
 
@@ -323,7 +323,7 @@ def test_all_bad_data_is_one_error_naming_shard_and_reason(tmp_path, workers, ca
         epoch_samples=60,
     )
     with (
-        caplog.at_level(logging.WARNING, logger="pipeline.data"),
+        caplog.at_level(logging.WARNING, logger="pipeline.data.loaders"),
         pytest.raises(ConfigError) as err,
     ):
         next(
@@ -367,7 +367,7 @@ def test_corrupt_jpeg_and_truncated_tar_are_skipped_and_counted(tmp_path, writer
     keys, _, _, skipped = read_all(spec, num_workers=2, rank=0, world_size=1)
     assert len(keys) == len(set(keys)) == expected_ok
     assert skipped == 1 + lost
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.loaders"):
         assert read_all(spec)[3] == 1 + lost  # in-process, so the log is visible here
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert shards[1].name in messages and shards[2].name in messages

@@ -20,7 +20,7 @@ def test_deepspeed_bf16_on_cpu_trains_in_bf16(tmp_path):
     """Catches: bf16 asked for but the engine left in fp32 (mixed_precision not passed on),
     inputs not autocast to the bf16 weights, BatchNorm statistics left in fp32 beside
     bf16 weights (both crash the first step), a non-finite bf16 loss."""
-    from pipeline.export import load_encoder
+    from pipeline.share.export import load_encoder
 
     shards = write_shards(tmp_path / "shards", n=64, per_shard=64)
     out = tmp_path / "run"

@@ -34,11 +34,11 @@ import torch.distributed.nn.functional as dist_fn
 import torch.multiprocessing as mp
 from torch import nn
 
-import pipeline.objective as objective
-from pipeline import distributed
-from pipeline.config import LossConfig
-from pipeline.encoder import EncoderOutput
-from pipeline.objective import DIMObjective
+import pipeline.objective.loss as objective
+from pipeline.core.schema import LossConfig
+from pipeline.models.encoder import EncoderOutput
+from pipeline.objective import distributed
+from pipeline.objective.loss import DIMObjective
 
 pytestmark = pytest.mark.slow  # multi-process
 WORLD = 2

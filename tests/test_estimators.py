@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from pipeline.estimators import (
+from pipeline.objective.estimators import (
     clip_scores,
     derangement,
     dv,

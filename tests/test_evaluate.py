@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.classifiers import knn_accuracy, knn_predict, linear_probe
-from pipeline.data import eval_loader
-from pipeline.encoder import DIMEncoder
-from pipeline.export import export_encoder
-from pipeline.features import extract_features
+from pipeline.core.schema import ModelConfig
+from pipeline.data.loaders import eval_loader
+from pipeline.eval.features import extract_features
+from pipeline.eval.probes import knn_accuracy, knn_predict, linear_probe
+from pipeline.models.encoder import DIMEncoder
+from pipeline.share.export import export_encoder
 
 TINY = {
     "backbone": "test_resnet",
@@ -109,7 +110,7 @@ def test_knn_weights_votes_by_similarity():
 
 def test_extract_features_views_shapes_limit_and_mode_restored():
     torch.manual_seed(0)
-    enc = DIMEncoder(**TINY).train()
+    enc = DIMEncoder(ModelConfig(**TINY)).train()
     x, y = torch.randn(10, 3, 16, 16), torch.arange(10) % 3
     batches = [{"image": x[i : i + 4], "label": y[i : i + 4]} for i in range(0, 10, 4)]
     feats, labels = extract_features({"dim": enc}, batches, pixels=True, limit=7)
@@ -161,7 +162,7 @@ def tiny_run(tmp_path_factory):
     test = write_tiny_shards(folder, "test", 30, seed=1)
     torch.manual_seed(3)
     run = folder / "run"
-    export_encoder(DIMEncoder(**TINY), run, dict(TINY))
+    export_encoder(DIMEncoder(ModelConfig(**TINY)), run, dict(TINY))
     return run, train, test
 
 
@@ -243,7 +244,7 @@ def test_online_probe_reports_the_offline_maths(tiny_run, tmp_path):
     """Catches: another view or k than asked, bank and queries mixed up, labels out of
     step with the images (then near chance on the easy squares)."""
     from pipeline.config import load_config
-    from pipeline.probe import ONLINE, online_probe
+    from pipeline.eval.online import ONLINE, online_probe
 
     _run, train, test = tiny_run
     cfg = load_config(
@@ -256,7 +257,7 @@ def test_online_probe_reports_the_offline_maths(tiny_run, tmp_path):
         ],
     )
     torch.manual_seed(0)
-    enc = DIMEncoder(**TINY).train()
+    enc = DIMEncoder(ModelConfig(**TINY)).train()
     out = online_probe(enc, cfg, "cpu", settings=replace(ONLINE, k=5))
     assert set(out) == {"probe/knn", "probe/linear"} and enc.training
     # The corner of the bright square shows through even random conv features.
@@ -287,7 +288,7 @@ def test_online_probe_reports_the_offline_maths(tiny_run, tmp_path):
 
 
 def test_plot_metrics_writes_png(tmp_path):
-    from pipeline.plots import plot_metrics
+    from pipeline.share.plots import plot_metrics
 
     rows = [
         {
@@ -391,7 +392,7 @@ def test_wandb_logging_joins_the_training_run(tmp_path, monkeypatch):
 
 
 def test_mlp_probe_solves_what_a_linear_probe_cannot():
-    from pipeline.classifiers import mlp_probe
+    from pipeline.eval.probes import mlp_probe
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1200, 2, generator=g) * 2 - 1
@@ -404,10 +405,10 @@ def test_mlp_probe_solves_what_a_linear_probe_cannot():
 
 
 def test_random_init_batchnorm_statistics_come_from_the_data():
-    from pipeline.features import recalibrate_batchnorm
+    from pipeline.eval.features import recalibrate_batchnorm
 
     torch.manual_seed(0)
-    enc = DIMEncoder(**TINY)
+    enc = DIMEncoder(ModelConfig(**TINY))
     images = torch.rand(64, 3, 16, 16) * 3 + 2  # far from N(0, 1): initial stats are wrong
     first = enc.backbone.bn1
     assert torch.equal(first.running_mean, torch.zeros_like(first.running_mean))
@@ -427,7 +428,7 @@ def test_random_init_batchnorm_statistics_come_from_the_data():
 
 
 def test_conv_view_keeps_a_small_grid():
-    from pipeline.features import conv_grid
+    from pipeline.eval.features import conv_grid
 
     assert conv_grid(torch.randn(2, 256, 4, 4)).shape == (2, 4096)  # the paper's conv view
     assert conv_grid(torch.randn(2, 512, 1, 1)).shape == (2, 512)
@@ -439,7 +440,7 @@ def test_conv_view_keeps_a_small_grid():
 def test_run_probes_dispatches_each_name_to_its_probe():
     """The table behind evaluate and the online probe: a name wired to the wrong probe,
     or settings not passed through, changes these numbers."""
-    from pipeline.classifiers import ProbeSettings, mlp_probe, run_probes
+    from pipeline.eval.probes import ProbeSettings, mlp_probe, run_probes
 
     x, y = blobs(240, spread=0.8)
     s = ProbeSettings(k=3, temperature=0.5, l2_grid=(1e-1,), max_iter=50, seed=2)

@@ -16,10 +16,10 @@ from train_helpers import PY, TINY, pretrain_cmd, run, write_shards
 from wandb_log import history, records, run_files
 
 import pipeline  # noqa: F401  registers this project's backbones with timm (where it does)
-from pipeline.config import Config
-from pipeline.encoder import DIMEncoder
-from pipeline.export import EXPORT_DIR, export_encoder, find_export, load_encoder
-from pipeline.model import build_model
+from pipeline.core.schema import Config, ModelConfig
+from pipeline.models.encoder import DIMEncoder
+from pipeline.objective.model import build_model
+from pipeline.share.export import EXPORT_DIR, export_encoder, find_export, load_encoder
 
 # timm-native backbones (a CNN; a ViT, whose img_size goes into config.json's model_args),
 # and one this project registers (loads through timm only after `import pipeline`)
@@ -34,7 +34,7 @@ def _config(backbone: str) -> Config:
 
 
 def _export(backbone: str, folder: Path, seed: int = 0) -> DIMEncoder:
-    from pipeline.card import render_card
+    from pipeline.share.card import render_card
 
     cfg = _config(backbone)
     torch.manual_seed(seed)
@@ -83,54 +83,8 @@ def test_load_encoder_round_trips(backbone, tmp_path):
     assert find_export(folder / "model.safetensors") == folder
 
 
-def _legacy(folder: Path) -> DIMEncoder:
-    """An export in the earlier layout, written as the earlier export_encoder did."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(5)
-    meta = {
-        "backbone": "test_resnet",
-        "code_dim": 8,
-        "fc_dim": 16,
-        "local_layer": 1,
-        "img_size": 32,
-        "in_chans": 3,
-        "backbone_kwargs": {},
-    }
-    encoder = DIMEncoder("test_resnet", code_dim=8, fc_dim=16, img_size=32).eval()
-    folder.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in encoder.backbone.state_dict().items()},
-        str(folder / "encoder.safetensors"),
-    )
-    save_file(
-        {
-            k: v.contiguous()
-            for k, v in encoder.state_dict().items()
-            if not k.startswith("backbone.")
-        },
-        str(folder / "head.safetensors"),
-    )
-    (folder / "encoder.json").write_text(json.dumps(meta))
-    return encoder
-
-
-def test_old_layout_loads_and_dim_export_converts_it(tmp_path):
-    from pipeline.hub import main
-
-    old = tmp_path / "old_run"
-    encoder = _legacy(old)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(load_encoder(old)(x).mu, encoder(x).mu)
-        assert main([str(old), "--out", str(tmp_path / "new")]) == 0
-        model = timm.create_model(f"local-dir:{tmp_path / 'new'}", pretrained=True).eval()
-        torch.testing.assert_close(model(x), encoder(x).pooled, atol=1e-5, rtol=0)
-        torch.testing.assert_close(load_encoder(tmp_path / "new")(x).mu, encoder(x).mu)
-
-
 def test_card_blocks_replace_in_place():
-    from pipeline.card import get_block, set_block
+    from pipeline.share.card import get_block, set_block
 
     text = "# card\n\nintro\n"
     once = set_block(text, "evaluation", "table 1", heading="Evaluation")
@@ -143,7 +97,7 @@ def test_card_blocks_replace_in_place():
 def test_card_table_has_a_column_per_probe_that_ran():
     """A probe evaluate adds later (or leaves out) must not vanish from the card or shift
     another probe's numbers into its column."""
-    from pipeline.card import evaluation_block
+    from pipeline.share.card import evaluation_block
 
     block = evaluation_block(
         {
@@ -170,8 +124,8 @@ def test_evaluate_writes_its_table_into_the_card(tmp_path):
     """Run twice: the card holds the latest table, once, and the rest of the card stays."""
     from huggingface_hub import ModelCard
 
-    from pipeline.card import get_block
     from pipeline.evaluate import main
+    from pipeline.share.card import get_block
 
     shards = write_shards(tmp_path / "shards", n=96, per_shard=48)
     run_dir = tmp_path / "run"
@@ -194,7 +148,7 @@ def test_evaluate_writes_its_table_into_the_card(tmp_path):
 
 def _cli(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
     no_token = dict.fromkeys(("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"))
-    return run([PY, "-m", "pipeline.hub", *args], timeout=120, env_update=no_token | extra_env)
+    return run([PY, "-m", "pipeline.export", *args], timeout=120, env_update=no_token | extra_env)
 
 
 def test_dim_export_dry_run_lists_what_would_be_uploaded(tmp_path):
@@ -266,7 +220,7 @@ def test_run_exports_a_timm_folder_and_logs_it_as_a_wandb_artifact(tmp_path, mon
     from safetensors.torch import load_file
 
     from pipeline.config import load_config
-    from pipeline.model import build_model
+    from pipeline.objective.model import build_model
 
     monkeypatch.delenv("WANDB_DATA_DIR", raising=False)
     shards = write_shards(tmp_path / "shards", n=64, per_shard=64)
@@ -348,7 +302,7 @@ def test_evaluate_of_an_export_joins_the_training_run(tmp_path):
 def test_a_killed_export_leaves_nothing_that_is_read_or_kept(tmp_path):
     """export_encoder builds beside the folder and swaps it in; a kill mid-way leaves a
     .tmp-/.old- folder that find_export must not pick and remove_partial_export removes."""
-    from pipeline.export import remove_partial_export
+    from pipeline.share.export import remove_partial_export
 
     run_dir = tmp_path / "run"
     _export("test_resnet", run_dir / "checkpoints" / "step_0000002" / EXPORT_DIR)
@@ -368,7 +322,7 @@ def test_load_encoder_refuses_a_head_that_does_not_fit(tmp_path, change):
     surfacing as torch's RuntimeError."""
     from safetensors.torch import load_file, save_file
 
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     folder = tmp_path / "model"
     _export("test_resnet", folder)
@@ -378,7 +332,9 @@ def test_load_encoder_refuses_a_head_that_does_not_fit(tmp_path, change):
     elif change == "missing key":
         head = {k: v for k, v in head.items() if not k.startswith("fc.")}
     else:  # the head of a run with twice the fc width
-        other = DIMEncoder("test_resnet", code_dim=8, fc_dim=32, img_size=32).state_dict()
+        other = DIMEncoder(
+            ModelConfig("test_resnet", code_dim=8, fc_dim=32, img_size=32)
+        ).state_dict()
         head = {k: v for k, v in other.items() if not k.startswith("backbone.")}
     save_file(head, str(folder / "dim_head.safetensors"))
     with pytest.raises(ConfigError, match=r"dim_head\.safetensors does not match 'test_resnet'"):
@@ -390,11 +346,13 @@ def test_load_encoder_refuses_backbone_weights_of_another_architecture(tmp_path)
     naming the file and the backbone, not torch's RuntimeError with every key listed."""
     from safetensors.torch import save_file
 
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     folder = tmp_path / "model"
     _export("test_resnet", folder)
-    other = DIMEncoder("dim_conv32", code_dim=8, fc_dim=16, img_size=32).backbone.state_dict()
+    other = DIMEncoder(
+        ModelConfig("dim_conv32", code_dim=8, fc_dim=16, img_size=32)
+    ).backbone.state_dict()
     save_file(other, str(folder / "model.safetensors"))
     with pytest.raises(
         ConfigError, match=r"model\.safetensors does not hold the 'test_resnet'"

@@ -24,7 +24,7 @@ import psutil
 import pytest
 from train_helpers import ACCELERATE_LAUNCH, ROOT, TINY, env, metrics, pretrain_cmd, write_shards
 
-from pipeline.tracking import METRICS, read_metrics
+from pipeline.share.tracking import METRICS, read_metrics
 
 BATCH = 8  # TINY's train.batch_size
 
@@ -144,8 +144,8 @@ def _check_run(out: Path, max_steps: int, world: int) -> dict:
     temporary folder left; returns the last checkpoint's meta."""
     import torch
 
-    from pipeline.checkpoint import latest_checkpoint, read_checkpoint_meta
-    from pipeline.export import load_encoder
+    from pipeline.share.export import load_encoder
+    from pipeline.train.checkpoint import latest_checkpoint, read_checkpoint_meta
 
     assert [r["step"] for r in metrics(out)] == list(range(1, max_steps + 1))
     meta = read_checkpoint_meta(latest_checkpoint(out))

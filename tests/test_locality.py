@@ -8,9 +8,10 @@ import torch
 
 import pipeline  # noqa: F401  (registers the backbones)
 from pipeline.config import load_config
-from pipeline.encoder import DIMEncoder
-from pipeline.model import build_model
-from pipeline.receptive import gradient_extent
+from pipeline.core.schema import ModelConfig
+from pipeline.models.encoder import DIMEncoder
+from pipeline.models.receptive import gradient_extent
+from pipeline.objective.model import build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -73,7 +74,9 @@ def _true_extent(encoder: DIMEncoder, size: int) -> int:
 def test_reported_receptive_field_equals_the_input_gradient_extent(backbone, local_layer, expected):
     torch.manual_seed(0)
     size = 32
-    encoder = DIMEncoder(backbone, local_layer=local_layer, img_size=size, fc_dim=32, code_dim=8)
+    encoder = DIMEncoder(
+        ModelConfig(backbone, local_layer=local_layer, img_size=size, fc_dim=32, code_dim=8)
+    )
     reported = encoder.receptive_field(size)
     assert reported == expected
     # A canvas large enough that the field is not cut by the border: gradient of one
@@ -82,7 +85,7 @@ def test_reported_receptive_field_equals_the_input_gradient_extent(backbone, loc
 
 
 def test_whole_image_field_is_reported_as_such():
-    encoder = DIMEncoder("resnet18", local_layer=3, img_size=32, fc_dim=32, code_dim=8)
+    encoder = DIMEncoder(ModelConfig("resnet18", local_layer=3, img_size=32, fc_dim=32, code_dim=8))
     assert encoder.receptive_field(32) >= 32
 
 

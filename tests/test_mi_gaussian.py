@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from pipeline.critics import ConcatCritic
-from pipeline.estimators import infonce, jsd_to_nats
-from pipeline.objective import mi_estimate
+from pipeline.objective.critics import ConcatCritic
+from pipeline.objective.estimators import infonce, jsd_to_nats
+from pipeline.objective.loss import mi_estimate
 
 D, RHO = 2, 0.8
 TRUE_MI = -D / 2 * math.log(1 - RHO**2)  # 1.022 nats

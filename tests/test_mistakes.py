@@ -8,6 +8,7 @@ Every run is a subprocess with the tiny model of ``train_helpers``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -16,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 import webdataset as wds
 from train_helpers import PY, ROOT, TINY, metrics, pretrain_cmd, run, write_shards
 
@@ -120,14 +122,39 @@ def test_registered_backbone_passes_the_name_check():
     import timm
     from timm.models import register_model
 
-    from pipeline.preflight import check_backbone
+    from pipeline.models.backbones import check_backbone
 
     @register_model
     def dim_test_registered_net(pretrained=False, **kwargs):  # pragma: no cover - never built
         return timm.create_model("test_resnet", pretrained=pretrained, **kwargs)
 
     check_backbone("dim_test_registered_net")
-    check_backbone("hf-hub:someone/some-model")  # checked by timm when it is built
+
+
+def test_backbone_names_the_check_accepts_are_the_names_that_build(tmp_path):
+    """One check for preflight and the build: ``hf-hub:`` is refused by both (a run never
+    downloads), ``local-dir:`` of a model folder passes and builds, a missing folder is
+    refused by both."""
+    from pipeline.core.errors import ConfigError
+    from pipeline.core.schema import ModelConfig
+    from pipeline.models.backbones import check_backbone
+    from pipeline.models.encoder import DIMEncoder, create_backbone
+    from pipeline.share.export import export_encoder
+
+    for name, needle in [
+        ("hf-hub:someone/some-model", "never downloads"),
+        (f"local-dir:{tmp_path / 'absent'}", "config.json missing"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            check_backbone(name)
+        with pytest.raises(ConfigError, match=needle):
+            create_backbone(name)
+    model = ModelConfig("test_resnet", code_dim=8, fc_dim=16)
+    export_encoder(DIMEncoder(model), tmp_path / "export", dataclasses.asdict(model))
+    name = f"local-dir:{tmp_path / 'export'}"
+    check_backbone(name)
+    encoder = DIMEncoder(ModelConfig(name, code_dim=8, fc_dim=16))
+    assert encoder(torch.randn(2, 3, 32, 32)).mu.shape == (2, 8)
 
 
 @pytest.mark.parametrize("source", ["--zero_stage", "config file"])
@@ -309,8 +336,9 @@ def test_dim_report_reads_a_run_folder(tmp_path):
 def test_config_differences_allow_schedule_and_logging_only():
     """Bug caught: a rerun with another lr (or any training key) silently continuing a
     run; and the opposite, a longer schedule or new W&B tags being refused."""
-    from pipeline.config import Config, load_config
-    from pipeline.run_folder import config_differences
+    from pipeline.config import load_config
+    from pipeline.core.schema import Config
+    from pipeline.train.run_folder import config_differences
 
     saved = Config().to_dict()
     same_run = load_config(

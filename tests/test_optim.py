@@ -10,8 +10,9 @@ import torch
 from timm.optim import Lars
 from torch import nn
 
-from pipeline.config import ConfigError, TrainConfig
-from pipeline.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from pipeline.core.errors import ConfigError
+from pipeline.core.schema import TrainConfig
+from pipeline.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
 def test_warmup_then_cosine():
@@ -80,22 +81,3 @@ def test_build_lars_from_config():
     assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["trust_coeff"] == 1e-3
     with pytest.raises(ConfigError, match=r"lars needs train\.weight_decay > 0"):
         TrainConfig(optimizer="lars", weight_decay=0.0)
-
-
-def test_lars_loads_state_saved_by_the_hand_written_lars():
-    """Its groups had trust/lars keys and none of timm's (dampening, trust_coeff, ...):
-    a run checkpointed before the switch resumes and steps."""
-    model = nn.Linear(2, 2)
-    opt = build_optimizer(model, TrainConfig(optimizer="lars", lr=0.1))
-    model(torch.ones(1, 2)).sum().backward()
-    opt.step()
-    state = opt.state_dict()
-    state["param_groups"] = [
-        {"params": g["params"], "lr": 0.1, "momentum": 0.9, "weight_decay": g["weight_decay"]}
-        | {"trust": 1e-3, "eps": 1e-8, "lars": g["weight_decay"] > 0}
-        for g in state["param_groups"]
-    ]
-    fresh = build_optimizer(model, TrainConfig(optimizer="lars", lr=0.1))
-    fresh.load_state_dict(state)
-    fresh.step()
-    assert fresh.param_groups[0]["dampening"] == 0

@@ -12,17 +12,17 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data import dataset_size, eval_loader, resolve_shards
-from pipeline.digits import digits_tensor
-from pipeline.errors import ConfigError
-from pipeline.prepare import (
-    main,
+from pipeline.core.errors import ConfigError
+from pipeline.data.digits import digits_tensor
+from pipeline.data.loaders import dataset_size, eval_loader, resolve_shards
+from pipeline.data.shards import read_manifest
+from pipeline.data.write import (
     prepare_digits,
     prepare_folder,
     prepare_torchvision,
     split_indices,
 )
-from pipeline.shards import read_manifest
+from pipeline.prepare import main
 
 
 def raw_samples(manifest) -> list[dict]:

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError
-from pipeline.model import build_model
-from pipeline.speed import prepare_input, prepare_model
+from pipeline.core.errors import ConfigError
+from pipeline.models.speed import prepare_input, prepare_model
+from pipeline.objective.model import build_model
 
 TINY = [
     "model.backbone=test_resnet",
@@ -82,7 +82,7 @@ def test_linear_critic_embeddings_train_and_concat_refuses_them():
 
 RELEASE_PROBE = """
 import sys, psutil, torch
-from pipeline.speed import keep_freed_memory
+from pipeline.models.speed import keep_freed_memory
 applied = keep_freed_memory(sys.argv[1] == "keep")
 process = psutil.Process()
 block = torch.ones(64 * 2**20 // 4)  # 64 MiB, far above glibc's largest default mmap threshold

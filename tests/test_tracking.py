@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.config import WandbConfig
-from pipeline.tracking import Tracker, read_metrics, truncate_metrics, wandb_mode
+from pipeline.core.schema import WandbConfig
+from pipeline.share.tracking import Tracker, read_metrics, truncate_metrics, wandb_mode
 
 
 def test_auto_mode_follows_api_key(monkeypatch, tmp_path):

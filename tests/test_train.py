@@ -132,7 +132,7 @@ def _check_export(out: Path) -> None:
     from safetensors.torch import load_file
 
     from pipeline.config import load_config
-    from pipeline.model import build_model
+    from pipeline.objective.model import build_model
 
     backbone = timm.create_model("test_resnet", pretrained=False, num_classes=0)
     backbone.load_state_dict(load_file(str(out / "export" / "model.safetensors")), strict=True)
@@ -324,7 +324,7 @@ def test_agree_reports_nan_and_raise_if_nonfinite_names_step_and_terms():
     naming a finite term."""
     import torch
 
-    from pipeline.step import NonFiniteLoss, agree, raise_if_nonfinite
+    from pipeline.train.step import NonFiniteLoss, agree, raise_if_nonfinite
 
     sums = {"loss": torch.tensor(float("nan")), "loss/kl": torch.tensor(0.5)}
     vote = agree(_accelerator(), True, 3, sums)
@@ -339,7 +339,7 @@ def test_deepspeed_half_recast_and_autocast_are_separate():
     autocast helper casts nothing; without DeepSpeed neither does anything."""
     import torch
 
-    from pipeline.step import deepspeed_autocast, recast_batchnorm_for_deepspeed
+    from pipeline.train.step import deepspeed_autocast, recast_batchnorm_for_deepspeed
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
     bf16 = _accelerator({"bf16": {"enabled": True}})
@@ -358,7 +358,7 @@ def test_eval_mode_restores_each_module_own_state():
     own mode (catches restoring all to train, or not restoring on an exception)."""
     import torch
 
-    from pipeline.features import eval_mode
+    from pipeline.eval.features import eval_mode
 
     training, evaluating = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1).eval()
     with pytest.raises(KeyError), eval_mode(training, evaluating):

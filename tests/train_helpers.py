@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.tracking import METRICS, read_metrics
+from pipeline.share.tracking import METRICS, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -37,7 +37,7 @@ def write_shards(folder: Path, n: int = 512, per_shard: int = 256) -> str:
     import webdataset as wds
     from PIL import Image
 
-    from pipeline.digits import load_digits_uint8
+    from pipeline.data.digits import load_digits_uint8
 
     images, labels = load_digits_uint8()
     folder.mkdir(parents=True, exist_ok=True)

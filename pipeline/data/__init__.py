@@ -1,0 +1,1 @@
+"""Images in: shard specs and manifests, WebDataset streams, augmentation, shard writing."""

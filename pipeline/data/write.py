@@ -1,0 +1,337 @@
+"""Write WebDataset shards and JSON manifests (the library behind ``python -m pipeline.prepare``).
+
+    python -m pipeline.prepare folder  SRC_DIR OUT_DIR   # SRC_DIR/<class>/*.jpg -> labels 0..K-1
+    python -m pipeline.prepare digits  OUT_DIR           # scikit-learn's bundled 8x8 digits
+    python -m pipeline.prepare torchvision CIFAR10 ROOT OUT_DIR [--split train|test]
+
+Each writes ``OUT_DIR/{train,val}-NNNNNN.tar`` (a fixed fraction goes to ``val``, chosen by
+a seeded permutation, so the split is the same every time) and one manifest per split,
+``OUT_DIR/train.json`` and ``OUT_DIR/val.json``: shard names, samples per shard, class
+names. Samples are ``{key}.{jpg|jpeg|png|webp}`` plus ``{key}.cls`` (the integer label),
+the layout webdataset's ShardWriter and img2dataset produce. Shards are written in a
+temporary folder and moved in place, manifests last: a manifest means a finished split.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.core.errors import ConfigError
+from pipeline.data.shards import read_manifest, write_manifest
+
+log = logging.getLogger(__name__)
+
+FOLDER_EXTS = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
+SHARD_SAMPLES = 10_000  # default maximum samples per shard
+SHARD_BYTES = 256 * 2**20  # default maximum bytes per shard (a shard may pass it by one sample)
+
+# One sample source: how many items, and item index -> (image bytes, extension, label or -1).
+Loader = Callable[[int], tuple[bytes, str, int]]
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices: a seeded permutation, the first ``round(n * val_fraction)`` to val.
+    Both come out shuffled, so shards mix classes even when the source is sorted by class."""
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = round(n * val_fraction)
+    return order[n_val:], order[:n_val]
+
+
+def _write_split(
+    load: Loader,
+    indices: Sequence[int],
+    out_dir: Path,
+    tmp: Path,
+    name: str,
+    *,
+    classes: list[str],
+    max_samples: int,
+    max_bytes: int,
+    info: dict,
+) -> Path:
+    """Shards of one split into ``tmp`` (then moved to ``out_dir``); returns its manifest."""
+    written: list[tuple[str, int, int]] = []
+    writer: wds.ShardWriter
+
+    def done(fname: str) -> None:  # ShardWriter calls this as it closes each shard
+        written.append((Path(fname).name, writer.count, os.path.getsize(fname)))
+
+    writer = wds.ShardWriter(
+        str(tmp / f"{name}-%06d.tar"),
+        maxcount=max_samples,
+        maxsize=max_bytes,
+        post=done,
+        verbose=0,
+        mtime=0,
+    )
+    with writer:
+        for i, index in enumerate(tqdm(indices, desc=f"{name} shards", unit="img")):
+            data, ext, label = load(int(index))
+            sample: dict[str, Any] = {"__key__": f"{name}-{i:08d}", ext: data}
+            if label >= 0:
+                sample["cls"] = str(label).encode()
+            writer.write(sample)
+    for shard, _, _ in written:
+        os.replace(tmp / shard, out_dir / shard)
+    return write_manifest(
+        out_dir / f"{name}.json", split=name, shards=written, classes=classes, info=info
+    )
+
+
+def write_dataset(
+    load: Loader,
+    n: int,
+    out_dir: str | Path,
+    *,
+    classes: list[str],
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    max_samples: int = SHARD_SAMPLES,
+    max_bytes: int = SHARD_BYTES,
+    names: tuple[str, str] = ("train", "val"),
+    source: dict | None = None,
+) -> dict[str, Path]:
+    """Split ``n`` items, write each non-empty split's shards and manifest; {split: manifest}.
+
+    Old shards of the same split names are removed first, so a brace pattern or glob over
+    the folder never mixes two runs.
+    """
+    if n == 0:
+        raise ConfigError("nothing to write: the source has no images")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = dict(zip(names, split_indices(n, val_fraction, seed), strict=True))
+    if not len(parts[names[0]]):
+        raise ConfigError(f"val_fraction={val_fraction} leaves no sample of {n} for {names[0]!r}")
+    for name in names:
+        for old in out_dir.glob(f"{name}-[0-9]*.tar"):
+            old.unlink(missing_ok=True)
+        (out_dir / f"{name}.json").unlink(missing_ok=True)
+    info = {
+        "source": source or {},
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "written_by": "pipeline.prepare",
+    }
+    manifests = {}
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".prepare-") as tmp:
+        for name in reversed(names):  # the train manifest, written last, marks completion
+            if len(parts[name]):
+                manifests[name] = _write_split(
+                    load,
+                    parts[name],
+                    out_dir,
+                    Path(tmp),
+                    name,
+                    classes=classes,
+                    max_samples=max_samples,
+                    max_bytes=max_bytes,
+                    info=info,
+                )
+    return dict(sorted(manifests.items(), key=lambda kv: names.index(kv[0])))
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    image.save(
+        out,
+        format={"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[fmt],
+        **({"quality": 95} if fmt == "jpg" else {}),
+    )
+    return out.getvalue()
+
+
+def _existing(
+    out_dir: str | Path, overwrite: bool, names: tuple[str, str], **params: Any
+) -> Path | None:
+    """The first split's manifest from an earlier run, unless ``overwrite``; warns if
+    it was written with other parameters."""
+    path = Path(out_dir) / f"{names[0]}.json"
+    if overwrite or not path.is_file():
+        return None
+    info = read_manifest(path).info
+    for key, value in params.items():
+        recorded = info[key] if key in info else info.get("source", {}).get(key)
+        if recorded != value:
+            log.warning(
+                "%s exists with %s=%r (asked %r); reusing it (overwrite=True rewrites)",
+                path,
+                key,
+                recorded,
+                value,
+            )
+    return path
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def prepare_folder(
+    src: str | Path,
+    out_dir: str | Path,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    overwrite: bool = False,
+    names: tuple[str, str] = ("train", "val"),
+    **kw: Any,
+) -> Path:
+    """Image folder tree -> shards; returns the train manifest.
+
+    ``src/<class>/**/<image>`` gives class names (sorted) and labels 0..K-1; a folder with
+    images and no subfolders gives unlabeled samples. Image bytes are stored unchanged.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise ConfigError(f"image folder not found: {src}")
+    if (
+        found := _existing(out_dir, overwrite, names, val_fraction=val_fraction, seed=seed)
+    ) is not None:
+        return found
+    classes = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+    roots = [(src / c, label) for label, c in enumerate(classes)] or [(src, -1)]
+    items = [
+        (p, label)
+        for root, label in roots
+        for p in sorted(root.rglob("*"))
+        if p.suffix.lower() in FOLDER_EXTS and p.is_file()
+    ]
+
+    def load(i: int) -> tuple[bytes, str, int]:
+        path, label = items[i]
+        return path.read_bytes(), FOLDER_EXTS[path.suffix.lower()], label
+
+    manifests = write_dataset(
+        load,
+        len(items),
+        out_dir,
+        classes=classes,
+        val_fraction=val_fraction,
+        seed=seed,
+        names=names,
+        source={"kind": "folder", "path": str(src)},
+        **kw,
+    )
+    return manifests[names[0]]
+
+
+def prepare_digits(
+    out_dir: str | Path,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    size: int = 32,
+    overwrite: bool = False,
+    names: tuple[str, str] = ("train", "val"),
+    **kw: Any,
+) -> Path:
+    """scikit-learn's 1,797 digits -> grayscale PNG shards; returns the train manifest
+    (``val.json`` sits beside it). Idempotent: an existing ``train.json`` is reused.
+
+    Images are upsampled once, bilinearly, from 8x8 to ``size`` (default 32, the model's
+    default input) exactly as ``pipeline.data.digits.digits_tensor`` does, so crops work at
+    32-pixel granularity; ``size=8`` stores the native images. PNG keeps them lossless.
+    With several processes, let one write first (``accelerator.main_process_first()``).
+    """
+    if (
+        found := _existing(
+            out_dir, overwrite, names, val_fraction=val_fraction, seed=seed, size=size
+        )
+    ) is not None:
+        return found
+    from pipeline.data.digits import digits_tensor
+
+    images, labels = digits_tensor(size)
+    pixels = images[:, 0].add(1).mul(127.5).round().clamp(0, 255).byte().numpy()
+
+    def load(i: int) -> tuple[bytes, str, int]:
+        return _encode(Image.fromarray(pixels[i]), "png"), "png", int(labels[i])
+
+    manifests = write_dataset(
+        load,
+        len(pixels),
+        out_dir,
+        classes=[str(d) for d in range(10)],
+        val_fraction=val_fraction,
+        seed=seed,
+        names=names,
+        source={"kind": "digits", "size": size},
+        **kw,
+    )
+    return manifests[names[0]]
+
+
+def prepare_torchvision(
+    name: str,
+    root: str | Path,
+    out_dir: str | Path,
+    *,
+    split: str = "train",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    image_format: str = "png",
+    overwrite: bool = False,
+    names: tuple[str, str] = ("train", "val"),
+    **kw: Any,
+) -> Path:
+    """A torchvision dataset already on disk (``download=False``) -> shards.
+
+    ``split`` is passed as ``train=(split == "train")`` or ``split=split``, whichever the
+    dataset takes (neither for e.g. ImageFolder). Images are re-encoded as ``image_format``
+    (png: lossless). Returns the first split's manifest; ``names=("test", "unused"),
+    val_fraction=0`` writes a test set.
+    """
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, tvd.VisionDataset)):
+        raise ConfigError(f"torchvision.datasets has no dataset {name!r}")
+    if (
+        found := _existing(out_dir, overwrite, names, val_fraction=val_fraction, seed=seed)
+    ) is not None:
+        return found
+    params = inspect.signature(cls).parameters
+    args: dict[str, Any] = {"download": False} if "download" in params else {}
+    if "train" in params:
+        args["train"] = split == "train"
+    elif "split" in params:
+        args["split"] = split
+    try:
+        dataset = cls(str(root), **args)
+    except (RuntimeError, OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"cannot open torchvision {name} at {root} ({args}): {err}") from None
+    fmt = image_format.lower().lstrip(".").replace("jpeg", "jpg")
+    if fmt not in ("png", "jpg", "webp"):
+        raise ConfigError(f"image_format must be png, jpg or webp, got {image_format!r}")
+
+    def load(i: int) -> tuple[bytes, str, int]:
+        image, target = dataset[i]
+        rgb = image if image.mode in ("RGB", "L") else image.convert("RGB")
+        return _encode(rgb, fmt), fmt, int(target) if target is not None else -1
+
+    manifests = write_dataset(
+        load,
+        len(dataset),
+        out_dir,
+        classes=list(getattr(dataset, "classes", [])),
+        val_fraction=val_fraction,
+        seed=seed,
+        names=names,
+        source={"kind": "torchvision", "name": name, "split": split},
+        **kw,
+    )
+    return manifests[names[0]]

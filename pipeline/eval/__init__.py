@@ -1,0 +1,1 @@
+"""Frozen-feature evaluation: features, probes, the online probe during training."""

@@ -1,0 +1,1 @@
+"""Encoders: timm backbones, the DIM encoder head, receptive fields, step-speed options."""

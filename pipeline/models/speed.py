@@ -1,0 +1,66 @@
+"""Step-speed options: ``train.channels_last``, ``train.compile`` and
+``train.keep_freed_memory``.
+
+They change how the step runs, never what it computes. ``nn.Module.compile()`` compiles
+in place, so parameter names, checkpoints and the exported encoder are the same as
+without it (``torch.compile(module)`` would wrap it and prefix every key with
+``_orig_mod.``). The encoder and the objective (critics + estimators) are compiled
+separately: the cross-device gather inside the objective is a graph break, and the
+encoder is where almost all of the time goes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import torch
+from torch import nn
+
+from pipeline.core.schema import TrainConfig
+
+__all__ = ["keep_freed_memory", "prepare_input", "prepare_model"]
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+_KEEP_BELOW = 2**31 - 1  # bytes: allocations up to 2 GiB come from the heap and stay there
+
+
+def keep_freed_memory(enabled: bool = True) -> bool:
+    """Make glibc's malloc keep freed memory for the next step instead of returning it.
+
+    By default glibc gives each large allocation its own mmap, unmaps it when it is
+    freed, and trims the top of the heap. A training step frees its activations and
+    allocates the same sizes again on the next step, so on a CPU every step pays the
+    kernel to map and zero those pages again: about 10% of a ResNet-50 step at 224 px on
+    the development machine, and more of a DIM step, whose critics add large temporaries
+    (docs/training.md, "Step speed"). With both thresholds raised, freed memory stays in
+    the heap for reuse; the process keeps its peak resident size until it exits.
+    Process-wide and irreversible; forked loader workers inherit it. Returns whether it
+    was applied (Linux with glibc; elsewhere a no-op).
+    """
+    if not enabled or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # another C library (musl): leave it alone
+        return False
+    limit = ctypes.c_int(_KEEP_BELOW)
+    return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig, *, backend: str = "inductor") -> nn.Module:
+    """Apply the options to a DIM model (in place); returns it for chaining. ``backend``
+    is torch.compile's (tests pass "eager": the same tracing without the C++ build)."""
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        for part in (model.encoder, model.objective):
+            part.compile(backend=backend)
+    return model
+
+
+def prepare_input(images: torch.Tensor | None, cfg: TrainConfig) -> torch.Tensor | None:
+    """Images (or None: no second view) in the memory layout the model was given."""
+    if images is None or not cfg.channels_last:
+        return images
+    return images.contiguous(memory_format=torch.channels_last)

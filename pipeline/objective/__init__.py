@@ -1,0 +1,1 @@
+"""The DIM objective: MI estimators, critics, negatives across devices, the loss."""

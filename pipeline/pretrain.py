@@ -1,0 +1,71 @@
+"""``pretrain.py`` / ``dim-pretrain``: the command line of a pretraining run.
+
+``accelerate launch pretrain.py [--config FILE] [key=value ...]``: the config is loaded and
+checked, the run's input is checked (``pipeline.train.preflight``), then ``pipeline.train.loop``
+trains. Every mistake in the input is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipeline.config import describe, load_config
+from pipeline.core.errors import ConfigError
+from pipeline.core.schema import Config
+from pipeline.train.loop import train
+from pipeline.train.step import NonFiniteLoss
+
+USAGE = """pretrain.py [--config FILE] [key=value ...]
+
+Deep InfoMax pretraining. Configuration: the defaults below, then FILE (YAML), then the
+dotted overrides. Launch with `accelerate launch [--config_file launch/X.yaml] pretrain.py`
+for several processes. A run resumes from the latest checkpoint in train.output_dir;
+a folder holding a run of another configuration is refused (see --force-config).
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
+    """(the config, whether --force-config was given)."""
+    p = argparse.ArgumentParser(
+        prog="pretrain.py",
+        usage=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="keys (with defaults):\n" + describe(),
+    )
+    p.add_argument("--config", default=None, help="YAML file with any of the sections below")
+    p.add_argument(
+        "--force-config",
+        action="store_true",
+        help="continue the run in train.output_dir even though its saved "
+        "config.yaml differs (the new config replaces it)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. train.batch_size=64 loss.estimator=jsd",
+    )
+    args = p.parse_args(argv)
+    return load_config(args.config, args.overrides), args.force_config
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: bad configuration exits with code 2 and one line."""
+    quiet = os.environ.get("RANK", "0") != "0"
+    try:
+        cfg, force_config = parse_args(argv)
+        train(cfg, force_config)
+    except ConfigError as err:
+        if not quiet:
+            print(f"pretrain.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLoss as err:
+        if not quiet:
+            print(f"pretrain.py: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

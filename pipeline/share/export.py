@@ -1,0 +1,241 @@
+"""Export a trained encoder as a timm / Hugging Face model folder, and load it back.
+
+The folder is what ``timm.save_for_hf`` writes, so the field's loaders read it as is:
+
+    config.json           timm's config (architecture, num_features, model_args,
+                          pretrained_cfg with the input size and normalisation used in
+                          training) plus a ``dim`` block: what rebuilds the DIM head
+    model.safetensors     the backbone's timm state dict
+    dim_head.safetensors  the DIM head (fc, mu, logvar)
+    README.md             the model card (``pipeline.share.card``)
+
+``timm.create_model("local-dir:FOLDER", pretrained=True)`` gives the backbone (after
+``import pipeline`` when the backbone is one this project registers); ``load_encoder``
+gives the whole ``DIMEncoder`` (also importable as ``pipeline.export.load_encoder``, the
+path model cards print).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.core.errors import ConfigError, state_dict_mismatch
+from pipeline.core.files import share_mode
+from pipeline.models.encoder import DIMEncoder, build_encoder
+
+__all__ = [
+    "EXPORT_BACKBONE",
+    "EXPORT_CARD",
+    "EXPORT_CONFIG",
+    "EXPORT_DIR",
+    "EXPORT_FILES",
+    "EXPORT_HEAD",
+    "data_config",
+    "export_encoder",
+    "find_export",
+    "is_export",
+    "load_encoder",
+    "read_export_meta",
+    "remove_partial_export",
+]
+
+EXPORT_DIR = "export"  # the model folder inside a run's output_dir
+EXPORT_CONFIG = "config.json"  # timm's config.json + the "dim" block
+EXPORT_BACKBONE = "model.safetensors"  # timm state dict of the backbone alone
+EXPORT_HEAD = "dim_head.safetensors"  # fc, mu, logvar of the DIM head
+EXPORT_CARD = "README.md"  # the model card
+EXPORT_FILES = (EXPORT_CONFIG, EXPORT_BACKBONE, EXPORT_HEAD, EXPORT_CARD)
+EXPORT_FORMAT = "dim-pretrain/export/2"
+
+# pretrained_cfg fields that describe the weights timm would download for this name,
+# not the weights in this folder
+_SOURCE_FIELDS = (
+    "tag",
+    "license",
+    "origin_url",
+    "paper_ids",
+    "paper_name",
+    "notes",
+    "description",
+    "hf_hub_filename",
+    "hf_hub_id",
+    "url",
+)
+
+
+def data_config(img_size: int, in_chans: int) -> dict:
+    """timm's preprocessing fields, read off the evaluation transform the encoder saw.
+
+    Reading them from ``pipeline.data.augment.eval_transform`` keeps one home for the
+    normalisation: a change there changes the export too.
+    """
+    from torchvision.transforms import v2
+
+    from pipeline.data.augment import eval_transform
+
+    steps = eval_transform(img_size, in_chans).transforms
+    norm = next(t for t in steps if isinstance(t, v2.Normalize))
+    resize = next(t for t in steps if isinstance(t, v2.Resize))
+    interpolation = getattr(resize.interpolation, "value", resize.interpolation)  # enum or str
+    return {
+        "input_size": (in_chans, img_size, img_size),
+        "mean": tuple(norm.mean),
+        "std": tuple(norm.std),
+        "interpolation": str(interpolation),
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+
+
+def _write_folder(encoder: DIMEncoder, folder: Path, meta: dict, card: str | None) -> None:
+    from safetensors.torch import save_file
+    from timm.models import save_for_hf
+
+    save_for_hf(
+        encoder.backbone,
+        str(folder),
+        safe_serialization=True,
+        model_config={"dim": {"format": EXPORT_FORMAT, **meta}},
+        data_config=data_config(meta["img_size"], meta["in_chans"]),
+    )
+    config_file = folder / EXPORT_CONFIG
+    config = json.loads(config_file.read_text())
+    pcfg = config["pretrained_cfg"]
+    for key in _SOURCE_FIELDS:
+        pcfg.pop(key, None)
+    pcfg["tag"] = "dim"
+    size = config.get("model_args", {}).get("img_size")
+    if isinstance(size, list) and len(set(size)) == 1:
+        # timm records the size as (h, w); a square one goes back as the int the config
+        # holds, which every model accepts (not all take a pair)
+        config["model_args"]["img_size"] = size[0]
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    head = {
+        k: v.detach().contiguous().cpu()
+        for k, v in encoder.state_dict().items()
+        if not k.startswith("backbone.")
+    }
+    save_file(head, str(folder / EXPORT_HEAD))
+    if card is not None:
+        (folder / EXPORT_CARD).write_text(card)
+
+
+def export_encoder(
+    encoder: DIMEncoder, folder: str | Path, meta: dict, card: str | None = None
+) -> Path:
+    """Write the model folder ``folder`` (replacing one there); returns the folder.
+
+    ``meta`` is the model config (backbone, code_dim, fc_dim, local_layer, img_size,
+    in_chans, backbone_kwargs); ``card`` the README.md text. The folder is built beside
+    its final place and renamed in, so a reader never sees half an export.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    building, parked = (p.rstrip("*") for p in _partial_patterns(folder))
+    tmp = Path(tempfile.mkdtemp(prefix=building, dir=folder.parent))
+    try:
+        _write_folder(encoder, tmp, meta, card)
+        share_mode(tmp)  # mkdtemp made it private; an export is for sharing
+        old = folder.parent / f"{parked}{os.getpid()}"
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _partial_patterns(folder: Path) -> tuple[str, str]:
+    """Where export_encoder builds a folder, and where it parks the one it replaces."""
+    return f".tmp-{folder.name}-*", f".old-{folder.name}-*"
+
+
+def remove_partial_export(folder: str | Path) -> None:
+    """Remove what a killed ``export_encoder`` left beside ``folder``."""
+    folder = Path(folder)
+    for pattern in _partial_patterns(folder):
+        for path in folder.parent.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def is_export(folder: Path) -> bool:
+    try:
+        return "dim" in json.loads((folder / EXPORT_CONFIG).read_text())
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def find_export(path: str | Path) -> Path:
+    """The model folder for a model folder, a file in one, or a run's output folder.
+
+    A run folder keeps its final export in ``export/``; failing that (only
+    per-checkpoint exports) the newest model folder below it wins.
+    """
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    for candidate in (path, path / EXPORT_DIR):
+        if is_export(candidate):
+            return candidate
+    found = []
+    if path.is_dir():
+        found = [
+            p.parent
+            for p in path.rglob(EXPORT_CONFIG)  # not a half-written .tmp-* one
+            if not any(part.startswith(".") for part in p.relative_to(path).parts)
+            and is_export(p.parent)
+        ]
+    if not found:
+        raise ConfigError(
+            f"no exported encoder at {path}: expected a model folder "
+            f"({EXPORT_CONFIG} + {EXPORT_BACKBONE}) there, in {EXPORT_DIR}/ "
+            f"or below (pass a run's output folder or its export)"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def read_export_meta(folder: str | Path) -> dict:
+    """The model config of a model folder (the ``dim`` block of its ``config.json``)."""
+    meta = dict(json.loads((Path(folder) / EXPORT_CONFIG).read_text())["dim"])
+    meta.pop("format", None)
+    return meta
+
+
+def load_encoder(path: str | Path, map_location: str = "cpu") -> DIMEncoder:
+    """Rebuild a ``DIMEncoder`` from a model folder (or a run folder, or a file in one)."""
+    from safetensors.torch import load_file
+
+    folder = find_export(path)
+    meta = read_export_meta(folder)
+    files = (EXPORT_BACKBONE, EXPORT_HEAD)
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        raise ConfigError(f"incomplete export at {folder}: {', '.join(missing)} missing")
+    encoder = build_encoder(meta)
+    backbone_file, head_file = (folder / name for name in files)
+    try:
+        encoder.backbone.load_state_dict(load_file(str(backbone_file), device=map_location))
+    except RuntimeError as err:  # weights of another architecture or width
+        raise ConfigError(
+            f"{backbone_file} does not hold the {meta['backbone']!r} backbone its export "
+            f"describes ({state_dict_mismatch(err)})"
+        ) from None
+    head = load_file(str(head_file), device=map_location)
+    # A head of another width is reported with the key mismatches, not as torch's RuntimeError.
+    shapes = {k: v.shape for k, v in encoder.state_dict().items()}
+    resized = [k for k, v in head.items() if k in shapes and v.shape != shapes[k]]
+    result = encoder.load_state_dict(
+        {k: v for k, v in head.items() if k not in resized}, strict=False
+    )  # the backbone was loaded above
+    missing = [k for k in result.missing_keys if not k.startswith("backbone.")]
+    if missing or result.unexpected_keys or resized:
+        raise ConfigError(
+            f"{head_file} does not match {meta['backbone']!r}: missing "
+            f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}, other shape {resized[:3]}"
+        )
+    return encoder.eval()

@@ -1,0 +1,1 @@
+"""The training run: its loop, step, progress, run folder, checkpoints, optimizers."""

@@ -1,0 +1,179 @@
+"""One optimizer step, and what the ranks agree on after it.
+
+``TrainStep`` runs ``train.grad_accum`` micro-batches (device augmentation, forward,
+backward), clips and steps the optimizer and the schedule. ``agree`` is the step's one
+all-reduce: the stop flag, the skipped-sample count and the loss terms, so every rank
+stops at the same step and sees the same means; ``raise_if_nonfinite`` then stops all of
+them on a NaN, naming the step and the term. DeepSpeed's half precision needs two things
+its engine leaves undone: BatchNorm buffers in the weights' dtype, and autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from pipeline.core.schema import Config
+    from pipeline.train.batches import TrainBatches
+
+__all__ = [
+    "NonFiniteLoss",
+    "StepResult",
+    "TrainStep",
+    "Vote",
+    "agree",
+    "deepspeed_autocast",
+    "deepspeed_half_dtype",
+    "raise_if_nonfinite",
+    "recast_batchnorm_for_deepspeed",
+]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or one of its terms became NaN or infinite."""
+
+
+def deepspeed_half_dtype(accelerator):
+    """The dtype DeepSpeed's ``bf16`` / ``fp16`` setting trains in, or None (no DeepSpeed,
+    or full precision)."""
+    import torch
+
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config if plugin is not None else {}
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if ds.get(key, {}).get("enabled") is True:
+            return dtype
+    return None
+
+
+def recast_batchnorm_for_deepspeed(accelerator, model) -> None:
+    """Under DeepSpeed bf16/fp16, cast the BatchNorm running statistics to the weights'
+    dtype: the engine casts the weights but not these buffers. Nothing otherwise."""
+    import torch
+
+    dtype = deepspeed_half_dtype(accelerator)
+    if dtype is None:
+        return
+    for m in accelerator.unwrap_model(model).modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.running_mean is not None:
+            m.running_mean.data = m.running_mean.data.to(dtype)
+            m.running_var.data = m.running_var.data.to(dtype)
+
+
+def deepspeed_autocast(accelerator):
+    """Autocast for DeepSpeed bf16/fp16, whose engine does not cast the inputs; a null
+    context otherwise (under DDP, accelerate's ``prepare`` already wraps the forward)."""
+    import torch
+
+    dtype = deepspeed_half_dtype(accelerator)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(accelerator.device.type, dtype=dtype)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """This rank's part of one step: the loss terms averaged over the micro-batches, the
+    loader's skipped-sample count, and the gradient norm before clipping."""
+
+    sums: dict
+    skipped: int
+    grad_norm: float | None
+
+
+class TrainStep:
+    """One optimizer step: ``train.grad_accum`` micro-batches, each moved to the device,
+    augmented and run forward and backward; gradients clipped, then the optimizer and
+    the schedule stepped. Made with the model in train mode."""
+
+    def __init__(self, accelerator, cfg: Config, model, optimizer, scheduler):
+        from pipeline.data.batch_augment import build_batch_augment
+
+        self.accelerator, self.tc = accelerator, cfg.train
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.autocast = deepspeed_autocast(accelerator)
+        # Random crops, jitter and the second view on the step's device, drawn from
+        # (seed, rank, step): a resumed run augments step k as the first run did.
+        self.augment = build_batch_augment(
+            cfg.data,
+            img_size=cfg.model.img_size,
+            seed=cfg.train.seed,
+            rank=accelerator.process_index,
+        )
+        model.train()  # the probe leaves it so as well
+
+    def lr(self) -> float:
+        """The rate the next step will use."""
+        return self.scheduler.get_last_lr()[0]
+
+    def views(self, batch: dict, step: int, micro: int):
+        """(images, second view or None) on the device, augmented, in the step's layout."""
+        from pipeline.models.speed import prepare_input
+
+        device = self.accelerator.device
+        images = batch["image"].to(device, non_blocking=True)
+        images2 = batch.get("image2")
+        images2 = images2.to(device, non_blocking=True) if images2 is not None else None
+        if self.augment is not None:
+            images, *second = self.augment(images, step, micro)
+            images2 = second[0] if second else None
+        return prepare_input(images, self.tc), prepare_input(images2, self.tc)
+
+    def __call__(self, batches: TrainBatches, step: int) -> StepResult:
+        accelerator, tc = self.accelerator, self.tc
+        sums: dict = {}
+        skipped, grad_norm = 0, None
+        for micro in range(tc.grad_accum):
+            batch = next(batches)
+            images, images2 = self.views(batch, step, micro)
+            skipped = int(batch.get("skipped", 0))
+            with accelerator.accumulate(self.model):
+                with self.autocast:
+                    loss, terms = self.model(images, images2)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(self.params, tc.grad_clip or math.inf)
+                self.optimizer.step()  # a no-op until the last micro-batch of the step
+                if accelerator.sync_gradients:
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum
+        return StepResult(sums, skipped, grad_norm)
+
+
+class Vote(NamedTuple):
+    """What every rank agrees on after a step."""
+
+    stopping: bool  # some rank got a stop signal
+    skipped: int  # skipped samples, all ranks
+    means: dict[str, float]  # the loss terms, averaged over ranks
+
+
+def agree(accelerator, stop: bool, skipped: int, sums: dict) -> Vote:
+    """The one all-reduce of a step. Every rank gets the same answers, so all stop at the
+    same step, and all see a NaN or inf that any rank's terms hold."""
+    import torch
+
+    keys = sorted(sums)
+    flags = torch.tensor([float(stop), float(skipped)], device=accelerator.device)
+    vec = torch.cat([flags, torch.stack([sums[k].detach().float() for k in keys])])
+    world = accelerator.num_processes
+    vec = accelerator.reduce(vec, reduction="sum") if world > 1 else vec
+    flag, skipped_total, *values = vec.tolist()
+    means = {k: v / world for k, v in zip(keys, values, strict=True)}
+    return Vote(flag > 0, int(skipped_total), means)
+
+
+def raise_if_nonfinite(means: dict[str, float], step: int) -> None:
+    """NonFiniteLoss naming the step and the terms that are NaN or infinite."""
+    bad = [k for k, v in means.items() if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteLoss(
+            f"non-finite loss at step {step}: {', '.join(bad)} "
+            f"({', '.join(f'{k}={means[k]}' for k in bad)})"
+        )
