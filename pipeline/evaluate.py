@@ -25,13 +25,19 @@ import time
 from pathlib import Path
 
 import torch
+import wandb
+import yaml
 
 from pipeline.core.errors import ConfigError
+from pipeline.data.loaders import (
+    eval_loader,
+)
 from pipeline.eval.features import CONV_SOURCES, extract_features, recalibrate_batchnorm
 from pipeline.eval.probes import PROBES, ProbeSettings, run_probes
 from pipeline.models.encoder import DIMEncoder, build_encoder
 from pipeline.share.card import update_evaluation
 from pipeline.share.export import find_export, load_encoder, read_export_meta
+from pipeline.share.tracking import wandb_mode
 
 __all__ = ["evaluate", "find_export", "format_table", "main", "probe_every_view", "random_like"]
 
@@ -106,8 +112,6 @@ def _training_run(folder: Path | None) -> dict:
         "dir": str(folder),
     }
     if (folder / "config.yaml").is_file():
-        import yaml
-
         wb = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("wandb") or {}
         found.update({k: wb[k] for k in ("project", "entity") if wb.get(k)})
     return found
@@ -123,9 +127,6 @@ def log_to_wandb(
     """Put the table in the active W&B run, or (``start``) in the training run that wrote
     ``run_dir`` when it has one, else a new ``eval`` run: one summary key per cell,
     ``eval/<model>/<view>/<probe>``, and a table ``eval/table``."""
-    import wandb
-
-    from pipeline.share.tracking import wandb_mode
 
     run = wandb.run
     if run is None and not start:
@@ -150,9 +151,6 @@ def log_to_wandb(
 
 
 def _loader(spec: str, meta: dict, batch_size: int, workers: int):
-    from pipeline.data.loaders import (
-        eval_loader,  # the data side stays out of this module's import time
-    )
 
     return eval_loader(
         spec,

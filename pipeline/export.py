@@ -23,8 +23,21 @@ import sys
 import tempfile
 from pathlib import Path
 
+import timm
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError
+
 from pipeline.core.errors import ConfigError
-from pipeline.share.export import load_encoder
+from pipeline.core.files import share_mode
+from pipeline.share.card import set_block, set_front_matter, usage_block
+from pipeline.share.export import (
+    EXPORT_CARD,
+    EXPORT_FILES,
+    find_export,
+    is_export,
+    load_encoder,
+    read_export_meta,
+)
 
 __all__ = ["PushError", "load_encoder", "main", "push", "stage"]
 
@@ -35,10 +48,6 @@ class PushError(RuntimeError):
 
 def _build(src: Path, dest: Path) -> None:
     """Write the model folder found at ``src`` into the empty folder ``dest``."""
-    from pipeline.share.export import (
-        EXPORT_FILES,
-        find_export,
-    )
 
     folder = find_export(src)
     for name in EXPORT_FILES:
@@ -47,8 +56,6 @@ def _build(src: Path, dest: Path) -> None:
 
 
 def _finish_card(dest: Path, ref: str, license: str | None, datasets: list[str] | None) -> None:
-    from pipeline.share.card import set_block, set_front_matter, usage_block
-    from pipeline.share.export import EXPORT_CARD, read_export_meta
 
     path = dest / EXPORT_CARD
     if not path.is_file():
@@ -75,8 +82,6 @@ def stage(
     The card's usage block names ``hf-hub:repo_id`` when given, else ``dest``. An existing
     ``dest`` is replaced only if it is a model folder itself.
     """
-    from pipeline.core.files import share_mode
-    from pipeline.share.export import is_export
 
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not is_export(dest))):
@@ -105,9 +110,6 @@ def push(
     message: str = "Add DIM encoder",
 ) -> str:
     """Upload ``folder`` to ``repo_id`` as one commit; returns the commit URL."""
-    import timm
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError
 
     token = get_token()
     if not token:

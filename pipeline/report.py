@@ -22,11 +22,13 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import wandb
+import wandb_workspaces.reports.v2 as wr
 import yaml
 
 from pipeline.core.errors import ConfigError
 from pipeline.objective.loss import ESTIMATORS
-from pipeline.share.tracking import METRICS, WANDB_ID, read_metrics
+from pipeline.share.tracking import METRICS, WANDB_ID, read_metrics, wandb_mode
 
 __all__ = ["build_report", "default_keys", "describe_report", "main", "panel_specs"]
 
@@ -115,7 +117,6 @@ def build_report(
     keys: Iterable[str] | None = None,
 ):
     """The ``wandb_workspaces.reports.v2.Report`` object (not saved)."""
-    import wandb_workspaces.reports.v2 as wr
 
     runset = wr.Runset(
         entity=entity, project=project, name="DIM runs", filters=_runset_filters(runs or [], group)
@@ -208,14 +209,12 @@ def _metric_keys(path: Path) -> list[str]:
 
 def _default_entity() -> str:
     """The W&B entity of the logged-in user; one line when there is no key or no network."""
-    from pipeline.share.tracking import wandb_mode
 
     if wandb_mode("auto") != "online":
         raise ConfigError(
             "no W&B API key (set WANDB_API_KEY or run `wandb login`), or "
             "WANDB_MODE is not online; --dry-run builds the report offline"
         )
-    import wandb
 
     try:
         return wandb.Api().default_entity

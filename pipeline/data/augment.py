@@ -8,15 +8,12 @@ Grayscale sources are expanded to RGB at decode time; ``in_chans=1`` converts ba
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torchvision.transforms import v2
 
 from pipeline.core.errors import ConfigError, choose
-
-if TYPE_CHECKING:
-    from pipeline.core.schema import DataConfig
+from pipeline.core.schema import DataConfig
 
 
 @dataclass(frozen=True)

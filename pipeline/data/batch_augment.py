@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.core.schema import DataConfig
 from pipeline.data.augment import AUGMENTS
-
-if TYPE_CHECKING:
-    from pipeline.core.schema import DataConfig
 
 __all__ = [
     "BatchAugment",

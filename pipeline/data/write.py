@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torchvision.datasets as tvd
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
 from pipeline.core.errors import ConfigError
+from pipeline.data.digits import digits_tensor
 from pipeline.data.shards import read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -253,7 +255,6 @@ def prepare_digits(
         )
     ) is not None:
         return found
-    from pipeline.data.digits import digits_tensor
 
     images, labels = digits_tensor(size)
     pixels = images[:, 0].add(1).mul(127.5).round().clamp(0, 255).byte().numpy()
@@ -295,7 +296,6 @@ def prepare_torchvision(
     (png: lossless). Returns the first split's manifest; ``names=("test", "unused"),
     val_fraction=0`` writes a test set.
     """
-    import torchvision.datasets as tvd
 
     cls = getattr(tvd, name, None)
     if not (isinstance(cls, type) and issubclass(cls, tvd.VisionDataset)):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.core.schema import Config
+from pipeline.data.loaders import eval_loader
 from pipeline.eval.features import extract_features
 from pipeline.eval.probes import ProbeSettings, run_probes
 
@@ -36,7 +37,6 @@ def labelled_images(
     in_chans: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``limit`` labelled images of ``spec`` (deterministic order), cached."""
-    from pipeline.data.loaders import eval_loader
 
     images, labels, seen = [], [], 0
     for batch in eval_loader(spec, batch_size=BATCH, img_size=img_size, in_chans=in_chans):

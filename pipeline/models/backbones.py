@@ -33,6 +33,7 @@ from timm.models import (
     parse_model_name,
     register_model,
 )
+from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
@@ -166,7 +167,6 @@ class DIMConvNet(nn.Module):
         intermediates_only: bool = False,
     ):
         """timm's feature-map API: the outputs of the stages in ``indices``."""
-        from timm.models._features import feature_take_indices
 
         if output_fmt != "NCHW":
             raise ValueError("DIMConvNet gives NCHW feature maps only")

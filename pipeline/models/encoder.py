@@ -19,6 +19,7 @@ from torch import nn
 from pipeline.core.errors import ConfigError
 from pipeline.core.schema import ModelConfig
 from pipeline.models.backbones import check_backbone
+from pipeline.models.receptive import receptive_field
 
 __all__ = ["DIMEncoder", "EncoderOutput", "build_encoder", "create_backbone"]
 
@@ -105,7 +106,6 @@ class DIMEncoder(nn.Module):
 
     def receptive_field(self, img_size: int) -> int:
         """Pixels (one side) that one location of the local map sees."""
-        from pipeline.models.receptive import receptive_field
 
         return receptive_field(self.backbone, self.local_index, img_size, self.in_chans)
 

@@ -21,14 +21,12 @@ reads the widths each one uses from the loss config.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from pipeline.core.schema import LossConfig
+from pipeline.core.schema import LossConfig
 
 __all__ = ["CRITICS", "ConcatCritic", "Critic", "DotCritic", "per_location"]
 

@@ -27,19 +27,17 @@ tests/test_distributed.py checks this on two real processes; docs/distributed.md
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from pipeline.core.errors import choose
+from pipeline.core.schema import LossConfig
+from pipeline.models.encoder import EncoderOutput
 from pipeline.objective import estimators as est
 from pipeline.objective.critics import CRITICS, Critic
 from pipeline.objective.distributed import gather_with_grad, rank
-
-if TYPE_CHECKING:
-    from pipeline.core.schema import LossConfig
-    from pipeline.models.encoder import EncoderOutput
 
 __all__ = [
     "ESTIMATORS",

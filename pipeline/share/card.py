@@ -13,7 +13,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import timm
 import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+from pipeline.data.shards import read_manifest
+from pipeline.share.export import EXPORT_CARD
 
 __all__ = [
     "TAGS",
@@ -68,7 +73,6 @@ def get_block(text: str, name: str) -> str | None:
 
 def set_front_matter(text: str, **fields) -> str:
     """Set front-matter fields (``None`` leaves one as it is), through huggingface_hub."""
-    from huggingface_hub import ModelCard
 
     card = ModelCard(text)
     for key, value in fields.items():
@@ -88,7 +92,6 @@ def _shards(spec: str) -> tuple[str, dict]:
     """A sentence on the training shards, and the source prepare recorded (if any)."""
     if not spec.endswith(".json") or not Path(spec).is_file():
         return f"`{spec}`", {}
-    from pipeline.data.shards import read_manifest
 
     try:
         m = read_manifest(spec)
@@ -104,7 +107,6 @@ def _shards(spec: str) -> tuple[str, dict]:
 
 
 def _registered_here(backbone: str) -> bool:
-    import timm
 
     return timm.is_model(backbone) and timm.models.model_entrypoint(backbone).__module__.startswith(
         "pipeline"
@@ -156,7 +158,6 @@ def render_card(
     name: str | None = None,
 ) -> str:
     """The card of a run's export: ``config`` is the resolved run config (as a dict)."""
-    from huggingface_hub import ModelCardData
 
     m, data, tr = config["model"], config["data"], config["train"]
     loss = config["loss"]
@@ -268,7 +269,6 @@ def evaluation_block(results: dict, settings: dict) -> str:
 
 def update_evaluation(folder: str | Path, results: dict, settings: dict) -> Path | None:
     """Write the evaluation block into ``folder/README.md``; ``None`` if there is no card."""
-    from pipeline.share.export import EXPORT_CARD
 
     path = Path(folder) / EXPORT_CARD
     if not path.is_file():

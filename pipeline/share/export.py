@@ -23,8 +23,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
+from timm.models import save_for_hf
+from torchvision.transforms import v2
+
 from pipeline.core.errors import ConfigError, state_dict_mismatch
 from pipeline.core.files import share_mode
+from pipeline.data.augment import eval_transform
 from pipeline.models.encoder import DIMEncoder, build_encoder
 
 __all__ = [
@@ -73,9 +78,6 @@ def data_config(img_size: int, in_chans: int) -> dict:
     Reading them from ``pipeline.data.augment.eval_transform`` keeps one home for the
     normalisation: a change there changes the export too.
     """
-    from torchvision.transforms import v2
-
-    from pipeline.data.augment import eval_transform
 
     steps = eval_transform(img_size, in_chans).transforms
     norm = next(t for t in steps if isinstance(t, v2.Normalize))
@@ -92,8 +94,6 @@ def data_config(img_size: int, in_chans: int) -> dict:
 
 
 def _write_folder(encoder: DIMEncoder, folder: Path, meta: dict, card: str | None) -> None:
-    from safetensors.torch import save_file
-    from timm.models import save_for_hf
 
     save_for_hf(
         encoder.backbone,
@@ -208,7 +208,6 @@ def read_export_meta(folder: str | Path) -> dict:
 
 def load_encoder(path: str | Path, map_location: str = "cpu") -> DIMEncoder:
     """Rebuild a ``DIMEncoder`` from a model folder (or a run folder, or a file in one)."""
-    from safetensors.torch import load_file
 
     folder = find_export(path)
     meta = read_export_meta(folder)

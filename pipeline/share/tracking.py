@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import wandb
+
 from pipeline.core.schema import WandbConfig
 
 __all__ = ["METRICS", "Tracker", "read_metrics", "truncate_metrics", "wandb_mode"]
@@ -83,7 +85,6 @@ class Tracker:
             self.run = self._start_wandb(cfg, mode, config)
 
     def _start_wandb(self, cfg: WandbConfig, mode: str, config: dict[str, Any]):
-        import wandb
 
         id_file = self.dir / WANDB_ID
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
@@ -120,7 +121,6 @@ class Tracker:
         """
         if self.run is None:
             return
-        import wandb
 
         offline = self.run.offline
         data_dir = os.environ.get("WANDB_DATA_DIR")

@@ -19,12 +19,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from pipeline.core.errors import ConfigError, state_dict_mismatch
 from pipeline.core.schema import Config, save_config
-from pipeline.models.speed import keep_freed_memory
+from pipeline.data.write import prepare_digits
+from pipeline.models.speed import keep_freed_memory, prepare_model
+from pipeline.objective.model import build_model
+from pipeline.share.card import render_card
+from pipeline.share.export import EXPORT_CONFIG, EXPORT_DIR, export_encoder, remove_partial_export
+from pipeline.share.plots import plot_metrics
+from pipeline.share.tracking import METRICS
 from pipeline.train.batches import StopFlag, open_batches
+from pipeline.train.checkpoint import clean_partial, load_checkpoint, save_checkpoint
+from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.preflight import preflight
 from pipeline.train.progress import (
     Progress,
@@ -34,6 +47,7 @@ from pipeline.train.progress import (
     probe_due,
     probe_if_due,
 )
+from pipeline.train.run_folder import CONFIG_FILE, inspect_run
 from pipeline.train.step import (
     TrainStep,
     Vote,
@@ -94,9 +108,6 @@ def train(cfg: Config, force_config: bool = False) -> int:
 
 
 def make_accelerator(cfg: Config):
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
 
     no_gpu = not torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -133,7 +144,6 @@ def use_default_data(accelerator, cfg: Config) -> None:
     Goes to ``$DIM_DEFAULT_DATA`` (default ``data/digits``); fills ``data.train_shards``
     and, when empty, ``data.val_shards`` (for the online probe).
     """
-    from pipeline.data.write import prepare_digits
 
     folder = Path(os.environ.get("DIM_DEFAULT_DATA", "data/digits"))
     with accelerator.main_process_first():
@@ -147,8 +157,6 @@ def use_default_data(accelerator, cfg: Config) -> None:
 def inspect_output_dir(accelerator, cfg: Config, force_config: bool):
     """What ``train.output_dir`` already holds (``run_folder.RunState``), read-only; a
     folder of another configuration is refused unless forced, and forcing is announced."""
-    from pipeline.share.export import EXPORT_CONFIG, EXPORT_DIR
-    from pipeline.train.run_folder import inspect_run
 
     out = Path(cfg.train.output_dir)
     state = inspect_run(
@@ -177,8 +185,6 @@ def end_complete_run(accelerator, cfg: Config, state) -> int:
 def prepare_output_dir(accelerator, cfg: Config) -> None:
     """Collective: the main process creates ``train.output_dir`` and removes what a killed
     run left half-written (a checkpoint, an export)."""
-    from pipeline.share.export import EXPORT_DIR, remove_partial_export
-    from pipeline.train.checkpoint import clean_partial
 
     out = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
@@ -191,10 +197,6 @@ def prepare_output_dir(accelerator, cfg: Config) -> None:
 def build_seeded_model(cfg: Config):
     """The DIM model from ``train.seed`` (identical initial weights on every rank), laid
     out for speed (``speed.prepare_model``: channels_last, compile)."""
-    from accelerate.utils import set_seed
-
-    from pipeline.models.speed import prepare_model
-    from pipeline.objective.model import build_model
 
     set_seed(cfg.train.seed)
     return prepare_model(build_model(cfg), cfg.train)
@@ -204,7 +206,6 @@ def report_receptive_field(accelerator, encoder, cfg: Config) -> None:
     """Log what one local-map location sees; warn when it sees the whole image, where
     local MI degenerates into telling whole images apart. Main process only: every rank
     holds the same architecture."""
-    import warnings
 
     if not accelerator.is_main_process:
         return
@@ -227,7 +228,6 @@ def report_receptive_field(accelerator, encoder, cfg: Config) -> None:
 def prepare_training(accelerator, model, tc):
     """(model, optimizer, scheduler), built from ``train.*`` and wrapped by accelerate
     (DDP or the DeepSpeed engine)."""
-    from pipeline.train.optim import build_optimizer, build_scheduler
 
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
@@ -239,7 +239,6 @@ def prepare_training(accelerator, model, tc):
 
 def load_run(accelerator, ckpt: Path) -> dict:
     """Restore a checkpoint; one line when it does not fit the configured model."""
-    from pipeline.train.checkpoint import load_checkpoint
 
     try:
         return load_checkpoint(accelerator, ckpt)  # restores RNG states as well
@@ -255,7 +254,6 @@ def restore_or_seed(accelerator, cfg: Config, state) -> None:
     """Where the random state starts: the latest checkpoint (weights, optimizer, RNG
     states) when the folder has one, else ``train.seed`` made per-rank, so that noise,
     augmentations and negatives differ between ranks."""
-    from accelerate.utils import set_seed
 
     if state.checkpoint is not None:
         load_run(accelerator, state.checkpoint)
@@ -266,7 +264,6 @@ def restore_or_seed(accelerator, cfg: Config, state) -> None:
 
 def save_run_config(accelerator, cfg: Config) -> None:
     """The main process writes the resolved config into ``train.output_dir``."""
-    from pipeline.train.run_folder import CONFIG_FILE
 
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.train.output_dir) / CONFIG_FILE)
@@ -289,8 +286,6 @@ def checkpoint_tag(vote: Vote, progress: Progress, tc) -> str:
 def save(accelerator, model, cfg: Config, progress: Progress, tracker, tag: str) -> None:
     """Collective: a checkpoint of this step, and with ``train.export_checkpoints`` an
     export beside it."""
-    from pipeline.share.export import EXPORT_DIR
-    from pipeline.train.checkpoint import save_checkpoint
 
     meta = {
         "samples_seen": progress.samples_seen,
@@ -319,8 +314,6 @@ def export(
 ) -> Path:
     """Collective: the main process writes the model folder (pipeline.export) with its
     card, and logs it to W&B as a model artifact of this run. Returns the folder."""
-    from pipeline.share.card import render_card
-    from pipeline.share.export import export_encoder
 
     if accelerator.is_main_process:
         encoder = accelerator.unwrap_model(model).encoder
@@ -346,8 +339,6 @@ def export(
 
 def plot(output_dir: Path) -> None:
     """metrics.png from the run's metrics.jsonl."""
-    from pipeline.share.plots import plot_metrics
-    from pipeline.share.tracking import METRICS
 
     plot_metrics(output_dir / METRICS, output_dir / "metrics.png")
 
@@ -356,7 +347,6 @@ def finish(accelerator, model, cfg: Config, progress: Progress, tracker) -> int:
     """The end of a run: the final export and plots when ``train.max_steps`` is reached,
     else (a stop signal) how to resume; then the tracker and the accelerator are closed.
     Returns the step reached."""
-    from pipeline.share.export import EXPORT_DIR
 
     out, step = Path(cfg.train.output_dir), progress.step
     if step >= cfg.train.max_steps:

@@ -13,16 +13,13 @@ batch size.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from timm.optim import Lars, param_groups_weight_decay
 from torch import nn
 
 from pipeline.core.errors import choose
-
-if TYPE_CHECKING:
-    from pipeline.core.schema import TrainConfig
+from pipeline.core.schema import TrainConfig
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
 

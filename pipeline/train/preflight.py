@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.schema import Config
+from pipeline.data.shards import (
+    resolve_spec,  # webdataset: imported once the folder is known fine
+)
 from pipeline.models.backbones import check_backbone
 from pipeline.train.run_folder import check_output_dir
 
@@ -18,9 +21,6 @@ __all__ = ["check_backbone", "check_shards", "preflight"]
 
 def check_shards(cfg: Config) -> None:
     """Every local shard of ``data.train_shards`` / ``data.val_shards`` exists."""
-    from pipeline.data.shards import (
-        resolve_spec,  # webdataset: imported once the folder is known fine
-    )
 
     for key in ("train_shards", "val_shards"):
         spec = getattr(cfg.data, key)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from pipeline.core.schema import Config
-    from pipeline.train.step import Vote
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from pipeline.core.schema import Config
+from pipeline.eval.online import online_probe
+from pipeline.share.tracking import Tracker
+from pipeline.train.step import Vote
 
 __all__ = [
     "Progress",
@@ -24,7 +27,6 @@ __all__ = [
 
 def open_tracker(accelerator, cfg: Config, step: int):
     """metrics.jsonl and W&B (``tracking.Tracker``) on the main process, None elsewhere."""
-    from pipeline.share.tracking import Tracker
 
     if not accelerator.is_main_process:
         return None
@@ -37,8 +39,6 @@ class Progress:
     bar rather than through it, and the bar closes on leaving."""
 
     def __init__(self, accelerator, tc, state, *, hidden: bool):
-        from tqdm.auto import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
 
         self.step, self.samples_seen = state.step, state.samples_seen
         self.world = accelerator.num_processes
@@ -122,6 +122,5 @@ def probe_if_due(accelerator, model, cfg: Config, step: int) -> dict[str, float]
     Its feature extraction puts the encoder in eval mode and back (``features.eval_mode``)."""
     if not probe_due(accelerator, cfg, step):
         return {}
-    from pipeline.eval.online import online_probe
 
     return online_probe(accelerator.unwrap_model(model).encoder, cfg, accelerator.device)

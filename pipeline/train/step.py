@@ -13,11 +13,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-if TYPE_CHECKING:
-    from pipeline.core.schema import Config
-    from pipeline.train.batches import TrainBatches
+import torch
+
+from pipeline.core.schema import Config
+from pipeline.data.batch_augment import build_batch_augment
+from pipeline.models.speed import prepare_input
+from pipeline.train.batches import TrainBatches
 
 __all__ = [
     "NonFiniteLoss",
@@ -39,7 +42,6 @@ class NonFiniteLoss(RuntimeError):
 def deepspeed_half_dtype(accelerator):
     """The dtype DeepSpeed's ``bf16`` / ``fp16`` setting trains in, or None (no DeepSpeed,
     or full precision)."""
-    import torch
 
     plugin = accelerator.state.deepspeed_plugin
     ds = plugin.deepspeed_config if plugin is not None else {}
@@ -52,7 +54,6 @@ def deepspeed_half_dtype(accelerator):
 def recast_batchnorm_for_deepspeed(accelerator, model) -> None:
     """Under DeepSpeed bf16/fp16, cast the BatchNorm running statistics to the weights'
     dtype: the engine casts the weights but not these buffers. Nothing otherwise."""
-    import torch
 
     dtype = deepspeed_half_dtype(accelerator)
     if dtype is None:
@@ -66,7 +67,6 @@ def recast_batchnorm_for_deepspeed(accelerator, model) -> None:
 def deepspeed_autocast(accelerator):
     """Autocast for DeepSpeed bf16/fp16, whose engine does not cast the inputs; a null
     context otherwise (under DDP, accelerate's ``prepare`` already wraps the forward)."""
-    import torch
 
     dtype = deepspeed_half_dtype(accelerator)
     if dtype is None:
@@ -90,7 +90,6 @@ class TrainStep:
     the schedule stepped. Made with the model in train mode."""
 
     def __init__(self, accelerator, cfg: Config, model, optimizer, scheduler):
-        from pipeline.data.batch_augment import build_batch_augment
 
         self.accelerator, self.tc = accelerator, cfg.train
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -112,7 +111,6 @@ class TrainStep:
 
     def views(self, batch: dict, step: int, micro: int):
         """(images, second view or None) on the device, augmented, in the step's layout."""
-        from pipeline.models.speed import prepare_input
 
         device = self.accelerator.device
         images = batch["image"].to(device, non_blocking=True)
@@ -157,7 +155,6 @@ class Vote(NamedTuple):
 def agree(accelerator, stop: bool, skipped: int, sums: dict) -> Vote:
     """The one all-reduce of a step. Every rank gets the same answers, so all stop at the
     same step, and all see a NaN or inf that any rank's terms hold."""
-    import torch
 
     keys = sorted(sums)
     flags = torch.tensor([float(stop), float(skipped)], device=accelerator.device)
