@@ -29,6 +29,7 @@ import wandb
 import yaml
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.files import CONFIG_FILE, WANDB_ID
 from pipeline.data.loaders import (
     eval_loader,
 )
@@ -37,7 +38,7 @@ from pipeline.eval.probes import PROBES, ProbeSettings, run_probes
 from pipeline.models.encoder import DIMEncoder, build_encoder
 from pipeline.share.card import update_evaluation
 from pipeline.share.export import find_export, load_encoder, read_export_meta
-from pipeline.share.tracking import wandb_mode
+from pipeline.share.tracking import EVAL_TABLE, wandb_mode
 
 __all__ = ["evaluate", "find_export", "format_table", "main", "probe_every_view", "random_like"]
 
@@ -96,7 +97,7 @@ def _run_folder(path: Path | None) -> Path | None:
         return None
     path = path.resolve()
     for folder in [path, *path.parents][:4]:
-        if (folder / "wandb_id.txt").is_file():
+        if (folder / WANDB_ID).is_file():
             return folder
     return None
 
@@ -107,12 +108,12 @@ def _training_run(folder: Path | None) -> dict:
     if folder is None:
         return {}
     found = {
-        "id": (folder / "wandb_id.txt").read_text().strip(),
+        "id": (folder / WANDB_ID).read_text().strip(),
         "resume": "allow",
         "dir": str(folder),
     }
-    if (folder / "config.yaml").is_file():
-        wb = (yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("wandb") or {}
+    if (folder / CONFIG_FILE).is_file():
+        wb = (yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}).get("wandb") or {}
         found.update({k: wb[k] for k in ("project", "entity") if wb.get(k)})
     return found
 
@@ -144,7 +145,7 @@ def log_to_wandb(
         columns=["model", "view", "probe", "accuracy"],
         data=[[*k.split("/")[1:], acc] for k, acc in flat.items()],
     )
-    run.log({**flat, "eval/table": table})
+    run.log({**flat, EVAL_TABLE: table})
     run.summary.update(flat)
     if start:
         run.finish()

@@ -27,8 +27,9 @@ import wandb_workspaces.reports.v2 as wr
 import yaml
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.files import CONFIG_FILE, METRICS, WANDB_ID
 from pipeline.objective.loss import ESTIMATORS
-from pipeline.share.tracking import METRICS, WANDB_ID, read_metrics, wandb_mode
+from pipeline.share.tracking import EVAL_TABLE, read_metrics, wandb_mode
 
 __all__ = ["build_report", "default_keys", "describe_report", "main", "panel_specs"]
 
@@ -42,7 +43,6 @@ EVAL_MODELS = {
     "pixels": ("pixels",),
 }
 EVAL_PROBES = ("linear", "knn")
-EVAL_TABLE = "eval/table"
 
 
 def default_keys() -> list[str]:
@@ -189,7 +189,7 @@ def _read_run(folder: Path) -> tuple[list[str], list[str], dict]:
             f"{folder} has no {WANDB_ID}: it is not a run folder, or its run had W&B disabled"
         )
     keys = _metric_keys(metrics) if metrics.is_file() else None
-    saved = folder / "config.yaml"
+    saved = folder / CONFIG_FILE
     wandb_cfg = (
         (yaml.safe_load(saved.read_text()) or {}).get("wandb", {}) if saved.is_file() else {}
     )

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.train.checkpoint import (
-    clean_partial,
+    clean_partial_checkpoints,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -57,7 +57,7 @@ def test_interrupted_save_keeps_previous(accelerator, tmp_path, monkeypatch):
     assert load_checkpoint(accelerator, latest)["samples_seen"] == 8
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, saved[k])
-    clean_partial(tmp_path)
+    clean_partial_checkpoints(tmp_path)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000001"]
 
 

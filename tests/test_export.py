@@ -300,18 +300,25 @@ def test_evaluate_of_an_export_joins_the_training_run(tmp_path):
 
 
 def test_a_killed_export_leaves_nothing_that_is_read_or_kept(tmp_path):
-    """export_encoder builds beside the folder and swaps it in; a kill mid-way leaves a
-    .tmp-/.old- folder that find_export must not pick and remove_partial_export removes."""
+    """export_encoder builds beside the folder and swaps it in. A kill while building
+    leaves a half folder that find_export must not pick and remove_partial_export
+    removes; a kill between the two renames leaves the old export parked, and
+    remove_partial_export puts it back."""
     from pipeline.share.export import remove_partial_export
 
     run_dir = tmp_path / "run"
     _export("test_resnet", run_dir / "checkpoints" / "step_0000002" / EXPORT_DIR)
-    (run_dir / ".tmp-export-abc").mkdir()  # half a newer export, as a kill leaves it
-    (run_dir / ".tmp-export-abc" / "config.json").write_text('{"dim": {}}')
-    (run_dir / ".old-export-123").mkdir()
+    (run_dir / ".tmp-export").mkdir()  # half a newer export, as a kill leaves it
+    (run_dir / ".tmp-export" / "config.json").write_text('{"dim": {}}')
     assert find_export(run_dir).parent.name == "step_0000002"
     remove_partial_export(run_dir / EXPORT_DIR)
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]
+
+    _export("test_resnet", run_dir / ".tmp-old-export")  # parked; its successor never came
+    (run_dir / ".tmp-export").mkdir()
+    remove_partial_export(run_dir / EXPORT_DIR)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", EXPORT_DIR]
+    assert find_export(run_dir) == run_dir / EXPORT_DIR
 
 
 @pytest.mark.parametrize("change", ["extra key", "missing key", "other fc_dim"])

@@ -24,7 +24,8 @@ import psutil
 import pytest
 from train_helpers import ACCELERATE_LAUNCH, ROOT, TINY, env, metrics, pretrain_cmd, write_shards
 
-from pipeline.share.tracking import METRICS, read_metrics
+from pipeline.core.files import METRICS
+from pipeline.share.tracking import read_metrics
 
 BATCH = 8  # TINY's train.batch_size
 

@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.share.tracking import METRICS, read_metrics
+from pipeline.core.files import METRICS
+from pipeline.share.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

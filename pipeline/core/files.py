@@ -1,15 +1,38 @@
-"""One mode for every file a run writes: the one the user's umask gives.
+"""The files a run folder holds, named once, and how folders in it are written: whole or
+not at all, in the mode the user's umask gives.
 
-Some writers choose their own (safetensors creates 0600 files), which would leave
-checkpoints and exports unreadable to a group sharing a run folder.
+A checkpoint or an export is built beside its final place and renamed in (a rename is
+atomic), so a reader, or a run resumed after a crash, sees the old folder or the new one,
+never half of one. Some writers choose their own file mode (safetensors creates 0600
+files), which would leave checkpoints and exports unreadable to a group sharing a run
+folder, so a finished folder is given the umask's mode before it is moved in.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
-__all__ = ["share_mode", "umask_mode"]
+__all__ = [
+    "CONFIG_FILE",
+    "METRICS",
+    "PLOT",
+    "WANDB_ID",
+    "clean_partial",
+    "new_partial",
+    "partial_of",
+    "replace_folder",
+    "share_mode",
+    "umask_mode",
+]
+
+CONFIG_FILE = "config.yaml"  # the resolved config of the run
+METRICS = "metrics.jsonl"  # one JSON row per logged step
+PLOT = "metrics.png"  # the training curves
+WANDB_ID = "wandb_id.txt"  # the W&B run id, so a resumed run continues the same W&B run
+
+_BUILDING, _PARKED = ".tmp-", ".tmp-old-"  # beside a folder being replaced
 
 
 def umask_mode(base: int = 0o666) -> int:
@@ -31,3 +54,46 @@ def share_mode(*paths: Path) -> None:
             mode = folder_mode if p.is_dir() else file_mode
             if (p.is_dir() or p.is_file()) and (os.stat(p).st_mode & 0o777) != mode:
                 os.chmod(p, mode)
+
+
+def partial_of(final: str | Path) -> Path:
+    """Where ``final`` is built before ``replace_folder`` moves it in."""
+    final = Path(final)
+    return final.parent / f"{_BUILDING}{final.name}"
+
+
+def new_partial(final: str | Path) -> Path:
+    """An empty folder beside ``final`` to build it in (``replace_folder`` moves it in)."""
+    building = partial_of(final)
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    return building
+
+
+def replace_folder(built: Path, final: str | Path) -> Path:
+    """Move the finished folder ``built`` to ``final``, replacing what is there; returns
+    ``final``. The old folder is parked first, so a crash between the two renames leaves
+    it for ``clean_partial`` to put back."""
+    final = Path(final)
+    share_mode(built)
+    parked = final.parent / f"{_PARKED}{final.name}"
+    shutil.rmtree(parked, ignore_errors=True)
+    if final.exists():
+        os.replace(final, parked)
+    os.replace(built, final)
+    shutil.rmtree(parked, ignore_errors=True)
+    return final
+
+
+def clean_partial(parent: str | Path) -> None:
+    """Undo what a killed ``replace_folder`` left in ``parent``: a parked folder whose
+    replacement never arrived goes back in place; half-built folders are removed."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for parked in parent.glob(f"{_PARKED}*"):
+        final = parent / parked.name.removeprefix(_PARKED)
+        if not final.exists():
+            os.replace(parked, final)
+    for partial in parent.glob(f"{_BUILDING}*"):
+        shutil.rmtree(partial, ignore_errors=True)

@@ -18,9 +18,7 @@ path model cards print).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -28,7 +26,7 @@ from timm.models import save_for_hf
 from torchvision.transforms import v2
 
 from pipeline.core.errors import ConfigError, state_dict_mismatch
-from pipeline.core.files import share_mode
+from pipeline.core.files import clean_partial, new_partial, replace_folder
 from pipeline.data.augment import eval_transform
 from pipeline.models.encoder import DIMEncoder, build_encoder
 
@@ -133,34 +131,17 @@ def export_encoder(
     in_chans, backbone_kwargs); ``card`` the README.md text. The folder is built beside
     its final place and renamed in, so a reader never sees half an export.
     """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    building, parked = (p.rstrip("*") for p in _partial_patterns(folder))
-    tmp = Path(tempfile.mkdtemp(prefix=building, dir=folder.parent))
+    tmp = new_partial(folder)
     try:
         _write_folder(encoder, tmp, meta, card)
-        share_mode(tmp)  # mkdtemp made it private; an export is for sharing
-        old = folder.parent / f"{parked}{os.getpid()}"
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        return replace_folder(tmp, folder)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
-def _partial_patterns(folder: Path) -> tuple[str, str]:
-    """Where export_encoder builds a folder, and where it parks the one it replaces."""
-    return f".tmp-{folder.name}-*", f".old-{folder.name}-*"
+        shutil.rmtree(tmp, ignore_errors=True)  # only there when writing failed
 
 
 def remove_partial_export(folder: str | Path) -> None:
-    """Remove what a killed ``export_encoder`` left beside ``folder``."""
-    folder = Path(folder)
-    for pattern in _partial_patterns(folder):
-        for path in folder.parent.glob(pattern):
-            shutil.rmtree(path, ignore_errors=True)
+    """Undo what a killed ``export_encoder`` left beside ``folder``."""
+    clean_partial(Path(folder).parent)
 
 
 def is_export(folder: Path) -> bool:

@@ -17,12 +17,12 @@ from typing import Any
 
 import wandb
 
+from pipeline.core.files import METRICS, WANDB_ID
 from pipeline.core.schema import WandbConfig
 
-__all__ = ["METRICS", "Tracker", "read_metrics", "truncate_metrics", "wandb_mode"]
+__all__ = ["EVAL_TABLE", "Tracker", "read_metrics", "truncate_metrics", "wandb_mode"]
 
-METRICS = "metrics.jsonl"
-WANDB_ID = "wandb_id.txt"
+EVAL_TABLE = "eval/table"  # the W&B key of the evaluation table (pipeline.evaluate --wandb)
 
 
 def wandb_mode(mode: str) -> str:

@@ -10,17 +10,16 @@ crash or a kill during a save leaves at most a stray temporary folder, never a b
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.files import share_mode
+from pipeline.core.files import clean_partial, new_partial, partial_of, replace_folder
 
 __all__ = [
     "checkpoint_dir",
-    "clean_partial",
+    "clean_partial_checkpoints",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -59,37 +58,23 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / META).read_text())
 
 
-def clean_partial(output_dir: str | Path) -> None:
-    """Remove temporary folders left by a save that never finished (main process only)."""
-    root = checkpoint_dir(output_dir)
-    if root.is_dir():
-        for p in root.glob(".tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
+def clean_partial_checkpoints(output_dir: str | Path) -> None:
+    """Undo what a save that never finished left (main process only)."""
+    clean_partial(checkpoint_dir(output_dir))
 
 
 def save_checkpoint(
     accelerator, output_dir: str | Path, step: int, meta: dict[str, Any], keep_last: int
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
-    root = checkpoint_dir(output_dir)
-    final = root / f"step_{step:07d}"
-    tmp = root / f".tmp-step_{step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    final = checkpoint_dir(output_dir) / f"step_{step:07d}"
+    tmp = new_partial(final) if accelerator.is_main_process else partial_of(final)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=2))
-        share_mode(tmp)  # safetensors writes 0600; the run's files share the umask's mode
-        if final.exists():  # the same step saved before (e.g. a resumed run's last save)
-            old = root / f".tmp-old-{final.name}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_folder(tmp, final)  # the same step may have been saved before (a resume)
         for stale in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from pipeline.core.errors import ConfigError, state_dict_mismatch
+from pipeline.core.files import CONFIG_FILE, METRICS, PLOT
 from pipeline.core.schema import Config, save_config
 from pipeline.data.write import prepare_digits
 from pipeline.models.speed import keep_freed_memory, prepare_model
@@ -34,9 +35,8 @@ from pipeline.objective.model import build_model
 from pipeline.share.card import render_card
 from pipeline.share.export import EXPORT_CONFIG, EXPORT_DIR, export_encoder, remove_partial_export
 from pipeline.share.plots import plot_metrics
-from pipeline.share.tracking import METRICS
 from pipeline.train.batches import StopFlag, open_batches
-from pipeline.train.checkpoint import clean_partial, load_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import clean_partial_checkpoints, load_checkpoint, save_checkpoint
 from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.preflight import preflight
 from pipeline.train.progress import (
@@ -47,7 +47,7 @@ from pipeline.train.progress import (
     probe_due,
     probe_if_due,
 )
-from pipeline.train.run_folder import CONFIG_FILE, inspect_run
+from pipeline.train.run_folder import inspect_run
 from pipeline.train.step import (
     TrainStep,
     Vote,
@@ -189,7 +189,7 @@ def prepare_output_dir(accelerator, cfg: Config) -> None:
     out = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        clean_partial(out)
+        clean_partial_checkpoints(out)
         remove_partial_export(out / EXPORT_DIR)
     accelerator.wait_for_everyone()
 
@@ -340,7 +340,7 @@ def export(
 def plot(output_dir: Path) -> None:
     """metrics.png from the run's metrics.jsonl."""
 
-    plot_metrics(output_dir / METRICS, output_dir / "metrics.png")
+    plot_metrics(output_dir / METRICS, output_dir / PLOT)
 
 
 def finish(accelerator, model, cfg: Config, progress: Progress, tracker) -> int:

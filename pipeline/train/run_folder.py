@@ -27,10 +27,10 @@ from typing import Any
 import yaml
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.files import CONFIG_FILE
 from pipeline.train.checkpoint import latest_checkpoint, read_checkpoint_meta
 
 __all__ = [
-    "CONFIG_FILE",
     "RESUMABLE",
     "RunState",
     "check_output_dir",
@@ -38,7 +38,6 @@ __all__ = [
     "inspect_run",
 ]
 
-CONFIG_FILE = "config.yaml"
 RESUMABLE = (
     "train.max_steps",
     "train.log_every",
