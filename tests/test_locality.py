@@ -1,6 +1,8 @@
 """Small-image backbones registered with timm, and the receptive field of the local map."""
 
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -12,6 +14,7 @@ from pipeline.core.schema import ModelConfig
 from pipeline.models.encoder import DIMEncoder
 from pipeline.models.receptive import gradient_extent
 from pipeline.objective.model import build_model
+from pipeline.train.loop import report_receptive_field
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -85,8 +88,41 @@ def test_reported_receptive_field_equals_the_input_gradient_extent(backbone, loc
 
 
 def test_whole_image_field_is_reported_as_such():
+    """A field larger than the image is reported larger, not cut to the image: layer3 of
+    resnet18 sees 211 px, all of the 96 px canvas a 32 px input is measured on. Catches
+    the measurement clipped to the image size (32) or run on the image alone."""
     encoder = DIMEncoder(ModelConfig("resnet18", local_layer=3, img_size=32, fc_dim=32, code_dim=8))
-    assert encoder.receptive_field(32) >= 32
+    assert encoder.receptive_field(32) == 96
+    assert encoder.receptive_field(128) == 211  # 7 + 4 + 8 * 4 + 2 * 4 + 6 * 8 + 2 * 8 + 6 * 16
+
+
+def _report(backbone: str, local_layer: int) -> tuple[list[str], list[str]]:
+    """(printed lines, warnings) of the training start's receptive-field report at 32 px."""
+    cfg = load_config(
+        None,
+        [f"model.backbone={backbone}", f"model.local_layer={local_layer}", "model.img_size=32"],
+    )
+    printed: list[str] = []
+    accelerator = SimpleNamespace(is_main_process=True, print=printed.append)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report_receptive_field(accelerator, build_model(cfg).encoder, cfg)
+    return printed, [str(w.message) for w in caught]
+
+
+def test_training_start_warns_when_the_local_map_sees_the_whole_image():
+    """resnet18's layer1 (43 px) covers a 32 px image: one warning naming the layer and
+    the field; the paper's encoder (10 px) logs its field and warns nothing. Catches the
+    warning lost, raised for every map, or comparing against something else than the
+    input size."""
+    printed, warned = _report("resnet18", 1)
+    assert printed == ["local map: stage 1 of resnet18 (~8x8x64), receptive field 43 px of 32 px"]
+    assert len(warned) == 1 and "model.local_layer=1" in warned[0] and "43 px" in warned[0]
+    printed, warned = _report("dim_conv32", 1)
+    assert (
+        printed == ["local map: stage 1 of dim_conv32 (~8x8x128), receptive field 10 px of 32 px"]
+        and warned == []
+    )
 
 
 @pytest.mark.parametrize("config", ["cifar10_cpu.yaml", "cifar10_gpu.yaml", "digits.yaml"])

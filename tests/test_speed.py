@@ -65,14 +65,20 @@ def test_prepare_input_keeps_a_missing_view_missing():
 
 
 def test_linear_critic_embeddings_train_and_concat_refuses_them():
-    # critic_hidden=0: the cheapest local critic (a linear map per location). Catches a
-    # hidden layer left in (no saving) and a silently ignored setting for concat critics.
+    """critic_hidden=0: the cheapest local critic embeds each location of the map by one
+    linear map (the shortcut's weights), and it trains. Catches a hidden layer left in or
+    a default width put back (the embedding is no longer that linear map), the weights
+    applied transposed or to the wrong axis, and a silently ignored setting for concat
+    critics."""
     cfg = load_config(None, [*TINY, "loss.critic_hidden=0"])
     model = build_model(cfg)
     critic = model.objective.local_critic
-    assert [type(m).__name__ for m in critic.modules() if isinstance(m, torch.nn.Linear)] == [
-        "Linear"
-    ] * 2
+    weight = critic.f.shortcut.weight
+    assert sum(p.numel() for p in critic.f.parameters()) == weight.numel()  # nothing else
+    fmap = torch.randn(3, weight.shape[1], 4, 5)
+    with torch.no_grad():
+        by_location = torch.einsum("dc,nchw->ndhw", weight, fmap)
+        torch.testing.assert_close(critic.embed_a(fmap), by_location.flatten(2))
     loss, _ = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
     loss.backward()
     assert torch.isfinite(loss) and critic.f.shortcut.weight.grad.abs().sum() > 0
