@@ -333,6 +333,24 @@ def test_dim_report_reads_a_run_folder(tmp_path):
     assert [p["metrics"] for p in structure["sections"][0]["panels"]] == [["mi/global/jsd"]]
 
 
+def test_a_run_resumes_with_channels_last_turned_on(shards, tmp_path):
+    """The step-speed options change how a step runs, not what it computes, so turning
+    one on for the continuation of a run resumes it (it was refused as another
+    configuration), from its checkpoint."""
+    out = tmp_path / "run"
+    first = pretrain(f"data.train_shards={shards}", f"train.output_dir={out}", "train.max_steps=2")
+    assert first.returncode == 0
+    again = pretrain(
+        f"data.train_shards={shards}",
+        f"train.output_dir={out}",
+        "train.max_steps=4",
+        "train.channels_last=true",
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stdout and "step_0000002" in again.stdout
+    assert [r["step"] for r in metrics(out)][-1] == 4
+
+
 def test_config_differences_allow_schedule_and_logging_only():
     """Bug caught: a rerun with another lr (or any training key) silently continuing a
     run; and the opposite, a longer schedule or new W&B tags being refused."""
@@ -349,6 +367,9 @@ def test_config_differences_allow_schedule_and_logging_only():
             "wandb.tags=[x]",
             "data.num_workers=0",
             "train.output_dir=elsewhere",
+            "train.compile=true",
+            "train.channels_last=true",
+            "train.keep_freed_memory=false",
         ],
     ).to_dict()
     assert config_differences(saved, same_run, Config().to_dict()) == []

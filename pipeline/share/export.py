@@ -17,12 +17,15 @@ path model cards print).
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
+from torch import nn
 from torchvision.transforms import v2
 
 from pipeline.core.errors import ConfigError, state_dict_mismatch
@@ -91,10 +94,17 @@ def data_config(img_size: int, in_chans: int) -> dict:
     }
 
 
-def _write_folder(encoder: DIMEncoder, folder: Path, meta: dict, card: str | None) -> None:
+def _standard_layout(module: nn.Module) -> nn.Module:
+    """``module``, or a copy of it in the standard memory layout: safetensors refuses the
+    channels_last weights that a run with ``train.channels_last`` trains."""
+    if all(t.is_contiguous() for t in module.state_dict().values()):
+        return module
+    return copy.deepcopy(module).to(memory_format=torch.contiguous_format)
 
+
+def _write_folder(encoder: DIMEncoder, folder: Path, meta: dict, card: str | None) -> None:
     save_for_hf(
-        encoder.backbone,
+        _standard_layout(encoder.backbone),
         str(folder),
         safe_serialization=True,
         model_config={"dim": {"format": EXPORT_FORMAT, **meta}},
