@@ -288,27 +288,52 @@ def test_online_probe_reports_the_offline_maths(tiny_run, tmp_path):
 
 
 def test_plot_metrics_writes_png(tmp_path):
+    """One 260 px band per metric group logged (MI, KL, loss terms, probe: 800 x 1040 at
+    100 dpi), each group's curves in its own band in matplotlib's colour cycle (two in MI
+    and loss, one in KL and probe), and the KL band alone changes when only kl does; the
+    empty plot is one band with a note and no curve. Catches: a group dropped or merged,
+    keys sorted into the wrong panel, a curve drawn from another key, a blank figure."""
     from pipeline.share.plots import plot_metrics
 
-    rows = [
-        {
-            "step": s,
-            "loss": -s / 10,
-            "loss/local": -s / 20,
-            "kl": 1.0 + s,
-            "mi/global/infonce": s / 5,
-            "mi/local/infonce": s / 7,
-            **({"probe/knn": 0.1 * s} if s % 2 == 0 else {}),
-        }
-        for s in range(1, 8)
-    ]
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn": ')
-    out = plot_metrics(path, tmp_path / "plots" / "metrics.png")
-    data = out.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    empty = plot_metrics(tmp_path / "missing.jsonl", tmp_path / "empty.png")
-    assert empty.stat().st_size > 0
+    def rows(kl):
+        return [
+            {
+                "step": s,
+                "loss": -s / 10,
+                "loss/local": -s / 20,
+                "kl": kl(s),
+                "mi/global/infonce": s / 5,
+                "mi/local/infonce": s / 7,
+                **({"probe/knn": 0.1 * s} if s % 2 == 0 else {}),
+            }
+            for s in range(1, 8)
+        ]
+
+    def render(name, lines):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"torn": ')
+        out = plot_metrics(path, tmp_path / "plots" / f"{name}.png")
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        return np.asarray(Image.open(out).convert("RGB"))
+
+    def curves(band):  # pixels of the first and the second colour of the cycle
+        return tuple(int((band == rgb).all(-1).sum()) for rgb in ((31, 119, 180), (255, 127, 14)))
+
+    image = render("rising", rows(lambda s: 1.0 + s))
+    assert image.shape == (4 * 260, 800, 3)
+    bands = [curves(image[i * 260 : (i + 1) * 260]) for i in range(4)]
+    assert [(first > 200, second > 200) for first, second in bands] == [
+        (True, True),  # mi/global, mi/local
+        (True, False),  # kl
+        (True, True),  # loss, loss/local
+        (True, False),  # probe/knn
+    ], bands
+    falling = render("falling", rows(lambda s: 9.0 - s))  # the same range, kl reversed
+    changed = np.nonzero((falling != image).any(-1).any(-1))[0]
+    assert changed.size and changed.min() >= 260 and changed.max() < 520, changed
+    empty = np.asarray(Image.open(plot_metrics(tmp_path / "missing.jsonl", tmp_path / "e.png")))
+    assert empty.shape[:2] == (260, 800) and curves(empty[..., :3]) == (0, 0)
+    assert (empty[..., :3] < 64).all(-1).sum() > 100  # the note's text
 
 
 class FakeRun:
