@@ -13,6 +13,7 @@ import torch
 from torchvision.transforms import v2
 
 from pipeline.core.errors import ConfigError, choose
+from pipeline.core.pixels import MEAN, STD
 from pipeline.core.schema import DataConfig
 
 
@@ -51,7 +52,10 @@ def _channels(in_chans: int) -> list[v2.Transform]:
 
 
 def _finish(in_chans: int) -> list[v2.Transform]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * in_chans, [0.5] * in_chans)]
+    return [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize([MEAN] * in_chans, [STD] * in_chans),
+    ]
 
 
 def eval_transform(img_size: int, in_chans: int) -> v2.Compose:

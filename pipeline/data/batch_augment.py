@@ -8,7 +8,7 @@ the random part runs here on the whole batch at once, on whatever device the ste
   parameter set to a whole batch, so they cannot give per-image crops);
 - colour jitter with p=0.8 (brightness, contrast, saturation, hue), per-image factors
   as batched tensor maths; an image that skips jitter gets the identity factors;
-- random grayscale, then normalisation to [-1, 1] (mean 0.5, std 0.5), as ``augment.py``.
+- random grayscale, then normalisation to [-1, 1] (``pipeline.core.pixels``), as ``augment.py``.
 
 Every image and every view gets its own parameters, drawn on the CPU from a generator
 seeded by ``(seed, rank, step, micro_batch)``, so a run resumed at step k draws what an
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.core.pixels import normalize
 from pipeline.core.schema import DataConfig
 from pipeline.data.augment import AUGMENTS
 
@@ -195,9 +196,9 @@ class BatchAugment:
         img_size: int,
         seed: int,
         rank: int,
-        crop_scale_min: float = 0.5,
-        flip: bool = True,
-        color_jitter: float = 0.4,
+        crop_scale_min: float,
+        flip: bool,
+        color_jitter: float,
         grayscale_p: float = 0.0,
         views: int = 1,
     ):
@@ -225,7 +226,7 @@ class BatchAugment:
         out = []
         for p in self.params(len(images), step, micro, colour=images.shape[1] == 3):
             view = grayscale(color_jitter(crop_flip(x, p, self.img_size), p), p)
-            out.append(view.mul(2).sub_(1))  # normalise: mean 0.5, std 0.5
+            out.append(normalize(view))
         return out
 
 

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.core.pixels import normalize
+
 
 def load_digits_uint8() -> tuple[np.ndarray, np.ndarray]:
     """Images as uint8 (N, 8, 8) in [0, 255] and integer labels (N,). Needs no network."""
@@ -17,10 +19,10 @@ def load_digits_uint8() -> tuple[np.ndarray, np.ndarray]:
 
 
 def digits_tensor(size: int = 32, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Digits as float (N, 3, size, size) in [-1, 1], bilinearly upsampled, and labels."""
+    """Digits as model inputs (N, 3, size, size), bilinearly upsampled, and labels."""
     images, labels = load_digits_uint8()
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    x = torch.from_numpy(images).float().div(127.5).sub(1.0).unsqueeze(1)
+    x = normalize(torch.from_numpy(images).float().div(255)).unsqueeze(1)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return x.expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(labels)

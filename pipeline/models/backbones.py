@@ -38,6 +38,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from pipeline.core.errors import ConfigError, unknown
+from pipeline.core.pixels import MEAN, STD
 
 __all__ = ["CifarResNet", "DIMConvNet", "check_backbone"]
 
@@ -65,7 +66,6 @@ def check_backbone(name: str) -> None:
 
 
 def _cfg(size: int, pool: int, **kwargs) -> dict:
-    # Normalisation as pipeline.data.augment applies it: [-1, 1] per channel.
     return {
         "url": "",
         "num_classes": 0,
@@ -73,8 +73,8 @@ def _cfg(size: int, pool: int, **kwargs) -> dict:
         "pool_size": (pool, pool),
         "crop_pct": 1.0,
         "interpolation": "bilinear",
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5),
+        "mean": (MEAN,) * 3,  # what the data side applies (pipeline.core.pixels)
+        "std": (STD,) * 3,
         "first_conv": "stages.0.conv",
         "classifier": "head",
         "license": "mit",
