@@ -285,6 +285,50 @@ def test_online_probe_runs_in_the_loop_every_eval_every_steps(shards, tmp_path):
     assert all(r["loss"] == r["loss"] for r in rows)
 
 
+def test_grad_accum_steps_once_on_the_mean_gradient_of_its_micro_batches():
+    """train.grad_accum=2, in process through the loop's own accelerator and TrainStep:
+    one step leaves the weights a plain optimizer step on the mean of the two
+    micro-batches' gradients gives, and reports that mean's norm. Catches: the
+    accumulation count not passed to the Accelerator or the accumulate context dropped
+    (two optimizer steps), gradients zeroed between micro-batches (the last one alone),
+    the loss not divided by grad_accum (twice the norm)."""
+    import copy
+
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.train.loop import build_seeded_model, make_accelerator, prepare_training
+    from pipeline.train.optim import build_optimizer, build_scheduler
+    from pipeline.train.step import TrainStep
+
+    cfg = load_config(None, [*TINY, "train.grad_accum=2", "train.grad_clip=0", "data.augment=none"])
+    g = torch.Generator().manual_seed(3)
+    micro = [torch.rand(8, 3, 32, 32, generator=g) for _ in range(2)]
+    model = build_seeded_model(cfg)
+    reference = copy.deepcopy(model)
+
+    accelerator = make_accelerator(cfg)
+    train_step = TrainStep(accelerator, cfg, *prepare_training(accelerator, model, cfg.train))
+    torch.manual_seed(4)  # the same noise and negatives in both
+    result = train_step(iter([{"image": x} for x in micro]), 0)
+
+    optimizer = build_optimizer(reference, cfg.train)
+    build_scheduler(optimizer, cfg.train)  # the warmup's first rate
+    torch.manual_seed(4)
+    for x in micro:
+        (reference(x)[0] / len(micro)).backward()
+    norm = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), float("inf"))
+    optimizer.step()
+
+    assert float(result.grad_norm) == pytest.approx(float(norm), rel=1e-5)
+    trained, expected = dict(model.named_parameters()), dict(reference.named_parameters())
+    assert any(
+        not torch.equal(p, trained[k]) for k, p in build_seeded_model(cfg).named_parameters()
+    )
+    for k, p in expected.items():
+        torch.testing.assert_close(trained[k], p, rtol=1e-5, atol=1e-6, msg=k)
+
+
 @pytest.mark.parametrize("extra,code", [([], 0), (DIVERGE, 1)])
 def test_run_with_loader_workers_exits(shards, tmp_path, extra, code):
     """Workers start with the stop signals blocked; they must still be stopped at the
