@@ -37,7 +37,15 @@ def test_help_lists_keys_with_defaults():
         (["loss.estimator=nce"], "loss.estimator"),
         (["train.max_steps=0"], "train.max_steps"),
         (["--config", "/nonexistent.yaml"], "not found"),
-        (["model.backbone=no_such_net", "train.max_steps=1", "data.train_shards="], "backbone"),
+        (
+            [
+                "model.backbone=no_such_net",
+                "train.max_steps=1",
+                "train.warmup_steps=0",
+                "data.train_shards=",
+            ],
+            "backbone",
+        ),
         (["data.train_shards=x.tar"], "match no file"),
     ],
 )

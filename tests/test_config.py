@@ -20,7 +20,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
 
 
 def test_saved_config_loads_back_identically(tmp_path):
-    cfg = load_config(None, ["loss.estimator=dv", "train.max_steps=7"])
+    cfg = load_config(None, ["loss.estimator=dv", "train.max_steps=7", "train.warmup_steps=3"])
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
 

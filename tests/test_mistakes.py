@@ -105,14 +105,29 @@ def test_output_dir_that_cannot_hold_a_run(shards, tmp_path, case, words):
             "model.backbone=resnet_18",
             ("unknown model.backbone 'resnet_18'", "did you mean", "'resnet18'"),
         ),
+        ("train.batch_size=1", ("train.batch_size=1 is too small", "at least 2 images")),
+        ("train.warmup_steps=50", ("train.warmup_steps=50 is longer than the run",)),
+        ("model.local_layer=9", ("model.local_layer=9 is out of range", "5 feature stages")),
+        ("model.backbone_kwargs={bogus: 1}", ("model.backbone_kwargs", "'bogus'")),
+        ("wandb.mode=online", ("wandb.mode=online needs an API key", "WANDB_API_KEY")),
     ],
 )
 def test_bad_value_is_refused_before_the_folder_exists(shards, tmp_path, override, words):
     """Bugs caught: torch's ValueError for lr < 0 after config.yaml was written; a negative
     weight training towards *less* information; a TypeError for a key under a value; an
-    unknown backbone found only when the model is built, after config.yaml was written."""
+    unknown backbone found only when the model is built, after config.yaml was written;
+    BatchNorm's ValueError on a batch of one, a W&B UsageError without a key, and a local
+    layer out of range, each after the run folder (config.yaml, wandb_id.txt) was written,
+    so that the corrected rerun was refused as another configuration; a warm-up longer
+    than the run silently cut while the card stated it."""
     out = tmp_path / "run"
-    proc = pretrain(f"data.train_shards={shards}", f"train.output_dir={out}", override)
+    proc = pretrain(
+        f"data.train_shards={shards}",
+        f"train.output_dir={out}",
+        "train.max_steps=20",
+        override,
+        extra_env={"WANDB_API_KEY": None, "WANDB_MODE": None, "HOME": str(tmp_path)},
+    )
     one_line_error(proc, 2, *words)
     assert not out.exists()
 
@@ -381,3 +396,20 @@ def test_config_differences_allow_schedule_and_logging_only():
     older = {s: dict(body) for s, body in saved.items()}
     del older["loss"]["allow_negative_weights"]  # saved before the key existed: its default
     assert config_differences(older, Config().to_dict(), Config().to_dict()) == []
+
+
+def test_a_manifest_whose_shards_are_gone_is_refused_up_front(tmp_path):
+    """Bug caught: a manifest whose tar files were moved passed the shard check and the
+    run ended after 1,000 read errors."""
+    from pipeline.config import load_config
+    from pipeline.core.errors import ConfigError
+    from pipeline.data.write import prepare_digits
+    from pipeline.train.preflight import check_shards
+
+    manifest = prepare_digits(tmp_path / "digits", size=8, val_fraction=0.0)
+    cfg = load_config(None, [f"data.train_shards={manifest}"])
+    check_shards(cfg)
+    for tar in (tmp_path / "digits").glob("*.tar"):
+        tar.unlink()
+    with pytest.raises(ConfigError, match=r"data.train_shards: .* shards that are not there"):
+        check_shards(cfg)

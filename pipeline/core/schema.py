@@ -209,6 +209,17 @@ class TrainConfig:
             positive=("lr", "batch_size", "max_steps", "grad_accum", "log_every", "save_every"),
             non_negative=("weight_decay", "warmup_steps", "grad_clip", "keep_last", "eval_every"),
         )
+        if self.batch_size < 2:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is too small: each process needs at "
+                f"least 2 images per step, for BatchNorm's statistics and for negatives"
+            )
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(
+                f"train.warmup_steps={self.warmup_steps} is longer than the run "
+                f"(train.max_steps={self.max_steps}); give train.warmup_steps <= "
+                f"{self.max_steps}"
+            )
         if self.optimizer == "lars" and self.weight_decay == 0:
             raise ConfigError(
                 "train.optimizer=lars needs train.weight_decay > 0: timm's Lars adapts the "

@@ -172,6 +172,12 @@ def resolve_spec(spec: str) -> list[tuple[str, int | None]]:
             manifest = read_manifest(item)
             if not manifest.shards:
                 raise ConfigError(f"shard manifest {item!r} lists no shards")
+            gone = [s for s in manifest.shards if not is_remote(s) and not os.path.isfile(s)]
+            if gone:
+                raise ConfigError(
+                    f"shard manifest {item!r} lists {len(gone)} of {len(manifest.shards)} "
+                    f"shards that are not there (first: {gone[0]})"
+                )
             out.extend(zip(manifest.shards, manifest.samples, strict=True))
         elif is_remote(item):
             out.extend((url, None) for url in expand_urls(item))

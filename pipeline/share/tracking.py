@@ -20,7 +20,14 @@ import wandb
 from pipeline.core.files import METRICS, WANDB_ID
 from pipeline.core.schema import WandbConfig
 
-__all__ = ["EVAL_TABLE", "Tracker", "read_metrics", "truncate_metrics", "wandb_mode"]
+__all__ = [
+    "EVAL_TABLE",
+    "Tracker",
+    "has_api_key",
+    "read_metrics",
+    "truncate_metrics",
+    "wandb_mode",
+]
 
 EVAL_TABLE = "eval/table"  # the W&B key of the evaluation table (pipeline.evaluate --wandb)
 
@@ -31,11 +38,15 @@ def wandb_mode(mode: str) -> str:
         return mode
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
+    return "online" if has_api_key() else "offline"
+
+
+def has_api_key() -> bool:
+    """A W&B API key is set: ``WANDB_API_KEY``, or ``wandb login``'s entry in ~/.netrc."""
     netrc = Path.home() / ".netrc"
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (
+    return bool(os.environ.get("WANDB_API_KEY")) or (
         netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
     )
-    return "online" if has_key else "offline"
 
 
 def read_metrics(path: str | Path, *, strict: bool = False) -> list[dict[str, Any]]:
