@@ -14,6 +14,11 @@ Views ``conv``/``fc``/``y`` are described in ``pipeline.eval.features``; probes 
 ``knn`` (weighted cosine k-NN). The JSON is ``{model: {view: {probe: accuracy}}}``
 with accuracies as fractions in [0, 1]. The table also goes into the export's model
 card (its ``README.md``), replacing an earlier one.
+
+Beside the table, a picture (``neighbours.png`` in the model folder unless
+``--neighbours`` says where, linked from the card): held-out queries with their nearest
+training images by the ``dim`` conv features and by raw pixels, wrong classes framed red
+(``pipeline.eval.neighbours``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from pipeline.core.files import CONFIG_FILE, WANDB_ID
 from pipeline.data.loaders import (
     eval_loader,
 )
-from pipeline.eval.features import CONV_SOURCES, extract_features, recalibrate_batchnorm
+from pipeline.data.shards import read_manifest
+from pipeline.eval.features import CONV_SOURCES, PIXELS, extract_features, recalibrate_batchnorm
+from pipeline.eval.neighbours import neighbour_picture
 from pipeline.eval.probes import PROBES, ProbeSettings, run_probes
 from pipeline.models.encoder import DIMEncoder, build_encoder
 from pipeline.share.card import update_evaluation
@@ -44,6 +51,9 @@ __all__ = ["evaluate", "find_export", "format_table", "main", "probe_every_view"
 
 Results = dict[str, dict[str, dict[str, float]]]
 SETTINGS = ProbeSettings()  # the offline evaluation runs the probes at their defaults
+PICTURE = "neighbours.png"  # the neighbour picture's default name, in the model folder
+PICTURE_KEY = "eval/neighbours"  # its W&B key
+PICTURE_VIEW = "conv"  # the dim view whose neighbours the picture shows
 
 
 def random_like(meta: dict, seed: int = 0) -> DIMEncoder:
@@ -124,10 +134,12 @@ def log_to_wandb(
     start: bool = False,
     project: str = "dim-pretrain",
     run_dir: Path | None = None,
+    picture: Path | None = None,
 ) -> None:
     """Put the table in the active W&B run, or (``start``) in the training run that wrote
     ``run_dir`` when it has one, else a new ``eval`` run: one summary key per cell,
-    ``eval/<model>/<view>/<probe>``, and a table ``eval/table``."""
+    ``eval/<model>/<view>/<probe>``, a table ``eval/table`` and, when given, the
+    neighbour picture as an image ``eval/neighbours``."""
 
     run = wandb.run
     if run is None and not start:
@@ -145,7 +157,8 @@ def log_to_wandb(
         columns=["model", "view", "probe", "accuracy"],
         data=[[*k.split("/")[1:], acc] for k, acc in flat.items()],
     )
-    run.log({**flat, EVAL_TABLE: table})
+    images = {PICTURE_KEY: wandb.Image(str(picture))} if picture else {}
+    run.log({**flat, EVAL_TABLE: table, **images})
     run.summary.update(flat)
     if start:
         run.finish()
@@ -159,6 +172,36 @@ def _loader(spec: str, meta: dict, batch_size: int, workers: int):
         img_size=meta["img_size"],
         in_chans=meta["in_chans"],
         num_workers=workers,
+    )
+
+
+def _class_names(spec: str) -> list[str]:
+    """Class names from a prepare manifest (the picture's captions); none for a pattern."""
+    if spec.endswith(".json") and Path(spec).is_file():
+        return read_manifest(spec).classes
+    return []
+
+
+def draw_neighbours(
+    feats: dict, meta: dict, names: list[str], out: str | Path, conv_source: str
+) -> Path:
+    """The neighbour picture from the extracted features: the ``dim`` conv view and the
+    pixels, whose rows are also the images shown."""
+    shape = (meta["in_chans"], meta["img_size"], meta["img_size"])
+    (train, train_y), (test, test_y) = feats["train"], feats["test"]
+    titles = {
+        f"DIM {PICTURE_VIEW} features ({conv_source}), cosine": ("dim", PICTURE_VIEW),
+        "raw pixels, cosine": (PIXELS, PIXELS),
+    }
+    return neighbour_picture(
+        {t: train[m][v] for t, (m, v) in titles.items()},
+        train_y,
+        {t: test[m][v] for t, (m, v) in titles.items()},
+        test_y,
+        train[PIXELS][PIXELS].view(-1, *shape),
+        test[PIXELS][PIXELS].view(-1, *shape),
+        out,
+        class_names=names,
     )
 
 
@@ -176,10 +219,11 @@ def evaluate(
     num_workers: int = 0,
     probes: tuple[str, ...] = tuple(PROBES),
     baselines: bool = True,
+    picture: str | Path | None = None,
     log=print,
 ) -> Results:
     """Features of the checkpoint (and, with ``baselines``, of its random-init twin and
-    the pixels) -> every probe."""
+    the pixels) -> every probe; with ``picture``, the neighbour picture written there."""
     folder = find_export(checkpoint)
     meta = read_export_meta(folder)
     encoders = {"dim": load_encoder(folder).to(device)}
@@ -206,14 +250,20 @@ def evaluate(
             encoders,
             _loader(spec, meta, batch_size, num_workers),
             device=device,
-            pixels=baselines,
+            pixels=baselines or picture is not None,
             limit=limit,
             conv_source=conv_source,
         )
         log(
             f"[evaluate] {split}: {len(feats[split][1])} samples in {time.perf_counter() - t0:.1f}s"
         )
+    if picture is not None:
+        path = draw_neighbours(feats, meta, _class_names(test_shards), picture, conv_source)
+        log(f"[evaluate] nearest training images of held-out queries: {path}")
     (train, train_y), (test, test_y) = feats["train"], feats["test"]
+    if not baselines:  # the pixels were read for the picture only
+        for split in (train, test):
+            split.pop(PIXELS, None)
     return probe_every_view(train, train_y, test, test_y, probes, settings, log)
 
 
@@ -279,6 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip the random-init and pixel baselines (ablations compute them once)",
     )
+    p.add_argument(
+        "--neighbours",
+        metavar="PNG",
+        help="the picture of held-out queries and their nearest training images "
+        f"(default: {PICTURE} in the model folder, linked from its card)",
+    )
+    p.add_argument(
+        "--no-neighbours",
+        dest="draw_neighbours",
+        action="store_false",
+        help="skip the neighbour picture",
+    )
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -310,11 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = ProbeSettings(k=args.knn_k, temperature=args.knn_temperature, seed=args.seed)
     try:
         folder = find_export(args.checkpoint)
+        picture = Path(args.neighbours or folder / PICTURE) if args.draw_neighbours else None
         results = evaluate(
             folder,  # a model folder: evaluate's own find_export returns it as it is
             args.train_shards,
             args.test_shards,
             settings=settings,
+            picture=picture,
             log=log,
             **{name: getattr(args, name) for name in PASSED_ON},
         )
@@ -337,13 +401,16 @@ def main(argv: list[str] | None = None) -> int:
             "conv view": args.conv_source,
             "seed": args.seed,
         },
+        picture=picture,
     )
     if card is not None:
         log(f"[evaluate] table written into the model card {card}")
     run_dir = (
         Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
     )
-    log_to_wandb(results, start=args.wandb, project=args.wandb_project, run_dir=run_dir)
+    log_to_wandb(
+        results, start=args.wandb, project=args.wandb_project, run_dir=run_dir, picture=picture
+    )
     return 0
 
 

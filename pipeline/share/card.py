@@ -10,6 +10,7 @@ so re-running replaces the table and the rest of the card, edits included, stays
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -17,13 +18,21 @@ import timm
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from pipeline.core.files import METRICS
+from pipeline.core.schema import OFF
 from pipeline.data.shards import read_manifest
 from pipeline.share.export import EXPORT_CARD
+from pipeline.share.tracking import read_metrics
 
 __all__ = [
+    "MI_TERMS",
     "TAGS",
+    "card_link",
     "evaluation_block",
     "get_block",
+    "measured_text",
+    "mi_terms",
+    "objective_text",
     "render_card",
     "set_block",
     "set_front_matter",
@@ -147,6 +156,73 @@ The whole DIM encoder (backbone + head), with this project installed:
 ```"""
 
 
+# The MI terms of L: (the DIM paper's letter, critic key, weight key, symbol in L, what it is)
+MI_TERMS = (
+    (
+        "G",
+        "global_critic",
+        "alpha",
+        "I_global",
+        "global: {estimator} estimate of I(x; z), critic `{global_critic}` on `{global_input}`",
+    ),
+    (
+        "L",
+        "local_critic",
+        "beta",
+        "mean_ij I_local",
+        "local: {estimator} estimate of "
+        "I(C_ij(x); z) averaged over the local map's locations, critic `{local_critic}`",
+    ),
+)
+
+
+def mi_terms(loss: dict) -> list[tuple[str, str, str, str, str]]:
+    """The rows of ``MI_TERMS`` that train the encoder: a critic and a non-zero weight."""
+    return [t for t in MI_TERMS if loss[t[1]] != OFF and loss[t[2]]]
+
+
+def objective_text(loss: dict) -> str:
+    """What the run minimised, from its ``loss`` config: only the terms that were on, the
+    prior only when gamma > 0 (a card claiming a prior the run never had misleads)."""
+    active = mi_terms(loss)
+    formula, lines = [], []
+    for term in MI_TERMS:
+        _, critic, weight, symbol, what = term
+        if term in active:
+            formula.append(f"- {loss[weight]} * {symbol}")
+            lines.append(f"{what.format(**loss)}, weight {weight} {loss[weight]}")
+        else:
+            scope = what.split(":")[0]
+            lines.append(f"no {scope} term ({critic} `{loss[critic]}`, {weight} {loss[weight]})")
+    if loss["gamma"] > 0:
+        formula.append(f"+ {loss['gamma']} * E_x KL(N(mu, sigma^2) || N(0, I))")
+        lines.append(f"prior: KL of the code to N(0, I), weight gamma {loss['gamma']}")
+    else:
+        lines.append("no prior on the code (gamma 0): nothing pulls it towards N(0, I)")
+    if loss.get("tclip"):
+        lines.append(
+            f"critic scores soft-clipped: tclip * tanh(score / tclip), tclip {loss['tclip']}"
+        )
+    if loss.get("score_penalty"):
+        formula.append(f"+ {loss['score_penalty']} * mean(score^2)")
+        lines.append(f"score penalty {loss['score_penalty']} * mean(score^2) (AMDIM)")
+    name = "DIM(" + "+".join(t[0] for t in active) + ")" if active else "no MI term"
+    head = f"{name}, {loss['estimator']} estimator: `L = {' '.join(formula).lstrip('+ ')}`"
+    return "\n".join([head, *(f"  - {line}" for line in lines)])
+
+
+def measured_text(metrics: str | Path) -> str:
+    """The KL and MI estimates of the last logged step (nats), or "" if none were logged:
+    what the code ended up as, beside what the objective asked of it."""
+    rows = [r for r in read_metrics(metrics) if "kl" in r] if Path(metrics).is_file() else []
+    if not rows:
+        return ""
+    last = rows[-1]
+    keys = ["kl", *sorted(k for k in last if k.startswith("mi/"))]
+    figures = ", ".join(f"{k} {last[k]:.3g}" for k in keys if isinstance(last[k], (int, float)))
+    return f"logged at step {last['step']:,} (`{METRICS}`, nats): {figures}"
+
+
 def render_card(
     config: dict,
     *,
@@ -161,10 +237,14 @@ def render_card(
 
     m, data, tr = config["model"], config["data"], config["train"]
     loss = config["loss"]
-    global_mi = (
-        "no global critic"
-        if loss["global_critic"] == "none"
-        else f"global critic `{loss['global_critic']}` on `{loss['global_input']}`"
+    measured = measured_text(Path(tr["output_dir"]) / METRICS)
+    measured = f"\n- **Measured:** {measured}" if measured else ""
+    scopes = {"G": "the image as a whole", "L": "each of its local features"}
+    between = " and ".join(scopes[t[0]] for t in mi_terms(loss)) or "nothing (no MI term)"
+    prior = (
+        f"with a KL prior pulling the code towards N(0, I) (gamma {loss['gamma']})"
+        if loss["gamma"] > 0
+        else "with no prior on the code"
     )
     shards, source = _shards(data["train_shards"])
     front = ModelCardData(
@@ -192,8 +272,8 @@ def render_card(
 # {name or m["backbone"] + "-dim"}
 
 A `{m["backbone"]}` image encoder pretrained without labels by Deep InfoMax (Hjelm et al.,
-ICLR 2019): maximising the mutual information between the image's local features and its
-global code, with a KL prior on the code. Trained with dim-pretrain.
+ICLR 2019): maximising the mutual information between the image's global code and
+{between}, {prior}. Trained with dim-pretrain.
 
 ## Model details
 
@@ -203,9 +283,7 @@ global code, with a KL prior on the code. Trained with dim-pretrain.
   {m["code_dim"]}-d Gaussian code (mu, logvar); local map from feature stage {m["local_layer"]}
 - **Input:** {m["in_chans"]} x {m["img_size"]} x {m["img_size"]}, normalisation in
   `config.json` (`pretrained_cfg`)
-- **Objective:** {loss["estimator"]} estimator, {global_mi},
-  local critic `{loss["local_critic"]}`;
-  alpha {loss["alpha"]}, beta {loss["beta"]}, gamma {loss["gamma"]}
+- **Objective:** {objective_text(loss)}{measured}
 - **Training data:** {shards}
 - **Training:** {step:,} optimizer steps of {batch} images ({tr["batch_size"]} per process x
   {world_size} process(es) x {tr.get("grad_accum", 1)} accumulation), {samples_seen:,} images
@@ -242,8 +320,9 @@ The resolved configuration of the run (`pretrain.py --config` accepts it as is):
     return body
 
 
-def evaluation_block(results: dict, settings: dict) -> str:
-    """The evaluation table in markdown (accuracies in percent) and how it was made.
+def evaluation_block(results: dict, settings: dict, picture: str | None = None) -> str:
+    """The evaluation table in markdown (accuracies in percent) and how it was made, and
+    the neighbour picture when ``picture`` (a path relative to the card) is given.
 
     One column per probe found in ``results``, in the order evaluate ran them.
     """
@@ -259,23 +338,42 @@ def evaluation_block(results: dict, settings: dict) -> str:
             cells = [f"{100 * cell[p]:.2f}%" if p in cell else "-" for p in probes]
             rows.append(f"| {model} | {view} | {' | '.join(cells)} |")
     how = ", ".join(f"{k}: `{v}`" for k, v in settings.items() if v is not None)
+    shown = (
+        "\n\nHeld-out images (left) and their nearest training images by this encoder's "
+        "conv features and by raw pixels (cosine similarity, as the k-NN probe; green: "
+        f"same class, red: another class):\n\n![nearest neighbours]({picture})"
+    )
     return (
         "Frozen features, `python -m pipeline.evaluate`, beside the same architecture "
         "at random init and raw pixels. Accuracy on the test shards:\n\n"
         + "\n".join(rows)
         + (f"\n\n{how}" if how else "")
+        + (shown if picture else "")
     )
 
 
-def update_evaluation(folder: str | Path, results: dict, settings: dict) -> Path | None:
-    """Write the evaluation block into ``folder/README.md``; ``None`` if there is no card."""
+def card_link(folder: Path, picture: str | Path | None) -> str | None:
+    """``picture`` relative to the card in ``folder`` when it lies in the model folder or
+    the run folder around it (so the link travels with them), else ``None``."""
+    if picture is None or not Path(picture).is_file():
+        return None
+    picture, folder = Path(picture).resolve(), Path(folder).resolve()
+    if not picture.is_relative_to(folder.parent):
+        return None
+    return Path(os.path.relpath(picture, folder)).as_posix()
+
+
+def update_evaluation(
+    folder: str | Path, results: dict, settings: dict, picture: str | Path | None = None
+) -> Path | None:
+    """Write the evaluation block into ``folder/README.md``, linking the neighbour
+    ``picture`` (see ``card_link``); ``None`` if there is no card."""
 
     path = Path(folder) / EXPORT_CARD
     if not path.is_file():
         return None
-    text = set_block(
-        path.read_text(), "evaluation", evaluation_block(results, settings), heading="Evaluation"
-    )
+    block = evaluation_block(results, settings, card_link(Path(folder), picture))
+    text = set_block(path.read_text(), "evaluation", block, heading="Evaluation")
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
