@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.files import check_output_folder
 from pipeline.data import write
 from pipeline.data.shards import read_manifest
 from pipeline.data.write import (
@@ -74,21 +76,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args: argparse.Namespace) -> tuple[str, str]:
+    """Every option in range and the output folder writable, before anything is read or
+    written; returns the two split names."""
+    names = tuple(args.names.split(","))
+    if len(names) != 2 or not all(names) or names[0] == names[1]:
+        raise ConfigError(f"--names takes two different comma-separated names, got {args.names!r}")
+    if not 0 <= args.val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.shard_samples < 1 or args.shard_mb <= 0:
+        raise ConfigError(
+            f"--shard-samples and --shard-mb must be > 0, got {args.shard_samples} and "
+            f"{args.shard_mb}"
+        )
+    if args.source == "digits" and args.size < 8:
+        raise ConfigError(f"--size must be >= 8 (the digits' native side), got {args.size}")
+    if args.source == "torchvision" and args.format not in ("png", "jpg", "webp"):
+        raise ConfigError(f"--format must be png, jpg or webp, got {args.format!r}")
+    check_output_folder(args.out, "OUT", example="data/mydata")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Console entry point: a mistake is one line on stderr and exit code 2, with nothing
+    written."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    names = tuple(args.names.split(","))
-    if len(names) != 2 or not all(names):
-        raise SystemExit("--names takes two comma-separated names, e.g. train,val")
-    common = {
-        "val_fraction": args.val_fraction,
-        "seed": args.seed,
-        "overwrite": args.force,
-        "max_samples": args.shard_samples,
-        "max_bytes": int(args.shard_mb * 2**20),
-        "names": names,
-    }
     try:
+        names = check_args(args)
+        common = {
+            "val_fraction": args.val_fraction,
+            "seed": args.seed,
+            "overwrite": args.force,
+            "max_samples": args.shard_samples,
+            "max_bytes": int(args.shard_mb * 2**20),
+            "names": names,
+        }
         if args.source == "folder":
             manifest = prepare_folder(args.src, args.out, **common)
         elif args.source == "digits":
@@ -98,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.name, args.root, args.out, split=args.split, image_format=args.format, **common
             )
     except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+        print(f"dim-prepare: error: {err}", file=sys.stderr)
+        return 2
     folder = Path(args.out)
     for path in sorted(folder.glob("*.json")):
         try:

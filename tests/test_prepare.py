@@ -185,3 +185,43 @@ def test_prepare_torchvision_cifar10_on_disk(tmp_path, monkeypatch):
 def test_prepare_errors(tmp_path, call):
     with pytest.raises(ConfigError):
         call(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1), got 1.5"),
+        (["--val-fraction", "-0.1"], "--val-fraction must be in [0, 1)"),
+        (["--names", "train"], "--names takes two different comma-separated names"),
+        (["--names", "a,a"], "--names takes two different"),
+        (["--shard-samples", "0"], "--shard-samples and --shard-mb must be > 0"),
+        (["--size", "4"], "--size must be >= 8"),
+    ],
+)
+def test_cli_mistake_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, words):
+    """Bugs caught: an out-of-range --val-fraction left an empty output folder; every
+    mistake exited 1 where the other tools exit 2."""
+    out = tmp_path / "out"
+    assert main(["digits", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dim-prepare: error: ") and words in err[0], err
+    assert not out.exists()
+
+
+def test_cli_refuses_to_reuse_shards_of_another_source(tmp_path, capsys):
+    """Bug caught: rerunning into a folder written from another source silently reused the
+    old shards (only the split parameters were compared, and only warned about)."""
+    out = tmp_path / "out"
+    assert main(["digits", str(out), "--size", "8"]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    src = tmp_path / "images" / "cat"
+    src.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(src / "a.png")
+    capsys.readouterr()
+    assert main(["folder", str(tmp_path / "images"), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "was written with" in err and "--force" in err, err
+    assert main(["digits", str(out), "--size", "16"]) == 2  # same kind, other parameters
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert main(["digits", str(out), "--size", "8"]) == 0  # the same request reuses them
+    assert main(["folder", str(tmp_path / "images"), str(out), "--force"]) == 0

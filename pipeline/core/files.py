@@ -14,11 +14,14 @@ import os
 import shutil
 from pathlib import Path
 
+from pipeline.core.errors import ConfigError
+
 __all__ = [
     "CONFIG_FILE",
     "METRICS",
     "PLOT",
     "WANDB_ID",
+    "check_output_folder",
     "clean_partial",
     "new_partial",
     "partial_of",
@@ -97,3 +100,23 @@ def clean_partial(parent: str | Path) -> None:
             os.replace(parked, final)
     for partial in parent.glob(f"{_BUILDING}*"):
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def check_output_folder(value: str | Path, what: str, *, example: str = "out") -> Path:
+    """``value`` as a Path that a tool can write into (a folder, or one it can create), or
+    one ConfigError naming ``what`` (the option) and why not. Creates nothing."""
+    if not str(value).strip():
+        raise ConfigError(f"{what} is empty: give the folder to write to (e.g. {what}={example})")
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what}={str(value)!r} is a file, not a folder")
+    existing = path.absolute()
+    while not existing.exists():  # the nearest folder that exists must let us create the rest
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what}={str(value)!r} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{what}={str(value)!r} is not writable (no write permission on {existing})"
+        )
+    return path

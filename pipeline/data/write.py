@@ -114,11 +114,11 @@ def write_dataset(
     """
     if n == 0:
         raise ConfigError("nothing to write: the source has no images")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     parts = dict(zip(names, split_indices(n, val_fraction, seed), strict=True))
     if not len(parts[names[0]]):
         raise ConfigError(f"val_fraction={val_fraction} leaves no sample of {n} for {names[0]!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         for old in out_dir.glob(f"{name}-[0-9]*.tar"):
             old.unlink(missing_ok=True)
@@ -160,22 +160,23 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
 def _existing(
     out_dir: str | Path, overwrite: bool, names: tuple[str, str], **params: Any
 ) -> Path | None:
-    """The first split's manifest from an earlier run, unless ``overwrite``; warns if
-    it was written with other parameters."""
+    """The first split's manifest from an earlier run of the same parameters (source
+    included), unless ``overwrite``. Shards of other parameters are a ConfigError: reusing
+    them would train on data other than the one asked for."""
     path = Path(out_dir) / f"{names[0]}.json"
     if overwrite or not path.is_file():
         return None
     info = read_manifest(path).info
+    differ = []
     for key, value in params.items():
         recorded = info[key] if key in info else info.get("source", {}).get(key)
         if recorded != value:
-            log.warning(
-                "%s exists with %s=%r (asked %r); reusing it (overwrite=True rewrites)",
-                path,
-                key,
-                recorded,
-                value,
-            )
+            differ.append(f"{key}={recorded!r}, not {value!r}")
+    if differ:
+        raise ConfigError(
+            f"{path} was written with {'; '.join(differ)}; write to another folder, or "
+            f"pass --force (overwrite=True) to rewrite it"
+        )
     return path
 
 
@@ -201,7 +202,9 @@ def prepare_folder(
     if not src.is_dir():
         raise ConfigError(f"image folder not found: {src}")
     if (
-        found := _existing(out_dir, overwrite, names, val_fraction=val_fraction, seed=seed)
+        found := _existing(
+            out_dir, overwrite, names, val_fraction=val_fraction, seed=seed, path=str(src)
+        )
     ) is not None:
         return found
     classes = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -251,7 +254,13 @@ def prepare_digits(
     """
     if (
         found := _existing(
-            out_dir, overwrite, names, val_fraction=val_fraction, seed=seed, size=size
+            out_dir,
+            overwrite,
+            names,
+            val_fraction=val_fraction,
+            seed=seed,
+            kind="digits",
+            size=size,
         )
     ) is not None:
         return found
@@ -301,7 +310,16 @@ def prepare_torchvision(
     if not (isinstance(cls, type) and issubclass(cls, tvd.VisionDataset)):
         raise ConfigError(f"torchvision.datasets has no dataset {name!r}")
     if (
-        found := _existing(out_dir, overwrite, names, val_fraction=val_fraction, seed=seed)
+        found := _existing(
+            out_dir,
+            overwrite,
+            names,
+            val_fraction=val_fraction,
+            seed=seed,
+            kind="torchvision",
+            name=name,
+            split=split,
+        )
     ) is not None:
         return found
     params = inspect.signature(cls).parameters

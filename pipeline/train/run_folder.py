@@ -22,7 +22,6 @@ else changes what is being trained (model, objective, data, optimiser, batch, se
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.errors import ConfigError
-from pipeline.core.files import CONFIG_FILE
+from pipeline.core.files import CONFIG_FILE, check_output_folder
 from pipeline.train.checkpoint import latest_checkpoint, read_checkpoint_meta
 
 __all__ = [
@@ -58,24 +57,7 @@ RESUMABLE = (
 
 def check_output_dir(value: str) -> Path:
     """``train.output_dir`` as a Path, or one ConfigError saying why it cannot hold a run."""
-    if not str(value).strip():
-        raise ConfigError(
-            "train.output_dir is empty: give the folder the run writes to "
-            "(e.g. train.output_dir=runs/my-run)"
-        )
-    path = Path(value).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"train.output_dir={value!r} is a file, not a folder")
-    existing = path.absolute()
-    while not existing.exists():  # the nearest folder that exists must let us create the rest
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"train.output_dir={value!r} cannot be created: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"train.output_dir={value!r} is not writable (no write permission on {existing})"
-        )
-    return path
+    return check_output_folder(value, "train.output_dir", example="runs/my-run")
 
 
 def _flat(config: dict) -> dict[str, Any]:
