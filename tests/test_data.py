@@ -400,3 +400,40 @@ def test_close_stops_workers_that_ignore_sigterm(tmp_path):
     loader.close()  # a second close (atexit after the normal one) does nothing
     with pytest.raises(RuntimeError, match="closed"):
         iter(loader)
+
+
+def test_images_in_any_mode_pil_writes_decode_to_eight_bits(tmp_path):
+    """Bug caught: a 16-bit PNG decoded as uint16 and broke the batch (every other mode
+    PIL writes into png / jpeg / webp decodes to 8 bits); it is scaled to 8 bits."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data.loaders import eight_bit
+
+    values = np.arange(0, 65536, 1024, dtype=np.uint16).reshape(8, 8)
+    modes = {
+        "I;16": Image.fromarray(values),
+        "P": Image.new("P", (8, 8), 3),
+        "LA": Image.new("LA", (8, 8), (200, 100)),
+        "CMYK": Image.new("CMYK", (8, 8), (0, 255, 0, 0)),
+    }
+    folder = tmp_path / "s"
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "x.tar")) as writer:
+        for i, (mode, image) in enumerate(modes.items()):
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG" if mode == "CMYK" else "PNG")
+            writer.write(
+                {"__key__": f"{i}", "png" if mode != "CMYK" else "jpg": buf.getvalue(), "cls": b"0"}
+            )
+    spec = str(folder / "x.tar")
+    batch = next(iter(eval_loader(spec, batch_size=4, img_size=8, in_chans=3)))
+    assert batch["image"].shape == (4, 3, 8, 8) and torch.isfinite(batch["image"]).all()
+    cfg = DataConfig(train_shards=spec, num_workers=0, shuffle_buffer=0, epoch_samples=4)
+    loader = train_loader(
+        cfg, batch_size=4, img_size=8, in_chans=3, seed=0, rank=0, world_size=1, epochs=1
+    )
+    batch = next(iter(loader))  # workers decode, the step augments: 8-bit images expected
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (4, 3, 8, 8)
+    scaled = eight_bit(torch.from_numpy(values.astype(np.int32)).to(torch.uint16)[None])
+    assert scaled.dtype == torch.uint8 and scaled.max() == 64512 // 257 and scaled.min() == 0

@@ -33,6 +33,7 @@ most common reason.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import multiprocessing
@@ -257,6 +258,21 @@ def _own_rng(state: _StreamState, active: bool) -> Iterator[None]:
         state.torch_state = torch.get_rng_state()
 
 
+@functools.cache
+def _say_once(message: str) -> None:
+    log.warning(message)
+
+
+def eight_bit(image: torch.Tensor) -> torch.Tensor:
+    """8 bits per channel, what augmentation and batching expect: 16-bit PNGs decode as
+    uint16 and are scaled down (65535 -> 255), said once per process. Every other mode
+    PIL writes into a shard (palette, gray + alpha, CMYK JPEG, ...) decodes to 8 bits."""
+    if image.dtype == torch.uint8:
+        return image
+    _say_once(f"{image.dtype} images (16-bit PNG) are scaled to 8 bits per channel")
+    return (image.to(torch.int32) // 257).to(torch.uint8)
+
+
 def _decode(
     samples: Iterable[dict],
     *,
@@ -282,7 +298,7 @@ def _decode(
             with _one_thread(), _own_rng(state, random_views):
                 raw = torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8)
                 mode = ImageReadMode.RGB if ext == "webp" else gray
-                images = views(decode_image(raw, mode=mode))
+                images = views(eight_bit(decode_image(raw, mode=mode)))
         except Exception as exn:
             state.bad(1, sample.get("__url__", "?"), _short(exn), sample=sample.get("__key__"))
             continue
