@@ -183,7 +183,10 @@ def test_two_processes_gloo_sigterm_resume(shards, tmp_path):
 
 
 def test_deepspeed_zero2_runs_and_resumes(shards, tmp_path):
-    """ZeRO-2 through accelerate on 2 CPU processes; a second launch resumes from its checkpoint."""
+    """ZeRO-2 through accelerate on 2 CPU processes; a second launch resumes from its
+    checkpoint and goes on from its weights: two more steps leave them far closer to the
+    step-4 weights than those are to the initial ones (a resume that restarted from the
+    seed's weights would end about as far from step 4 as the initial ones are)."""
     out = tmp_path / "ds"
     launcher = [
         *ACCELERATE_LAUNCH,
@@ -209,6 +212,30 @@ def test_deepspeed_zero2_runs_and_resumes(shards, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(r["world_size"] == 2 for r in rows)
     assert (out / "export" / "model.safetensors").is_file()
+    start, saved, resumed = (_deepspeed_weights(out, step) for step in (0, 4, 6))
+    assert _distance(resumed, saved) < 0.5 * _distance(saved, start)
+
+
+def _deepspeed_weights(out: Path, step: int) -> dict:
+    """The DIM model's parameters in the DeepSpeed checkpoint of ``step``; at 0, the
+    seeded initial ones the run started from."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.train.loop import build_seeded_model
+
+    initial = dict(build_seeded_model(load_config(out / "config.yaml")).named_parameters())
+    if step == 0:
+        return initial
+    states = out / "checkpoints" / f"step_{step:07d}" / "pytorch_model"
+    module = torch.load(
+        states / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )["module"]
+    return {k: module[k] for k in initial}
+
+
+def _distance(a: dict, b: dict) -> float:
+    return sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in a) ** 0.5
 
 
 # A NaN weight is refused by the config loader; a huge rate drives the code to inf instead.
