@@ -4,7 +4,8 @@
 #   1. write scikit-learn's digits as WebDataset shards (70% train / 30% held out),
 #   2. pretrain the DIM paper's small encoder (dim_conv32, a timm model) with two views for a few minutes on CPU (configs/digits.yaml),
 #   3. evaluate the frozen encoder: linear probe and k-NN on conv / fc / y, against the
-#      same architecture at random init and against raw pixels; print the table.
+#      same architecture at random init and against raw pixels; print the table and draw
+#      held-out digits beside their nearest training digits (export/neighbours.png).
 # Extra arguments are config overrides for pretraining, e.g. ./scripts/run.sh train.max_steps=100
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"   # cd's to the repository root
@@ -35,4 +36,4 @@ for probe in ("linear", "knn"):
     print(f"[run] conv/{probe}: DIM {100 * d:.1f}% {verdict} random init {100 * b:.1f}% "
           f"(pixels {100 * r['pixels']['pixels'][probe]:.1f}%)")
 EOF
-echo "[run] results: $out/eval.json, curves: $out/metrics.png, model folder + card: $out/export; total $(( $(date +%s) - start ))s"
+echo "[run] results: $out/eval.json, curves: $out/metrics.png, nearest neighbours: $out/export/neighbours.png, model folder + card: $out/export; total $(( $(date +%s) - start ))s"

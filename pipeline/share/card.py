@@ -1,8 +1,10 @@
 """The model card: ``README.md`` of an export folder, in the Hugging Face format.
 
 YAML front matter that the Hub indexes (library_name, license, tags, datasets where the
-shard manifest names one), then sections: what was trained, on which shards, the
-steps, how to load it, the evaluation and the resolved config. Two parts are managed
+shard manifest names one), then sections: what was trained, with which objective (only
+the terms the config turned on, the prior only when gamma > 0, and the KL and MI last
+logged), on which shards, the steps, how to load it, the evaluation (with the neighbour
+picture) and the resolved config. Two parts are managed
 blocks between HTML comments, ``usage`` (re-rendered when pushing, to name the repo)
 and ``evaluation`` (written by ``pipeline.evaluate``): tools replace a block in place,
 so re-running replaces the table and the rest of the card, edits included, stays.
