@@ -25,10 +25,11 @@ from pathlib import Path
 
 import timm
 from huggingface_hub import HfApi, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from pipeline.core.errors import ConfigError
-from pipeline.core.files import share_mode
+from pipeline.core.files import check_output_folder, new_partial, replace_folder
 from pipeline.share.card import set_block, set_front_matter, usage_block
 from pipeline.share.export import (
     EXPORT_CARD,
@@ -86,18 +87,14 @@ def stage(
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not is_export(dest))):
         raise ConfigError(f"{dest} exists and is not a model folder; pick an empty or new --out")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    tmp = new_partial(dest)
     try:
         _build(Path(src), tmp)
         ref = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{dest.resolve()}"
         _finish_card(tmp, ref, license, datasets)
-        share_mode(tmp)  # mkdtemp made it private
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        replace_folder(tmp, dest)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # only there when building failed
     return sorted(p for p in dest.iterdir() if p.is_file())
 
 
@@ -153,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dim-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("source", help="run output folder, model folder, or an old-layout export")
+    p.add_argument("source", help="a run output folder or a model folder")
     p.add_argument("--out", help="write the model folder here (kept after --dry-run too)")
     p.add_argument("--push", metavar="ORG/NAME", help="upload to this Hugging Face model repo")
     p.add_argument(
@@ -173,16 +170,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def check_args(args: argparse.Namespace) -> None:
+    """Every mistake that can be known before the folder is built: what to do, the repo
+    id, a token for a real upload, the source, and a writable --out."""
     if not args.out and not args.push:
-        print(
-            "dim-export: error: nothing to do: give --out DIR and/or --push ORG/NAME",
-            file=sys.stderr,
-        )
-        return 2
-    if args.push and args.push.count("/") != 1:
-        print(f"dim-export: error: --push expects ORG/NAME, got {args.push!r}", file=sys.stderr)
+        raise ConfigError("nothing to do: give --out DIR and/or --push ORG/NAME")
+    if args.push:
+        if args.push.count("/") != 1:
+            raise ConfigError(f"--push expects ORG/NAME, got {args.push!r}")
+        try:
+            validate_repo_id(args.push)
+        except HFValidationError as err:
+            raise ConfigError(f"--push {args.push!r}: {str(err).splitlines()[0]}") from None
+        if not args.dry_run and not get_token():
+            raise ConfigError(
+                "--push needs a Hugging Face token: set HF_TOKEN or run `hf auth login` "
+                "(--dry-run builds and lists the upload without one)"
+            )
+    find_export(args.source)
+    if args.out:
+        check_output_folder(args.out, "--out", example="my-model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: a mistake is one stderr line and exit code 2, before anything
+    is built; a refused upload is exit code 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+    except ConfigError as err:
+        print(f"dim-export: error: {err}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="dim-export-") as scratch:
         dest = Path(args.out) if args.out else Path(scratch) / "model"

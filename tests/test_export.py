@@ -181,7 +181,6 @@ def test_dim_export_dry_run_lists_what_would_be_uploaded(tmp_path):
 @pytest.mark.parametrize(
     "extra, says",
     [
-        ({}, "no Hugging Face token"),
         (
             {"HF_TOKEN": "hf_fake", "HF_ENDPOINT": "http://127.0.0.1:9"},
             "cannot reach the Hugging Face Hub",
@@ -198,6 +197,27 @@ def test_dim_export_push_without_token_or_network_is_one_line(tmp_path, extra, s
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and says in err[0] and "nothing was uploaded" in err[0], proc.stderr
     assert "pushed" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--push", "me/dim-test"], "--push needs a Hugging Face token"),
+        (["--push", "me/bad name!"], "--push 'me/bad name!'"),
+        (["--push", "nobody"], "--push expects ORG/NAME"),
+        ([], "nothing to do"),
+        (["--out", "/proc/sys/dim-model"], "--out='/proc/sys/dim-model'"),
+    ],
+)
+def test_dim_export_mistakes_are_one_line_before_anything_is_built(tmp_path, args, says):
+    """Bugs caught: an upload without a token was refused only after the folder was built
+    (and as exit 1, a failure, not a mistake); an unwritable --out failed in mkdtemp."""
+    _export("test_resnet", tmp_path / "run" / EXPORT_DIR)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = _cli(str(tmp_path / "run"), *args, HF_HOME=str(tmp_path / "hf"))
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and says in err[0], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_dim_export_bad_input_is_one_line(tmp_path):
