@@ -158,7 +158,14 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
 
 
 def _existing(
-    out_dir: str | Path, overwrite: bool, names: tuple[str, str], **params: Any
+    out_dir: str | Path,
+    overwrite: bool,
+    source: dict,
+    *,
+    val_fraction: float,
+    seed: int,
+    names: tuple[str, str],
+    **shard_sizes: int,
 ) -> Path | None:
     """The first split's manifest from an earlier run of the same parameters (source
     included), unless ``overwrite``. Shards of other parameters are a ConfigError: reusing
@@ -167,6 +174,7 @@ def _existing(
     if overwrite or not path.is_file():
         return None
     info = read_manifest(path).info
+    params = {"val_fraction": val_fraction, "seed": seed, **source}
     differ = []
     for key, value in params.items():
         recorded = info[key] if key in info else info.get("source", {}).get(key)
@@ -201,11 +209,9 @@ def prepare_folder(
     src = Path(src)
     if not src.is_dir():
         raise ConfigError(f"image folder not found: {src}")
-    if (
-        found := _existing(
-            out_dir, overwrite, names, val_fraction=val_fraction, seed=seed, path=str(src)
-        )
-    ) is not None:
+    source = {"kind": "folder", "path": str(src)}
+    splitting = {"val_fraction": val_fraction, "seed": seed, "names": names, **kw}
+    if (found := _existing(out_dir, overwrite, source, **splitting)) is not None:
         return found
     classes = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
     roots = [(src / c, label) for label, c in enumerate(classes)] or [(src, -1)]
@@ -220,18 +226,9 @@ def prepare_folder(
         path, label = items[i]
         return path.read_bytes(), FOLDER_EXTS[path.suffix.lower()], label
 
-    manifests = write_dataset(
-        load,
-        len(items),
-        out_dir,
-        classes=classes,
-        val_fraction=val_fraction,
-        seed=seed,
-        names=names,
-        source={"kind": "folder", "path": str(src)},
-        **kw,
-    )
-    return manifests[names[0]]
+    return write_dataset(load, len(items), out_dir, classes=classes, source=source, **splitting)[
+        names[0]
+    ]
 
 
 def prepare_digits(
@@ -252,17 +249,9 @@ def prepare_digits(
     32-pixel granularity; ``size=8`` stores the native images. PNG keeps them lossless.
     With several processes, let one write first (``accelerator.main_process_first()``).
     """
-    if (
-        found := _existing(
-            out_dir,
-            overwrite,
-            names,
-            val_fraction=val_fraction,
-            seed=seed,
-            kind="digits",
-            size=size,
-        )
-    ) is not None:
+    source = {"kind": "digits", "size": size}
+    splitting = {"val_fraction": val_fraction, "seed": seed, "names": names, **kw}
+    if (found := _existing(out_dir, overwrite, source, **splitting)) is not None:
         return found
 
     images, labels = digits_tensor(size)
@@ -271,18 +260,10 @@ def prepare_digits(
     def load(i: int) -> tuple[bytes, str, int]:
         return _encode(Image.fromarray(pixels[i]), "png"), "png", int(labels[i])
 
-    manifests = write_dataset(
-        load,
-        len(pixels),
-        out_dir,
-        classes=[str(d) for d in range(10)],
-        val_fraction=val_fraction,
-        seed=seed,
-        names=names,
-        source={"kind": "digits", "size": size},
-        **kw,
-    )
-    return manifests[names[0]]
+    classes = [str(d) for d in range(10)]
+    return write_dataset(load, len(pixels), out_dir, classes=classes, source=source, **splitting)[
+        names[0]
+    ]
 
 
 def prepare_torchvision(
@@ -309,18 +290,9 @@ def prepare_torchvision(
     cls = getattr(tvd, name, None)
     if not (isinstance(cls, type) and issubclass(cls, tvd.VisionDataset)):
         raise ConfigError(f"torchvision.datasets has no dataset {name!r}")
-    if (
-        found := _existing(
-            out_dir,
-            overwrite,
-            names,
-            val_fraction=val_fraction,
-            seed=seed,
-            kind="torchvision",
-            name=name,
-            split=split,
-        )
-    ) is not None:
+    source = {"kind": "torchvision", "name": name, "split": split}
+    splitting = {"val_fraction": val_fraction, "seed": seed, "names": names, **kw}
+    if (found := _existing(out_dir, overwrite, source, **splitting)) is not None:
         return found
     params = inspect.signature(cls).parameters
     args: dict[str, Any] = {"download": False} if "download" in params else {}
@@ -341,15 +313,7 @@ def prepare_torchvision(
         rgb = image if image.mode in ("RGB", "L") else image.convert("RGB")
         return _encode(rgb, fmt), fmt, int(target) if target is not None else -1
 
-    manifests = write_dataset(
-        load,
-        len(dataset),
-        out_dir,
-        classes=list(getattr(dataset, "classes", [])),
-        val_fraction=val_fraction,
-        seed=seed,
-        names=names,
-        source={"kind": "torchvision", "name": name, "split": split},
-        **kw,
-    )
-    return manifests[names[0]]
+    classes = list(getattr(dataset, "classes", []))
+    return write_dataset(load, len(dataset), out_dir, classes=classes, source=source, **splitting)[
+        names[0]
+    ]
