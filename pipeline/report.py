@@ -29,7 +29,7 @@ import yaml
 from pipeline.core.errors import ConfigError
 from pipeline.core.files import CONFIG_FILE, METRICS, WANDB_ID
 from pipeline.objective.loss import ESTIMATORS
-from pipeline.share.tracking import EVAL_TABLE, read_metrics, wandb_mode
+from pipeline.share.tracking import EVAL_TABLE, has_api_key, read_metrics, wandb_mode
 
 __all__ = ["build_report", "default_keys", "describe_report", "main", "panel_specs"]
 
@@ -210,7 +210,7 @@ def _metric_keys(path: Path) -> list[str]:
 def _default_entity() -> str:
     """The W&B entity of the logged-in user; one line when there is no key or no network."""
 
-    if wandb_mode("auto") != "online":
+    if not has_api_key() or wandb_mode("auto") != "online":
         raise ConfigError(
             "no W&B API key (set WANDB_API_KEY or run `wandb login`), or "
             "WANDB_MODE is not online; --dry-run builds the report offline"
