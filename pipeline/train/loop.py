@@ -16,10 +16,10 @@ progress bar in ``pipeline.train.progress``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from pipeline.share.export import EXPORT_CONFIG, EXPORT_DIR, export_encoder, rem
 from pipeline.share.plots import plot_metrics
 from pipeline.train.batches import StopFlag, open_batches
 from pipeline.train.checkpoint import clean_partial_checkpoints, load_checkpoint, save_checkpoint
+from pipeline.train.lock import one_writer
 from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.preflight import preflight
 from pipeline.train.progress import (
@@ -66,42 +67,47 @@ def train(cfg: Config, force_config: bool = False) -> int:
 
     Nothing is written into ``train.output_dir`` until the whole input has been checked:
     the config, the folder, the shards, the backbone, the folder's saved config and the
-    first batch of data. A run that is complete says so and returns.
+    first batch of data; only the folder's lock (``pipeline.train.lock``) comes first, and
+    goes again on any refusal. A run that is complete says so and returns.
     """
     preflight(cfg)  # before any set-up: a wrong path is reported in a blink
     keep_freed_memory(cfg.train.keep_freed_memory)  # before the loader workers fork
     tc, stop, accelerator = cfg.train, StopFlag(), make_accelerator(cfg)
     if not cfg.data.train_shards:
         use_default_data(accelerator, cfg)
-    state = inspect_output_dir(accelerator, cfg, force_config)
-    if state.complete(tc.max_steps) and state.exported:
-        return end_complete_run(accelerator, cfg, state)
-    finishing = state.complete(tc.max_steps)  # trained, killed before the export: export only
-    batches = contextlib.nullcontext() if finishing else open_batches(accelerator, cfg, state, stop)
-    prepare_output_dir(accelerator, cfg)
-    model = build_seeded_model(cfg)
-    report_receptive_field(accelerator, model.encoder, cfg)
-    model, optimizer, scheduler = prepare_training(accelerator, model, tc)
-    recast_batchnorm_for_deepspeed(accelerator, model)
-    restore_or_seed(accelerator, cfg, state)
-    save_run_config(accelerator, cfg)  # after the restore: a misfit never replaces the saved one
-    train_step = TrainStep(accelerator, cfg, model, optimizer, scheduler)
-    tracker = open_tracker(accelerator, cfg, state.step)  # also when only the export is left
-    with batches, Progress(accelerator, tc, state, hidden=finishing) as progress:
-        while progress.step < tc.max_steps:
-            result = train_step(batches, progress.step)
-            progress.advance()
-            vote = agree(accelerator, stop.raised, result.skipped, result.sums)
-            raise_if_nonfinite(vote.means, progress.step)
-            if log_due(tc, progress.step) or probe_due(accelerator, cfg, progress.step):
-                row = log_row(vote, train_step.lr(), result.grad_norm, progress)
-                progress.log(row | probe_if_due(accelerator, model, cfg, progress.step), tracker)
-            progress.bar.update(1)
-            if vote.stopping or save_due(tc, progress.step):
-                save(accelerator, model, cfg, progress, tracker, checkpoint_tag(vote, progress, tc))
-            if vote.stopping:
-                break
-    return finish(accelerator, model, cfg, progress, tracker)
+    with one_writer(accelerator, tc.output_dir):  # before the folder is read or written
+        state = inspect_output_dir(accelerator, cfg, force_config)
+        if state.complete(tc.max_steps) and state.exported:
+            return end_complete_run(accelerator, cfg, state)
+        # Trained, but killed before the export: only the export is left to do.
+        finishing = state.complete(tc.max_steps)
+        batches = nullcontext() if finishing else open_batches(accelerator, cfg, state, stop)
+        prepare_output_dir(accelerator, cfg)
+        model = build_seeded_model(cfg)
+        report_receptive_field(accelerator, model.encoder, cfg)
+        model, optimizer, scheduler = prepare_training(accelerator, model, tc)
+        recast_batchnorm_for_deepspeed(accelerator, model)
+        restore_or_seed(accelerator, cfg, state)
+        save_run_config(accelerator, cfg)  # after the restore: a misfit never replaces it
+        train_step = TrainStep(accelerator, cfg, model, optimizer, scheduler)
+        tracker = open_tracker(accelerator, cfg, state.step)  # also when only the export is left
+        with batches, Progress(accelerator, tc, state, hidden=finishing) as progress:
+            while progress.step < tc.max_steps:
+                result = train_step(batches, progress.step)
+                progress.advance()
+                vote = agree(accelerator, stop.raised, result.skipped, result.sums)
+                raise_if_nonfinite(vote.means, progress.step)
+                if log_due(tc, progress.step) or probe_due(accelerator, cfg, progress.step):
+                    row = log_row(vote, train_step.lr(), result.grad_norm, progress)
+                    row |= probe_if_due(accelerator, model, cfg, progress.step)
+                    progress.log(row, tracker)
+                progress.bar.update(1)
+                if vote.stopping or save_due(tc, progress.step):
+                    tag = checkpoint_tag(vote, progress, tc)
+                    save(accelerator, model, cfg, progress, tracker, tag)
+                if vote.stopping:
+                    break
+        return finish(accelerator, model, cfg, progress, tracker)
 
 
 # ------------------------------------------------------------------ set-up
