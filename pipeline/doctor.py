@@ -1,0 +1,857 @@
+"""``python -m pipeline.doctor`` / ``dim-doctor``: does this node work, and what will limit it?
+
+``python -m pipeline.doctor [--config FILE] [key=value ...] [--json FILE] [--deepspeed]``
+takes the configuration as ``pretrain.py`` does and prints one table in three sections:
+
+- machine: versions, devices, usable cores, bf16 support, a warning when already loaded;
+- correctness on these devices: the infoNCE gather across processes equals one process
+  (NCCL, one process per GPU, with two GPUs or more; otherwise two gloo processes on the
+  CPU, said in the row), one bf16 step is finite and close to fp32, a checkpoint saves and
+  resumes to the same next steps, DeepSpeed ZeRO-2 trains two steps (``--deepspeed``;
+  on by default where a GPU exists, since on CPU it takes about a minute);
+- speed for the configuration: the DIM step against its bare backbone, the input
+  pipeline's images/s per loader worker on the configuration's own shards, and what
+  follows from both: workers per device, whether the cores can feed the devices, epoch
+  and run time on 1, 8 and 64 nodes, and the bytes the infoNCE all-gather moves per step.
+
+Each figure is measured here, on this node, in this run, except the scaled times, which
+assume linear scaling (and say so). Exit code 0 when nothing failed, 1 when a check
+failed, 2 (with one line on stderr) for a mistake in the input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from pipeline.config import load_config
+from pipeline.core.errors import ConfigError
+from pipeline.core.files import METRICS
+from pipeline.core.schema import Config, LossConfig
+from pipeline.data.augment import AUGMENTS
+from pipeline.data.batch_augment import build_batch_augment
+from pipeline.data.loaders import train_loader
+from pipeline.data.shards import dataset_size
+from pipeline.data.write import prepare_digits
+from pipeline.models.encoder import EncoderOutput, create_backbone
+from pipeline.models.speed import prepare_input, prepare_model
+from pipeline.objective.loss import GLOBAL_INPUTS, DIMObjective
+from pipeline.objective.model import DIM, build_model
+from pipeline.share.tracking import read_metrics
+from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = ["Row", "main", "run_checks"]
+
+ROOT = Path(__file__).resolve().parents[1]
+STATUSES = ("pass", "fail", "skip", "warn", "info")
+NODES = (1, 8, 64)
+GATHER_LOCAL_BATCH = 4
+GATHER_ATOL = {"cpu": 1e-5, "cuda": 1e-4}  # fp32 sums in another order; TF32 off on GPU
+BF16_RTOL = 5e-2
+BF16_BATCH = 16
+WARMUP, TIMED = 2, 5
+LOADER_BATCHES = 5
+SPAWN_TIMEOUT_S = 120
+DEEPSPEED_TIMEOUT_S = 300
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the report: what was checked, what came out, and why it passed or not."""
+
+    section: str
+    check: str
+    result: str
+    figure: float | None = None
+    unit: str = ""
+    status: str = "info"
+    reason: str = ""
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (the affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def local_devices() -> int:
+    """Training processes this node runs: one per GPU, or one on a CPU-only node."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _nccl_version() -> str | None:
+    if not torch.cuda.is_available() or not dist.is_nccl_available():
+        return None
+    return ".".join(map(str, torch.cuda.nccl.version()))
+
+
+def _devices() -> str:
+    if not torch.cuda.is_available():
+        return "cpu only"
+    return "; ".join(
+        f"cuda:{i} {p.name} {p.total_memory / 2**30:.0f} GiB"
+        for i, p in ((i, torch.cuda.get_device_properties(i)) for i in range(local_devices()))
+    )
+
+
+def bf16_support() -> tuple[bool, str]:
+    """(supported, how it was found): CUDA's own answer, or a bf16 autocast tried on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported(), "torch.cuda.is_bf16_supported()"
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = torch.ones(4, 4) @ torch.ones(4, 4)
+    except RuntimeError as err:
+        return False, f"torch.autocast('cpu', bfloat16) failed: {err}"
+    return out.dtype == torch.bfloat16, f"torch.autocast('cpu', bfloat16) gives {out.dtype}"
+
+
+def machine_rows() -> list[Row]:
+    cores = usable_cores()
+    load = os.getloadavg()[0]
+    bf16, how = bf16_support()
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    facts = {
+        "torch": torch.__version__,
+        "CUDA": torch.version.cuda,
+        "NCCL": _nccl_version(),
+        "cuDNN": cudnn,
+        "devices": _devices(),
+        "accelerate": _version("accelerate"),
+        "deepspeed": _version("deepspeed"),
+    }
+    rows = [Row("machine", name, str(value)) for name, value in facts.items()]
+    rows.append(Row("machine", "CPU cores usable", f"{cores} (affinity mask)", cores, "cores"))
+    rows.append(Row("machine", "bf16", str(bf16), status="pass" if bf16 else "skip", reason=how))
+    busy = load > cores * 0.5
+    rows.append(
+        Row(
+            "machine",
+            "load average (1 min)",
+            f"{load:.2f}",
+            load,
+            status="warn" if busy else "pass",
+            reason=(
+                f"already loaded (> {cores} cores x 0.5): speed figures will be low"
+                if busy
+                else f"<= {cores} cores x 0.5"
+            ),
+        )
+    )
+    return rows
+
+
+# ----------------------------------------------------- correctness: the infoNCE gather
+
+
+class _TinyEncoder(nn.Module):
+    """Each sample's output depends on that sample alone (no BatchNorm, z = mu), so that
+    splitting the batch over processes can change nothing but the negatives."""
+
+    channels, code_dim = 6, 5
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, self.channels, 3, stride=2, padding=1)
+        self.head = nn.Linear(self.channels, 2 * self.code_dim)
+
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
+        local = torch.tanh(self.conv(x))
+        pooled = local.mean(dim=(2, 3))
+        mu, logvar = self.head(pooled).chunk(2, dim=1)
+        return EncoderOutput(local, local, pooled, pooled, mu, logvar, mu)
+
+
+def _gather_model(device: str) -> nn.Module:
+    torch.manual_seed(0)
+    loss = LossConfig(estimator="infonce", critic_dim=8, critic_hidden=16)
+    objective = DIMObjective(loss, _TinyEncoder.channels, _TinyEncoder.code_dim)
+    return nn.ModuleDict({"encoder": _TinyEncoder(), "objective": objective}).to(device)
+
+
+def _gather_batch(world: int, device: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(world * GATHER_LOCAL_BATCH, 3, 8, 8, generator=gen).to(device)
+
+
+def _loss_and_grads(device: str, world: int, rows: slice) -> list[torch.Tensor]:
+    """[loss, *parameter gradients] of the infoNCE objective on ``rows`` of the batch."""
+    model = _gather_model(device)
+    loss, _ = model["objective"](model["encoder"](_gather_batch(world, device)[rows]))
+    loss.backward()
+    return [loss.detach(), *(p.grad.detach().clone() for p in model.parameters())]
+
+
+def _gather_worker(rank: int, world: int, backend: str, out: str) -> None:
+    """One rank: its slice of the batch, negatives gathered from every rank, then loss and
+    gradients averaged over ranks as DDP does; rank 0 saves them."""
+    torch.set_num_threads(1)
+    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        torch.backends.cudnn.allow_tf32 = False
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{Path(out) / 'rendezvous'}",  # no port to pick or race for
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=SPAWN_TIMEOUT_S),
+    )
+    try:
+        rows = slice(rank * GATHER_LOCAL_BATCH, (rank + 1) * GATHER_LOCAL_BATCH)
+        tensors = _loss_and_grads(device, world, rows)
+        for t in tensors:
+            dist.all_reduce(t)
+            t /= world
+        if rank == 0:
+            torch.save([t.cpu() for t in tensors], Path(out) / "rank0.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _gather_setup() -> tuple[str, int, str]:
+    """(backend, world size, what the row says about the choice)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus >= 2 and dist.is_nccl_available():
+        return "nccl", gpus, f"NCCL, one process per GPU ({gpus})"
+    if gpus == 1:
+        return "gloo", 2, "one GPU: the cross-device check needs 2; ran on 2 gloo CPU processes"
+    return "gloo", 2, "no GPU: 2 gloo CPU processes"
+
+
+def gather_row() -> Row:
+    backend, world, how = _gather_setup()
+    device = "cuda" if backend == "nccl" else "cpu"
+    atol = GATHER_ATOL[device]
+    with tempfile.TemporaryDirectory(prefix="dim-doctor-") as out, _env(OMP_NUM_THREADS="1"):
+        ctx = mp.spawn(_gather_worker, args=(world, backend, out), nprocs=world, join=False)
+        deadline = time.monotonic() + SPAWN_TIMEOUT_S
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"the {world} {backend} processes took > {SPAWN_TIMEOUT_S} s")
+        ranks = torch.load(Path(out) / "rank0.pt")
+    if device == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+    one = [t.cpu() for t in _loss_and_grads(device, world, slice(None))]
+    diff = max((a - b).abs().max().item() for a, b in zip(ranks, one, strict=True))
+    return Row(
+        "correctness",
+        f"gather_with_grad: {world} processes == 1 (loss, gradients)",
+        f"max abs diff {diff:.1e}",
+        diff,
+        status="pass" if diff <= atol else "fail",
+        reason=f"tolerance {atol:.0e}; {how}",
+    )
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Environment variables set for the block (spawned children inherit them)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# ------------------------------------------------------------ correctness: bf16, resume
+
+
+def random_images(cfg: Config, batch: int, seed: int, device: str = "cpu") -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
+    return torch.rand(shape, generator=gen).mul(2).sub(1).to(device)
+
+
+def _views(cfg: Config, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The model's arguments: one view, or two (AMDIM) of the same images."""
+    return (images,) * AUGMENTS[cfg.data.augment].views
+
+
+def _seeded_loss(model: DIM, cfg: Config, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The DIM loss with z's noise drawn from ``seed``: two calls see the same noise."""
+    torch.manual_seed(seed)
+    loss, _ = model(*_views(cfg, images))
+    return loss
+
+
+def bf16_row(cfg: Config) -> Row:
+    device = device_type()
+    supported, how = bf16_support()
+    check = "one bf16 DIM step: finite, close to fp32"
+    if not supported:
+        return Row("correctness", check, "not run", status="skip", reason=how)
+    model = build_model(cfg).to(device).train()
+    images = random_images(cfg, BF16_BATCH, seed=2, device=device)
+    fp32 = _seeded_loss(model, cfg, images).item()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        low = _seeded_loss(model, cfg, images)
+    low.backward()
+    grads_finite = all(
+        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+    )
+    rel = abs(low.item() - fp32) / max(abs(fp32), 1e-12)
+    ok = math.isfinite(low.item()) and grads_finite and rel <= BF16_RTOL
+    return Row(
+        "correctness",
+        check,
+        f"fp32 {fp32:.4f}, bf16 {low.item():.4f}, gradients finite: {grads_finite}",
+        rel,
+        "relative",
+        "pass" if ok else "fail",
+        f"tolerance {BF16_RTOL:.0e} relative; batch {BF16_BATCH}, {device} autocast",
+    )
+
+
+def _accelerated(cfg: Config):
+    """A fresh Accelerator with a fresh model and AdamW prepared (same initial weights)."""
+    from accelerate import Accelerator  # heavy: imported only where a check needs it
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    return (accelerator, *accelerator.prepare(model, opt))
+
+
+def _train_step(model, opt, cfg: Config, images: torch.Tensor) -> float:
+    loss = _seeded_loss(model, cfg, images.to(next(model.parameters()).device))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _next_two(model, opt, cfg: Config, batches: list[torch.Tensor]) -> list[float]:
+    """The loss of one more training step, and of the forward after it: the first depends
+    on the weights alone, the second on the optimizer's state too."""
+    first = _train_step(model, opt, cfg, batches[1])
+    with torch.no_grad():
+        second = _seeded_loss(model, cfg, batches[2].to(next(model.parameters()).device))
+    return [first, second.item()]
+
+
+def checkpoint_row(cfg: Config) -> Row:
+    batch = min(cfg.train.batch_size, BF16_BATCH)
+    batches = [random_images(cfg, batch, seed=10 + i) for i in range(3)]
+    accelerator, model, opt = _accelerated(cfg)
+    _train_step(model, opt, cfg, batches[0])
+    with tempfile.TemporaryDirectory(prefix="dim-doctor-") as out:
+        path = save_checkpoint(accelerator, out, 1, {"samples_seen": batch}, keep_last=1)
+        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        original = _next_two(model, opt, cfg, batches)
+        accelerator2, fresh, fresh_opt = _accelerated(cfg)
+        _train_step(fresh, fresh_opt, cfg, batches[2])  # moved away from the saved state
+        load_checkpoint(accelerator2, path)
+    weights = max(
+        (fresh.state_dict()[k].float() - v.float()).abs().max().item() for k, v in saved.items()
+    )
+    resumed = _next_two(fresh, fresh_opt, cfg, batches)
+    loss_diff = max(abs(a - b) for a, b in zip(original, resumed, strict=True))
+    ok = weights == 0 and loss_diff == 0
+    return Row(
+        "correctness",
+        "checkpoint saves and resumes",
+        f"weights max abs diff {weights:.1e}; next step's losses {original} vs {resumed}",
+        loss_diff,
+        "abs",
+        "pass" if ok else "fail",
+        "tolerance 0 (bit-identical); save_checkpoint / load_checkpoint through accelerate",
+    )
+
+
+# --------------------------------------------------------- correctness: DeepSpeed ZeRO-2
+
+
+def _launch_env() -> dict[str, str]:
+    e = dict(os.environ, WANDB_MODE="disabled", WANDB_SILENT="true", PYTHONPATH=str(ROOT))
+    if not torch.cuda.is_available():
+        e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    return e
+
+
+def deepspeed_row(config: str | None, overrides: list[str], shards: str, enabled: bool) -> Row:
+    check = "DeepSpeed ZeRO-2 runs two steps"
+    launch = ROOT / "launch" / "deepspeed_zero2.yaml"
+    if not enabled:
+        return Row("correctness", check, "not run", status="skip", reason="off: pass --deepspeed")
+    if _version("deepspeed") is None or not launch.is_file():
+        why = "deepspeed not installed" if launch.is_file() else f"{launch} not found"
+        return Row("correctness", check, "not run", status="skip", reason=why)
+    processes = max(2, local_devices())
+    with tempfile.TemporaryDirectory(prefix="dim-doctor-") as out:
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(launch),
+            "--num_processes",
+            str(processes),
+            str(ROOT / "pretrain.py"),
+            *(["--config", config] if config else []),
+            *overrides,
+            f"data.train_shards={shards}",
+            "data.val_shards=",
+            "data.num_workers=0",
+            f"train.output_dir={out}",
+            "train.max_steps=2",
+            "train.warmup_steps=0",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "wandb.mode=disabled",
+        ]
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env=_launch_env(),
+            capture_output=True,
+            text=True,
+            timeout=DEEPSPEED_TIMEOUT_S,
+        )
+        seconds = time.perf_counter() - t0
+        rows = read_metrics(Path(out) / METRICS) if proc.returncode == 0 else []
+    steps = [r.get("step") for r in rows]
+    ok = steps == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
+    return Row(
+        "correctness",
+        check,
+        f"{processes} processes, steps logged {steps} in {seconds:.0f} s"
+        if ok
+        else f"exit {proc.returncode}: {tail}",
+        seconds,
+        "s",
+        "pass" if ok else "fail",
+        "accelerate launch --config_file launch/deepspeed_zero2.yaml pretrain.py, 2 steps",
+    )
+
+
+# ------------------------------------------------------------------------------ speed
+
+
+def _timed_steps(steps: dict[str, Callable[[], None]], device: str) -> dict[str, float]:
+    """Fastest of ``TIMED`` calls of each step after ``WARMUP``, the steps taking turns:
+    other jobs only ever add time, and a change in the machine's load hits both alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(WARMUP + TIMED):
+        for name, step in steps.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= WARMUP:
+                times[name].append(time.perf_counter() - t0)
+    return {name: min(t) for name, t in times.items()}
+
+
+def _stepper(
+    model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], autocast
+) -> Callable[[], None]:
+    """Forward + backward + AdamW step of ``model``, as one training step does."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        with autocast():
+            loss = loss_fn(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def step_speed(cfg: Config) -> dict[str, float]:
+    """images/s of the DIM training step and of the bare backbone's, on one device."""
+    device = device_type()
+    views = AUGMENTS[cfg.data.augment].views
+    b, m = cfg.train.batch_size, cfg.model
+    x = prepare_input(random_images(cfg, views * b, seed=3, device=device), cfg.train)
+    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+
+    def autocast():
+        if precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=precision)
+
+    torch.manual_seed(cfg.train.seed)
+    dim = prepare_model(build_model(cfg).to(device).train(), cfg.train)
+    bare = create_backbone(m.backbone, in_chans=m.in_chans, img_size=m.img_size).to(device).train()
+    if cfg.train.channels_last:
+        bare.to(memory_format=torch.channels_last)
+    seconds = _timed_steps(
+        {
+            "dim": _stepper(dim, lambda net: net(*x.chunk(views))[0], autocast),
+            "bare": _stepper(bare, lambda net: net(x).mean(), autocast),
+        },
+        device,
+    )
+    return {name: views * b / s for name, s in seconds.items()} | {"views": views}
+
+
+def default_shards(folder: Path) -> str:
+    """The embedded default data (digits) as training does, written into ``folder``."""
+    return str(prepare_digits(folder))
+
+
+def loader_speed(cfg: Config, shards: str) -> float:
+    """images/s of one loader worker: read, decode, (batch-)augment, in this process."""
+    data = dataclasses.replace(cfg.data, train_shards=shards, num_workers=0)
+    augment = build_batch_augment(data, img_size=cfg.model.img_size, seed=cfg.train.seed, rank=0)
+    loader = train_loader(
+        data,
+        batch_size=cfg.train.batch_size,
+        img_size=cfg.model.img_size,
+        in_chans=cfg.model.in_chans,
+        seed=cfg.train.seed,
+        rank=0,
+        world_size=1,
+    )
+    batches, threads = iter(loader), torch.get_num_threads()
+    torch.set_num_threads(1)  # what one worker has
+    try:
+        seen, t0 = 0, 0.0
+        for i in range(1 + LOADER_BATCHES):  # the first batch fills the shuffle buffer
+            if i == 1:
+                t0 = time.perf_counter()
+            batch = next(batches)
+            if augment is not None:
+                augment(batch["image"], step=i)
+            seen += len(batch["image"]) if i else 0
+        return seen / (time.perf_counter() - t0)
+    finally:
+        loader.close()
+        torch.set_num_threads(threads)
+
+
+def gathered_bytes_per_sample(cfg: Config) -> dict[str, int]:
+    """Bytes per image of what infoNCE gathers, per scope: the image-side critic
+    embeddings (global, local), in fp32, as the objective computes them."""
+    if cfg.loss.estimator != "infonce":
+        return {}
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        out = model.encoder(random_images(cfg, 2, seed=4))
+        sides = {
+            "global": (
+                model.objective.global_critic,
+                GLOBAL_INPUTS[cfg.loss.global_input].take(out),
+            ),
+            "local": (model.objective.local_critic, out.local),
+        }
+        return {
+            scope: critic.embed_a(side.float()).numel() // 2 * 4
+            for scope, (critic, side) in sides.items()
+            if critic is not None
+        }
+
+
+def allgather_rows(cfg: Config, views: int) -> list[Row]:
+    per_sample = gathered_bytes_per_sample(cfg)
+    check = "infoNCE all-gather per step, per process (forward)"
+    if not per_sample:
+        why = f"loss.estimator={cfg.loss.estimator} keeps negatives on the device"
+        return [Row("speed", check, "nothing gathered", 0.0, "bytes", "info", why)]
+    e = sum(per_sample.values())
+    b = cfg.train.batch_size
+    formula = (
+        f"views x (W-1)/W x W*B x e, B={b}, views={views}, e={e} bytes "
+        f"({', '.join(f'{k} {v}' for k, v in per_sample.items())}); the backward moves as much"
+    )
+    rows = []
+    for nodes in NODES:
+        w = nodes * local_devices()
+        moved = views * (w - 1) * b * e
+        rows.append(
+            Row("speed", f"{check}, W={w}", _human_bytes(moved), moved, "bytes", "info", formula)
+        )
+    return rows
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def plan_rows(cfg: Config, step_ips: float, worker_ips: float, epoch: int | None) -> list[Row]:
+    """What the two measured rates imply for this node and for N nodes."""
+    cores, devices = usable_cores(), local_devices()
+    workers = math.ceil(step_ips / worker_ips)
+    spare = max(cores - devices, 1)  # one core drives each device's training process
+    fed = workers * devices <= spare
+    node_ips = min(step_ips * devices, worker_ips * spare)
+    limit = "devices" if step_ips * devices <= worker_ips * spare else "input (CPU cores)"
+    rows = [
+        Row(
+            "speed",
+            "loader workers per device needed",
+            f"ceil({step_ips:.0f} / {worker_ips:.0f})",
+            workers,
+            "workers",
+            "info",
+            "DIM step img/s over one worker's img/s",
+        ),
+        Row(
+            "speed",
+            "cores can feed the devices",
+            f"{workers} x {devices} workers vs {spare} spare cores",
+            spare,
+            "cores",
+            "pass" if fed else "warn",
+            f"spare = usable cores - one per device; node limited by {limit}"
+            + (
+                "; on a CPU node the step and the workers share the same cores"
+                if device_type() == "cpu"
+                else ""
+            ),
+        ),
+        Row(
+            "speed",
+            "node img/s",
+            f"{node_ips:.0f}",
+            node_ips,
+            "img/s",
+            "info",
+            "min(devices x step img/s, spare cores x worker img/s)",
+        ),
+    ]
+    run_images = cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum
+    for nodes in NODES:
+        total = node_ips * nodes
+        if epoch:
+            rows.append(
+                Row(
+                    "speed",
+                    f"epoch on {nodes} node(s)",
+                    _human_time(epoch / total),
+                    epoch / total,
+                    "s",
+                    "info",
+                    f"{epoch} images; linear scaling assumed",
+                )
+            )
+        seconds = run_images * devices * nodes / total
+        rows.append(
+            Row(
+                "speed",
+                f"train.max_steps on {nodes} node(s)",
+                _human_time(seconds),
+                seconds,
+                "s",
+                "info",
+                f"{cfg.train.max_steps} steps x batch_size per process: the global batch "
+                "grows with the nodes, so the time does not shrink; linear scaling assumed",
+            )
+        )
+    if not epoch:
+        rows.append(
+            Row(
+                "speed",
+                "epoch",
+                "unknown size",
+                None,
+                "",
+                "skip",
+                "no manifest and data.epoch_samples=0",
+            )
+        )
+    return rows
+
+
+def _human_time(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def speed_rows(cfg: Config, shards: str) -> list[Row]:
+    step = step_speed(cfg)
+    worker = loader_speed(cfg, shards)
+    device = device_type()
+    rows = [
+        Row(
+            "speed",
+            "DIM step img/s per device",
+            f"{step['dim']:.0f} on {device}",
+            step["dim"],
+            "img/s",
+            "info",
+            f"forward+backward+AdamW, batch {cfg.train.batch_size} x {step['views']} view(s), "
+            f"{cfg.model.img_size} px, fastest of {TIMED} after {WARMUP} warm-up",
+        ),
+        Row(
+            "speed",
+            "bare backbone img/s per device",
+            f"{step['bare']:.0f} on {device}",
+            step["bare"],
+            "img/s",
+            "info",
+            f"{cfg.model.backbone}, same batch, mean of its features as the loss",
+        ),
+        Row(
+            "speed",
+            "DIM / bare step time",
+            f"{step['bare'] / step['dim']:.2f}x",
+            step["bare"] / step["dim"],
+            "ratio",
+            "info",
+            "the cost of DIM's heads, critics and estimator",
+        ),
+        Row(
+            "speed",
+            "input img/s per worker",
+            f"{worker:.0f}",
+            worker,
+            "img/s",
+            "info",
+            f"train_loader on {shards}, num_workers=0, one thread, decoded and augmented "
+            f"(batch augmentation on the CPU: on a GPU node it runs on the device), "
+            f"{LOADER_BATCHES} batches",
+        ),
+    ]
+    epoch = cfg.data.epoch_samples or dataset_size(shards)
+    rows += plan_rows(cfg, step["dim"], worker, epoch)
+    return rows + allgather_rows(cfg, step["views"])
+
+
+# ------------------------------------------------------------------------- the report
+
+
+def _guarded(section: str, check: str, fn: Callable[[], Row | list[Row]]) -> list[Row]:
+    """Run one check; an unexpected error is that check's failure, not the report's end."""
+    try:
+        out = fn()
+    except ConfigError:
+        raise
+    except Exception as err:  # the report shows what broke
+        return [
+            Row(section, check, "error", status="fail", reason=f"{type(err).__name__}: {err}"[:300])
+        ]
+    return out if isinstance(out, list) else [out]
+
+
+def run_checks(cfg: Config, config: str | None, overrides: list[str], deepspeed: bool) -> list[Row]:
+    rows = machine_rows()
+    with tempfile.TemporaryDirectory(prefix="dim-doctor-data-") as tmp:
+        shards = cfg.data.train_shards or default_shards(Path(tmp) / "digits")
+        rows += _guarded("correctness", "gather_with_grad", gather_row)
+        rows += _guarded("correctness", "bf16 step", lambda: bf16_row(cfg))
+        rows += _guarded("correctness", "checkpoint", lambda: checkpoint_row(cfg))
+        rows += _guarded(
+            "correctness", "deepspeed", lambda: deepspeed_row(config, overrides, shards, deepspeed)
+        )
+        rows += _guarded("speed", "speed", lambda: speed_rows(cfg, shards))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = []
+    for section in ("machine", "correctness", "speed"):
+        lines.append(f"== {section}")
+        for r in (r for r in rows if r.section == section):
+            reason = f"  ({r.reason})" if r.reason else ""
+            lines.append(f"  [{r.status:<4}] {r.check:<60} {r.result}{reason}")
+    return "\n".join(lines)
+
+
+def to_json(rows: list[Row], wall_s: float, config: str | None, overrides: list[str]) -> dict:
+    sections = {s: [] for s in ("machine", "correctness", "speed")}
+    for r in rows:
+        sections[r.section].append(
+            {k: v for k, v in dataclasses.asdict(r).items() if k != "section"}
+        )
+    return {
+        "config": config,
+        "overrides": overrides,
+        "wall_s": wall_s,
+        "ok": not any(r.status == "fail" for r in rows),
+        "sections": sections,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="dim-doctor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", default=None, help="YAML file, as pretrain.py takes it")
+    p.add_argument("--json", default=None, help="also write the report to this file")
+    p.add_argument(
+        "--deepspeed",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the DeepSpeed ZeRO-2 check (default: on with a GPU, off on CPU: ~1 min)",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if cfg.data.train_shards:
+            dataset_size(cfg.data.train_shards)  # shards that do not exist: a mistake, now
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise ConfigError(f"--json: folder {Path(args.json).parent} does not exist")
+        deepspeed = torch.cuda.is_available() if args.deepspeed is None else args.deepspeed
+        rows = run_checks(cfg, args.config, args.overrides, deepspeed)
+    except ConfigError as err:
+        print(f"dim-doctor: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    wall = time.perf_counter() - t0
+    print(format_table(rows))
+    print(f"wall time {wall:.1f} s")
+    report = to_json(rows, wall, args.config, args.overrides)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    sys.exit(0 if report["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The node check runs end to end on this CPU machine, as a user would start it.
+
+One ``python -m pipeline.doctor --json FILE`` run (batch 16, DeepSpeed off) is shared by
+the tests: its report has the three sections and every row's fields, the correctness
+checks pass (the gather on two gloo processes, bf16, checkpoint resume), DeepSpeed is a
+skip that says why, and the speed figures are positive numbers that agree with each
+other. A mistake in the input is one line and exit code 2, before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from train_helpers import PY, run
+
+pytestmark = pytest.mark.slow  # spawns two gloo processes
+
+SECTIONS = ("machine", "correctness", "speed")
+FIELDS = {"check", "result", "figure", "unit", "status", "reason"}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("doctor") / "report.json"
+    proc = run(
+        [PY, "-m", "pipeline.doctor", "--json", str(out), "train.batch_size=16"], timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "== correctness" in proc.stdout  # the table is printed too
+    return json.loads(out.read_text())
+
+
+def _row(report: dict, section: str, start: str) -> dict:
+    found = [r for r in report["sections"][section] if r["check"].startswith(start)]
+    assert len(found) == 1, (start, [r["check"] for r in report["sections"][section]])
+    return found[0]
+
+
+def test_report_structure(report):
+    """Catches: a section missing or renamed, a row without its fields or with a status
+    outside the table's, an ``ok`` that ignores failures."""
+    assert set(report["sections"]) == set(SECTIONS)
+    assert report["wall_s"] > 0 and report["overrides"] == ["train.batch_size=16"]
+    rows = [r for s in SECTIONS for r in report["sections"][s]]
+    assert rows and all(set(r) == FIELDS for r in rows)
+    assert {r["status"] for r in rows} <= {"pass", "fail", "skip", "warn", "info"}
+    assert report["ok"] == all(r["status"] != "fail" for r in rows)
+    machine = {r["check"] for r in report["sections"]["machine"]}
+    assert {"torch", "CUDA", "NCCL", "cuDNN", "devices", "accelerate", "deepspeed"} <= machine
+    assert _row(report, "machine", "CPU cores usable")["figure"] >= 1
+
+
+def test_correctness_rows_pass(report):
+    """Catches: a gather whose two processes differ from one process, a bf16 loss far
+    from fp32, a resume that does not restore the weights or the optimizer."""
+    gather = _row(report, "correctness", "gather_with_grad")
+    assert gather["status"] == "pass" and "gloo" in gather["reason"]
+    assert 0 <= gather["figure"] <= 1e-5
+    assert _row(report, "correctness", "one bf16 DIM step")["status"] == "pass"
+    resume = _row(report, "correctness", "checkpoint")
+    assert resume["status"] == "pass" and resume["figure"] == 0
+    deepspeed = _row(report, "correctness", "DeepSpeed")
+    assert deepspeed["status"] == "skip" and "--deepspeed" in deepspeed["reason"]
+
+
+def test_speed_figures_positive_and_consistent(report):
+    """Catches: a rate of zero or NaN, workers per device not the ceiling of the two
+    rates, an all-gather volume off the stated formula."""
+    speed = report["sections"]["speed"]
+    rates = [r for r in speed if r["unit"] == "img/s"]
+    assert len(rates) >= 3
+    assert all(isinstance(r["figure"], float) and math.isfinite(r["figure"]) for r in rates)
+    assert all(r["figure"] > 0 for r in rates)
+    step = _row(report, "speed", "DIM step img/s")["figure"]
+    worker = _row(report, "speed", "input img/s per worker")["figure"]
+    assert _row(report, "speed", "loader workers per device")["figure"] == math.ceil(step / worker)
+    times = [r for r in speed if r["unit"] == "s"]
+    assert len(times) == 6 and all(r["figure"] > 0 for r in times)  # epoch and run, N = 1, 8, 64
+    gathers = [r for r in speed if r["check"].startswith("infoNCE all-gather")]
+    w1, w8, w64 = (r["figure"] for r in gathers)
+    assert w1 == 0  # one process gathers nothing
+    assert w8 > 0 and w64 / w8 == pytest.approx(63 / 7)  # (W - 1) * B * e
+
+
+def test_bad_key_is_one_line_and_exit_2(tmp_path):
+    proc = run([PY, "-m", "pipeline.doctor", "train.batch_sise=3"], timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dim-doctor: error:"), proc.stderr
+    assert "train.batch_size" in lines[0]  # did-you-mean
