@@ -34,7 +34,7 @@ import wandb
 import yaml
 
 from pipeline.core.errors import ConfigError
-from pipeline.core.files import CONFIG_FILE, WANDB_ID
+from pipeline.core.files import CONFIG_FILE, PICTURE, WANDB_ID
 from pipeline.data.loaders import (
     eval_loader,
 )
@@ -51,7 +51,6 @@ __all__ = ["evaluate", "find_export", "format_table", "main", "probe_every_view"
 
 Results = dict[str, dict[str, dict[str, float]]]
 SETTINGS = ProbeSettings()  # the offline evaluation runs the probes at their defaults
-PICTURE = "neighbours.png"  # the neighbour picture's default name, in the model folder
 PICTURE_KEY = "eval/neighbours"  # its W&B key
 PICTURE_VIEW = "conv"  # the dim view whose neighbours the picture shows
 

@@ -29,7 +29,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from pipeline.core.errors import ConfigError
-from pipeline.core.files import check_output_folder, new_partial, replace_folder
+from pipeline.core.files import PICTURE, check_output_folder, new_partial, replace_folder
 from pipeline.share.card import set_block, set_front_matter, usage_block
 from pipeline.share.export import (
     EXPORT_CARD,
@@ -51,7 +51,7 @@ def _build(src: Path, dest: Path) -> None:
     """Write the model folder found at ``src`` into the empty folder ``dest``."""
 
     folder = find_export(src)
-    for name in EXPORT_FILES:
+    for name in (*EXPORT_FILES, PICTURE):  # the card links the picture when there is one
         if (folder / name).is_file():
             shutil.copy2(folder / name, dest / name)
 

@@ -370,8 +370,6 @@ FLAT = {"eval/dim/y/linear": 0.5, "eval/dim/y/knn": 0.25, "eval/pixels/pixels/li
 def test_wandb_logging_joins_the_training_run(tmp_path, monkeypatch):
     """Catches: a new run instead of the training run's id, a lost project, cells missing
     from the summary or the table, the run left open (or an active run closed)."""
-    import sys
-
     from pipeline.evaluate import _training_run, log_to_wandb
 
     (tmp_path / "wandb_id.txt").write_text("abc123\n")
@@ -379,7 +377,7 @@ def test_wandb_logging_joins_the_training_run(tmp_path, monkeypatch):
     assert _training_run(tmp_path / "nowhere") == {}
     monkeypatch.setenv("WANDB_MODE", "offline")
     fake = FakeWandb()
-    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr("pipeline.evaluate.wandb", fake)
     log_to_wandb(RESULTS, run_dir=tmp_path)  # no active run and no --wandb: nothing
     assert fake.inits == [] and fake.run is None
 
@@ -407,7 +405,7 @@ def test_wandb_logging_joins_the_training_run(tmp_path, monkeypatch):
 
     active = FakeRun()  # inside a training run: log there, leave it open
     fake = FakeWandb(run=active)
-    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr("pipeline.evaluate.wandb", fake)
     log_to_wandb(RESULTS)
     assert fake.inits == [] and active.summary == FLAT and not active.finished
     assert len(active.logged) == 1

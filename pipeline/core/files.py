@@ -19,6 +19,7 @@ from pipeline.core.errors import ConfigError
 __all__ = [
     "CONFIG_FILE",
     "METRICS",
+    "PICTURE",
     "PLOT",
     "WANDB_ID",
     "check_output_folder",
@@ -33,6 +34,7 @@ __all__ = [
 CONFIG_FILE = "config.yaml"  # the resolved config of the run
 METRICS = "metrics.jsonl"  # one JSON row per logged step
 PLOT = "metrics.png"  # the training curves
+PICTURE = "neighbours.png"  # query images and their nearest neighbours, in the model folder
 WANDB_ID = "wandb_id.txt"  # the W&B run id, so a resumed run continues the same W&B run
 
 _BUILDING, _PARKED = ".tmp-", ".tmp-old-"  # beside a folder being replaced
