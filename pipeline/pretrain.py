@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: bad configuration exits with code 2 and one line."""
+    """Console entry point: bad configuration exits with code 2 and one line, a run
+    interrupted by a second Ctrl-C with 130 and one line."""
     quiet = os.environ.get("RANK", "0") != "0"
     try:
         cfg, force_config = parse_args(argv)
@@ -65,6 +66,14 @@ def main(argv: list[str] | None = None) -> None:
         if not quiet:
             print(f"pretrain.py: {err}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first saves at the step's end)
+        if not quiet:
+            print(
+                "pretrain.py: interrupted, not saved; run again to resume from the last "
+                "checkpoint (a save cut short is removed then)",
+                file=sys.stderr,
+            )
+        sys.exit(130)  # 128 + SIGINT, as a shell reports a process Ctrl-C ended
 
 
 if __name__ == "__main__":

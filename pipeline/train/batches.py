@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import signal
 
 from pipeline.core.schema import Config
@@ -14,17 +15,35 @@ __all__ = ["StopFlag", "TrainBatches", "open_batches"]
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1 (SLURM preemption); acted on at the next step boundary."""
+    """Set by SIGTERM / SIGUSR1 (SLURM preemption) and by a first Ctrl-C (SIGINT); acted
+    on at the next step boundary, where the run saves and ends.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    A second Ctrl-C raises KeyboardInterrupt at once. What it cuts short is a folder
+    built beside its final place (``checkpoints/.tmp-step_N``, ``.tmp-export``), which
+    the next start removes; the finished checkpoints are untouched. As a context manager
+    it puts the previous handlers back on leaving.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
-        self.raised = False
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
+        self.raised = self.interrupted = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+            _say("\nCtrl-C: saving at the end of this step; Ctrl-C again to quit unsaved\n")
         self.raised = True
+
+    def __enter__(self) -> StopFlag:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     @contextlib.contextmanager
     def shielded_children(self):
@@ -39,6 +58,13 @@ class StopFlag:
             yield
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _say(text: str) -> None:
+    """Write to stderr from a signal handler (a raw write: the handler may have cut a
+    print short), on the main process only."""
+    if os.environ.get("RANK", "0") == "0":
+        os.write(2, text.encode())
 
 
 class TrainBatches:

@@ -5,7 +5,7 @@ the launch form comes from the accelerate config file (see ``launch/``). Each ra
 its own data stream (the loader is never passed through ``accelerator.prepare``).
 
 A "step" is one optimizer step (``train.grad_accum`` micro-batches). Once per step the
-ranks all-reduce one small vector: the stop flag (SIGTERM / SIGUSR1), the loss terms
+ranks all-reduce one small vector: the stop flag (SIGTERM, SIGUSR1, Ctrl-C), the loss terms
 and the skipped-sample count, so every rank agrees on when to stop, a NaN anywhere stops
 all of them with the step and the term named, and the log holds cross-rank means.
 
@@ -72,10 +72,11 @@ def train(cfg: Config, force_config: bool = False) -> int:
     """
     preflight(cfg)  # before any set-up: a wrong path is reported in a blink
     keep_freed_memory(cfg.train.keep_freed_memory)  # before the loader workers fork
-    tc, stop, accelerator = cfg.train, StopFlag(), make_accelerator(cfg)
+    tc, accelerator = cfg.train, make_accelerator(cfg)
     if not cfg.data.train_shards:
         use_default_data(accelerator, cfg)
-    with one_writer(accelerator, tc.output_dir):  # before the folder is read or written
+    # The lock before the folder is read or written; signals stop at a step boundary.
+    with one_writer(accelerator, tc.output_dir), StopFlag() as stop:
         state = inspect_output_dir(accelerator, cfg, force_config)
         if state.complete(tc.max_steps) and state.exported:
             return end_complete_run(accelerator, cfg, state)
