@@ -20,9 +20,11 @@ from pipeline.train.step import NonFiniteLoss
 USAGE = """pretrain.py [--config FILE] [key=value ...]
 
 Deep InfoMax pretraining. Configuration: the defaults below, then FILE (YAML), then the
-dotted overrides. Launch with `accelerate launch [--config_file launch/X.yaml] pretrain.py`
-for several processes. A run resumes from the latest checkpoint in train.output_dir;
-a folder holding a run of another configuration is refused (see --force-config).
+dotted overrides; options and overrides may come in any order. Launch with
+`accelerate launch [--config_file launch/X.yaml] pretrain.py` for several processes.
+A run resumes from the latest checkpoint in train.output_dir; a folder holding a run
+of another configuration is refused (see --force-config), and so is one that another
+run is writing to. Ctrl-C saves at the end of the step; a second Ctrl-C quits unsaved.
 """
 
 
@@ -47,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
         metavar="key=value",
         help="dotted overrides, e.g. train.batch_size=64 loss.estimator=jsd",
     )
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options before, between or after the overrides
     return load_config(args.config, args.overrides), args.force_config
 
 
