@@ -117,7 +117,8 @@ def _nccl_version() -> str | None:
 
 def _devices() -> str:
     if not torch.cuda.is_available():
-        return "cpu only"
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return f"cpu only, {ram / 2**30:.0f} GiB RAM"
     return "; ".join(
         f"cuda:{i} {p.name} {p.total_memory / 2**30:.0f} GiB"
         for i, p in ((i, torch.cuda.get_device_properties(i)) for i in range(local_devices()))
@@ -389,7 +390,8 @@ def checkpoint_row(cfg: Config) -> Row:
     return Row(
         "correctness",
         "checkpoint saves and resumes",
-        f"weights max abs diff {weights:.1e}; next step's losses {original} vs {resumed}",
+        f"weights max abs diff {weights:.1e}; next steps' losses "
+        f"{', '.join(f'{v:.6f}' for v in original)} vs {', '.join(f'{v:.6f}' for v in resumed)}",
         loss_diff,
         "abs",
         "pass" if ok else "fail",
@@ -415,7 +417,7 @@ def deepspeed_row(config: str | None, overrides: list[str], shards: str, enabled
     if _version("deepspeed") is None or not launch.is_file():
         why = "deepspeed not installed" if launch.is_file() else f"{launch} not found"
         return Row("correctness", check, "not run", status="skip", reason=why)
-    processes = max(2, local_devices())
+    processes = local_devices() if torch.cuda.is_available() else 2  # CPU: 2 gloo ranks
     with tempfile.TemporaryDirectory(prefix="dim-doctor-") as out:
         cmd = [
             sys.executable,
