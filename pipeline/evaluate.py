@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,11 +35,11 @@ import wandb
 import yaml
 
 from pipeline.core.errors import ConfigError
-from pipeline.core.files import CONFIG_FILE, PICTURE, WANDB_ID
+from pipeline.core.files import CONFIG_FILE, PICTURE, WANDB_ID, check_output_folder
 from pipeline.data.loaders import (
     eval_loader,
 )
-from pipeline.data.shards import read_manifest
+from pipeline.data.shards import read_manifest, resolve_shards
 from pipeline.eval.features import CONV_SOURCES, PIXELS, extract_features, recalibrate_batchnorm
 from pipeline.eval.neighbours import neighbour_picture
 from pipeline.eval.probes import PROBES, ProbeSettings, run_probes
@@ -349,7 +350,101 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint when its folder holds wandb_id.txt, else a new eval run",
     )
     p.add_argument("--wandb-project", default="dim-pretrain")
+    p.add_argument(
+        "--update-card",
+        action="store_true",
+        help="write the table into the model card even though --test-shards is not the "
+        "run's own held-out data (data.val_shards), which is when it is written by itself",
+    )
     return p
+
+
+def _run_config(folder: Path) -> dict:
+    """The resolved config of the run that wrote the model folder ``folder`` (its
+    ``config.yaml`` at or up to three folders above it), or {} for a lone export."""
+    for parent in [folder.resolve(), *folder.resolve().parents][:4]:
+        if (parent / CONFIG_FILE).is_file():
+            return yaml.safe_load((parent / CONFIG_FILE).read_text()) or {}
+    return {}
+
+
+def _same_shards(a: str, b: str) -> bool:
+    try:
+        return {os.path.realpath(s) for s in resolve_shards(a)} == {
+            os.path.realpath(s) for s in resolve_shards(b)
+        }
+    except ConfigError:
+        return False
+
+
+def _classes(spec: str) -> list[str] | None:
+    """The class names a manifest records, or None (a pattern, or no names)."""
+    if not spec.endswith(".json"):
+        return None
+    return read_manifest(spec).classes or None
+
+
+def _labelled(spec: str, option: str) -> None:
+    """The first sample of ``spec`` has a label: the probes need them, and a stream
+    without any failed only after every feature was extracted."""
+    first = next(iter(eval_loader(spec, batch_size=1, img_size=8, in_chans=3)), None)
+    if first is None:
+        raise ConfigError(f"{option} {spec}: no readable sample")
+    if int(first["label"][0]) < 0:
+        raise ConfigError(
+            f"{option} {spec}: the samples have no label (.cls, or a json 'label'); "
+            f"the probes need labelled shards"
+        )
+
+
+def check_args(args: argparse.Namespace) -> Path:
+    """Every option, input and output place, before any feature is extracted: one
+    ConfigError naming the problem. Returns the model folder."""
+    for name, low in (("batch_size", 1), ("knn_k", 1), ("num_workers", 0)):
+        if getattr(args, name) < low:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}"
+            )
+    for name in ("limit_train", "limit_test"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.knn_temperature > 0:
+        raise ConfigError(f"--knn-temperature must be > 0, got {args.knn_temperature}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(
+            f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {args.device}: this machine has no CUDA device; use --device cpu"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA devices")
+    folder = find_export(args.checkpoint)
+    for option, path in (("--json", args.json), ("--neighbours", args.neighbours)):
+        if path:
+            if Path(path).is_dir():
+                raise ConfigError(f"{option} {path} is a folder; give a file name")
+            check_output_folder(Path(path).parent, option)
+    for option, spec in (
+        ("--train-shards", args.train_shards),
+        ("--test-shards", args.test_shards),
+    ):
+        try:
+            resolve_shards(spec)
+        except ConfigError as err:
+            raise ConfigError(f"{option}: {err}") from None
+        _labelled(spec, option)
+    train_classes, test_classes = _classes(args.train_shards), _classes(args.test_shards)
+    if train_classes and test_classes and train_classes != test_classes:
+        raise ConfigError(
+            f"--train-shards and --test-shards name other classes ({len(train_classes)}: "
+            f"{train_classes[:3]}... vs {len(test_classes)}: {test_classes[:3]}...); the "
+            f"probes would score labels that mean different things"
+        )
+    return folder
 
 
 # command-line options that evaluate() takes as they are
@@ -370,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  table alone on stdout
     settings = ProbeSettings(k=args.knn_k, temperature=args.knn_temperature, seed=args.seed)
     try:
-        folder = find_export(args.checkpoint)
+        folder = check_args(args)
         picture = Path(args.neighbours or folder / PICTURE) if args.draw_neighbours else None
         results = evaluate(
             folder,  # a model folder: evaluate's own find_export returns it as it is
@@ -388,10 +483,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    card = update_evaluation(
-        folder,
-        results,
-        {
+    own_data = _same_shards(
+        _run_config(folder).get("data", {}).get("val_shards") or "", args.test_shards
+    )
+    if not (own_data or args.update_card):
+        log(
+            "[evaluate] model card left alone: --test-shards is not the run's own held-out "
+            "data (data.val_shards); --update-card writes it anyway"
+        )
+        card = None
+    else:
+        settings_used = {
             "train shards": args.train_shards,
             "test shards": args.test_shards,
             "limit train": args.limit_train,
@@ -399,9 +501,8 @@ def main(argv: list[str] | None = None) -> int:
             "k": args.knn_k,
             "conv view": args.conv_source,
             "seed": args.seed,
-        },
-        picture=picture,
-    )
+        }
+        card = update_evaluation(folder, results, settings_used, picture=picture)
     if card is not None:
         log(f"[evaluate] table written into the model card {card}")
     run_dir = (

@@ -475,3 +475,83 @@ def test_run_probes_dispatches_each_name_to_its_probe():
     lin = linear_probe(x[:160], y[:160], x[160:], y[160:], l2_grid=(1e-1,), max_iter=50, seed=2)
     assert got["linear"] == (lin.accuracy, "l2=0.1")
     assert got["mlp"].accuracy == mlp_probe(x[:160], y[:160], x[160:], y[160:], seed=2).accuracy
+
+
+# ------------------------------------------------------------------ mistakes, before any work
+
+
+def _unlabelled_shards(folder) -> str:
+    import webdataset as wds
+
+    with wds.TarWriter(str(folder / "nolabel.tar")) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"u{i}", "png": _png(np.zeros((16, 16, 3), np.uint8))})
+    return str(folder / "nolabel.tar")
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--knn-k", "0"], "--knn-k must be >= 1"),
+        (["--knn-temperature", "0"], "--knn-temperature must be > 0"),
+        (["--limit-train", "0"], "--limit-train must be >= 1"),
+        (["--device", "cuda"], "no CUDA device"),
+        (["--device", "tpu9"], "is not a torch device"),
+        (["--json", "/proc/sys/x/eval.json"], "--json"),
+        (["--json", "DIR"], "is a folder"),
+        (["--test-shards", "NOLABEL"], "have no label"),
+        (["--train-shards", "MISSING"], "--train-shards"),
+    ],
+)
+def test_evaluate_mistakes_are_one_line_in_seconds(tiny_run, tmp_path, capsys, change, says):
+    """Bugs caught: options unchecked; shards without labels crashed after every feature
+    was extracted (index -1 is out of bounds); an unwritable --json found after the probes;
+    --device cuda on a CPU machine a traceback. Each is now one line, exit 2, in seconds,
+    with nothing written."""
+    import time
+
+    from pipeline.evaluate import main
+
+    if change == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run, train, test = tiny_run
+    swap = {"DIR": str(tmp_path), "NOLABEL": _unlabelled_shards(tmp_path)}
+    swap["MISSING"] = str(tmp_path / "nothing-*.tar")
+    change = [swap.get(c, c) for c in change]
+    args = {"--checkpoint": str(run), "--train-shards": train, "--test-shards": test}
+    for key, value in zip(change[::2], change[1::2], strict=True):
+        args[key] = value
+    before = sorted(p.name for p in run.iterdir())
+    start = time.perf_counter()
+    assert main([x for kv in args.items() for x in kv]) == 2
+    took = time.perf_counter() - start
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dim-evaluate: error: ") and says in err[0], err
+    assert took < 10, took  # before any feature: the full evaluation takes far longer
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_an_ad_hoc_evaluation_leaves_the_card_alone(tiny_run, tmp_path, capsys):
+    """Bug caught: every evaluation, even k-NN only on unrelated shards, overwrote the
+    model card's table. It is written for the run's own held-out data (data.val_shards in
+    the run's config.yaml) or with --update-card."""
+    from pipeline.evaluate import main
+    from pipeline.share.card import get_block
+
+    run, train, test = tiny_run
+    card = run / "README.md"
+    card.write_text("# card\n")
+    common = ["--checkpoint", str(run), "--train-shards", train, "--probes", "knn"]
+    common += ["--no-baselines", "--no-neighbours"]
+    assert main([*common, "--test-shards", test]) == 0
+    assert card.read_text() == "# card\n" and "left alone" in capsys.readouterr().err
+    (run.parent / "config.yaml").write_text(f"data:\n  val_shards: '{test}'\n")
+    try:
+        assert main([*common, "--test-shards", test]) == 0
+        assert get_block(card.read_text(), "evaluation")
+    finally:
+        (run.parent / "config.yaml").unlink()
+    card.write_text("# card\n")
+    assert main([*common, "--test-shards", test, "--update-card"]) == 0
+    assert get_block(card.read_text(), "evaluation")

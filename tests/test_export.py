@@ -131,6 +131,7 @@ def test_evaluate_writes_its_table_into_the_card(tmp_path):
     run_dir = tmp_path / "run"
     _export("test_resnet", run_dir / EXPORT_DIR)
     args = _evaluate_args(run_dir, shards, 64, 32, "--json", str(tmp_path / "eval.json"))
+    args.append("--update-card")  # the shards are not the run's data.val_shards
     assert main(args) == 0
     assert main(args) == 0
     text = (run_dir / EXPORT_DIR / "README.md").read_text()

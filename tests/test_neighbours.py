@@ -150,7 +150,7 @@ def test_evaluate_writes_the_picture_and_the_card_links_it(tiny_run, tmp_path): 
     run, train, test = tiny_run  # a model folder of its own (no card: one is given here)
     (run / "README.md").write_text(CARD)
     common = ["--train-shards", train, "--test-shards", test, "--probes", "knn", "--knn-k", "5"]
-    common += ["--no-baselines", "--batch-size", "32"]
+    common += ["--no-baselines", "--batch-size", "32", "--update-card"]
     picture, card = run / "neighbours.png", run / "README.md"
     out = tmp_path / "eval.json"
     assert evaluate_module.main(["--checkpoint", str(run), "--json", str(out), *common]) == 0
