@@ -99,7 +99,7 @@ def train(cfg: Config, force_config: bool = False) -> int:
                 vote = agree(accelerator, stop.raised, result.skipped, result.sums)
                 raise_if_nonfinite(vote.means, progress.step)
                 if log_due(tc, progress.step) or probe_due(accelerator, cfg, progress.step):
-                    row = log_row(vote, train_step.lr(), result.grad_norm, progress)
+                    row = log_row(vote, result.lr, result.grad_norm, progress)
                     row |= probe_if_due(accelerator, model, cfg, progress.step)
                     progress.log(row, tracker)
                 progress.bar.update(1)

@@ -77,11 +77,14 @@ def deepspeed_autocast(accelerator):
 @dataclasses.dataclass
 class StepResult:
     """This rank's part of one step: the loss terms averaged over the micro-batches, the
-    loader's skipped-sample count, and the gradient norm before clipping."""
+    loader's skipped-sample count, the gradient norm before clipping, and the learning
+    rate the step used (the schedule is stepped after it, so reading it then would give
+    the next step's)."""
 
     sums: dict
     skipped: int
     grad_norm: float | None
+    lr: float
 
 
 class TrainStep:
@@ -105,10 +108,6 @@ class TrainStep:
         )
         model.train()  # the probe leaves it so as well
 
-    def lr(self) -> float:
-        """The rate the next step will use."""
-        return self.scheduler.get_last_lr()[0]
-
     def views(self, batch: dict, step: int, micro: int):
         """(images, second view or None) on the device, augmented, in the step's layout."""
 
@@ -125,6 +124,7 @@ class TrainStep:
         accelerator, tc = self.accelerator, self.tc
         sums: dict = {}
         skipped, grad_norm = 0, None
+        lr = self.scheduler.get_last_lr()[0]  # what this step's optimizer.step() applies
         for micro in range(tc.grad_accum):
             batch = next(batches)
             images, images2 = self.views(batch, step, micro)
@@ -141,7 +141,7 @@ class TrainStep:
                 self.optimizer.zero_grad(set_to_none=True)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum
-        return StepResult(sums, skipped, grad_norm)
+        return StepResult(sums, skipped, grad_norm, lr)
 
 
 class Vote(NamedTuple):
