@@ -816,8 +816,16 @@ def to_json(rows: list[Row], wall_s: float, config: str | None, overrides: list[
     }
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A usage mistake is one line on stderr and exit code 2, like a config mistake."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="dim-doctor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--config", default=None, help="YAML file, as pretrain.py takes it")
@@ -829,7 +837,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run the DeepSpeed ZeRO-2 check (default: on with a GPU, off on CPU: ~1 min)",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options before, between or after the overrides
 
 
 def main(argv: list[str] | None = None) -> None:

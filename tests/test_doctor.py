@@ -25,7 +25,8 @@ FIELDS = {"check", "result", "figure", "unit", "status", "reason"}
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("doctor") / "report.json"
     proc = run(
-        [PY, "-m", "pipeline.doctor", "--json", str(out), "train.batch_size=16"], timeout=240
+        [PY, "-m", "pipeline.doctor", "train.batch_size=16", "--json", str(out), "train.seed=1"],
+        timeout=240,
     )
     assert proc.returncode in (0, 1), proc.stderr[-2000:]  # 1: a check failed (see below)
     assert "== correctness" in proc.stdout  # the table is printed too
@@ -43,7 +44,7 @@ def test_report_structure(report):
     outside the table's, an ``ok`` that ignores failures."""
     assert set(report) == {"config", "overrides", "wall_s", "ok", "sections", "returncode"}
     assert set(report["sections"]) == set(SECTIONS)
-    assert report["wall_s"] > 0 and report["overrides"] == ["train.batch_size=16"]
+    assert report["wall_s"] > 0 and report["overrides"] == ["train.batch_size=16", "train.seed=1"]
     rows = [r for s in SECTIONS for r in report["sections"][s]]
     assert rows and all(set(r) == FIELDS for r in rows)
     assert {r["status"] for r in rows} <= {"pass", "fail", "skip", "warn", "info"}
@@ -86,9 +87,15 @@ def test_speed_figures_positive_and_consistent(report):
     assert w8 > 0 and w64 / w8 == pytest.approx(63 / 7)  # (W - 1) * B * e
 
 
-def test_bad_key_is_one_line_and_exit_2(tmp_path):
-    proc = run([PY, "-m", "pipeline.doctor", "train.batch_sise=3"], timeout=120)
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [(["train.batch_sise=3"], "train.batch_size"), (["--jsn", "x.json"], "--jsn")],
+    ids=["bad key", "bad option"],
+)
+def test_mistake_is_one_line_and_exit_2(args, named):
+    """Catches: a traceback or argparse's two-line usage instead of one line, exit 1."""
+    proc = run([PY, "-m", "pipeline.doctor", *args], timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dim-doctor: error:"), proc.stderr
-    assert "train.batch_size" in lines[0]  # did-you-mean
+    assert named in lines[0]  # did-you-mean, or the option refused
