@@ -8,6 +8,7 @@ trains. Every mistake in the input is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -53,10 +54,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     return load_config(args.config, args.overrides), args.force_config
 
 
+def quiet_third_party() -> None:
+    """Drop DeepSpeed's "Setting accelerator to CPU" warning: accelerate imports DeepSpeed
+    (when installed) on every run, DDP on CPU included, and DeepSpeed announces on stdout
+    that it found no GPU. A filter, not a level: DeepSpeed sets its logger's level when
+    imported, and its other warnings concern the user's run."""
+    logging.getLogger("DeepSpeed").addFilter(
+        lambda record: "Setting accelerator to CPU" not in record.getMessage()
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: bad configuration exits with code 2 and one line, a run
     interrupted by a second Ctrl-C with 130 and one line."""
     quiet = os.environ.get("RANK", "0") != "0"
+    quiet_third_party()
     try:
         cfg, force_config = parse_args(argv)
         train(cfg, force_config)

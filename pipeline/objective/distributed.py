@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.distributed.nn.functional as dist_fn
 
 __all__ = ["gather_with_grad", "is_distributed", "rank", "world_size"]
@@ -32,7 +33,16 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return x
-    return torch.cat([_ContiguousGrad.apply(t) for t in dist_fn.all_gather(x)], dim=0)
+    if _ALL_GATHER is None:  # a torch older than the functional all-gather with a backward
+        return torch.cat([_ContiguousGrad.apply(t) for t in dist_fn.all_gather(x)], dim=0)
+    # .wait(): a plain tensor, not the collective's lazily waiting wrapper
+    return _ALL_GATHER(x.contiguous(), 0, dist.group.WORLD).wait()
+
+
+# What torch recommends since it deprecated torch.distributed.nn.functional.all_gather:
+# one (world * n, ...) tensor whose backward reduce-scatters (sums) the ranks' gradients;
+# gloo's reduce-scatter does not scramble permuted gradients as the old backward did.
+_ALL_GATHER = getattr(funcol, "all_gather_single_autograd", None)
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -22,6 +22,7 @@ __all__ = [
     "open_tracker",
     "probe_due",
     "probe_if_due",
+    "probe_line",
 ]
 
 
@@ -52,6 +53,7 @@ class Progress:
         )
         self.redirect = logging_redirect_tqdm()
         self.since, self.steps = time.perf_counter(), 0
+        self.probe: dict[str, float] = {}  # the online probe's latest accuracies
 
     def __enter__(self) -> Progress:
         self.redirect.__enter__()
@@ -72,11 +74,16 @@ class Progress:
         return self.per_step * self.steps / max(time.perf_counter() - self.since, 1e-9)
 
     def log(self, row: dict, tracker) -> None:
-        """The row to the tracker and the bar (main process); the throughput window
-        starts again."""
+        """The row to the tracker and the bar (main process), and a line when it holds
+        the online probe's accuracies, which the bar then keeps showing; the throughput
+        window starts again."""
         if tracker:
             tracker.log(row, self.step)
-            self.bar.set_postfix(bar_fields(row), refresh=False)
+            probe = {k: v for k, v in row.items() if k.startswith(PROBE)}
+            if probe:
+                self.probe = probe
+                self.bar.write(probe_line(self.step, probe))
+            self.bar.set_postfix(bar_fields(row | self.probe), refresh=False)
         self.since, self.steps = time.perf_counter(), 0
 
 
@@ -108,13 +115,24 @@ def log_row(vote: Vote, lr: float, grad_norm, progress: Progress) -> dict:
     }
 
 
+PROBE = "probe/"  # the online probe's keys in a row: probe/knn, probe/linear
+
+
 def bar_fields(row: dict) -> dict[str, str]:
-    """What the progress bar shows: loss, images/s over all ranks, the MI estimates."""
+    """What the progress bar shows: loss, images/s over all ranks, the MI estimates and
+    the probe's accuracies."""
     fields = {"loss": f"{row['loss']:.3f}", "img/s": f"{row['samples_per_s_total']:.0f}"}
-    fields.update(
-        {k.removeprefix("mi/"): f"{v:.3f}" for k, v in row.items() if k.startswith("mi/")}
-    )
+    for prefix in ("mi/", PROBE):
+        fields.update(
+            {k.removeprefix(prefix): f"{v:.3f}" for k, v in row.items() if k.startswith(prefix)}
+        )
     return fields
+
+
+def probe_line(step: int, probe: dict[str, float]) -> str:
+    """``step N: online probe knn 91.2%, linear 93.4%``."""
+    scores = ", ".join(f"{k.removeprefix(PROBE)} {v:.1%}" for k, v in sorted(probe.items()))
+    return f"step {step}: online probe {scores}"
 
 
 def probe_if_due(accelerator, model, cfg: Config, step: int) -> dict[str, float]:
