@@ -28,6 +28,8 @@ from train_helpers import (
 )
 from wandb_log import history, run_files
 
+from pipeline.train.optim import lr_factor
+
 MI_KEYS = ("mi/global/infonce", "mi/local/infonce")
 
 
@@ -257,29 +259,31 @@ def test_nonfinite_loss_names_step_and_term(shards, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def four_logged_steps(shards: str, out: Path, *overrides: str):
+    """A tiny run of 4 steps into ``out``, every step logged."""
+    cmd = pretrain_cmd(*TINY, f"data.train_shards={shards}", f"train.output_dir={out}", *overrides)
+    return run([*cmd, "train.max_steps=4", "train.log_every=1"])
+
+
 def test_grad_accum_lars_bf16(shards, tmp_path):
     """Options together: 2 micro-batches per step, LARS, bf16 autocast, warmup + cosine,
     two views augmented batched in the loop."""
-    proc = run(
-        pretrain_cmd(
-            *TINY,
-            f"data.train_shards={shards}",
-            f"train.output_dir={tmp_path}",
-            "train.max_steps=4",
-            "train.log_every=1",
-            "train.grad_accum=2",
-            "train.optimizer=lars",
-            "train.lr=0.5",
-            "train.warmup_steps=2",
-            "train.mixed_precision=bf16",
-            "data.augment=amdim",
-        )
+    proc = four_logged_steps(
+        shards,
+        tmp_path,
+        "train.grad_accum=2",
+        "train.optimizer=lars",
+        "train.lr=0.5",
+        "train.warmup_steps=2",
+        "train.mixed_precision=bf16",
+        "data.augment=amdim",
     )
     assert proc.returncode == 0
     rows = metrics(tmp_path)
     assert [r["samples_seen"] for r in rows] == [16, 32, 48, 64]
-    lrs = [r["lr"] for r in rows]  # the rate for the next step: warmup done, then cosine
-    assert lrs[0] == 0.5 and lrs[1] > lrs[2] > lrs[3] == 0.0
+    lrs = [r["lr"] for r in rows]  # the rate each step used: warm-up, then cosine
+    assert lrs == pytest.approx([0.5 * lr_factor(r["step"] - 1, 2, 4) for r in rows])
+    assert lrs == pytest.approx([0.25, 0.5, 0.5, 0.25])
     assert all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in rows)
 
 
@@ -288,17 +292,7 @@ def test_online_probe_runs_in_the_loop_every_eval_every_steps(shards, tmp_path):
     above chance on digits; rows 1 and 3 carry none, and training goes on after a probe.
     Catches: the probe not wired into the loop, run on every logged step, scoring at
     chance (features of the wrong view or labels out of step), or ending the run."""
-    proc = run(
-        pretrain_cmd(
-            *TINY,
-            f"data.train_shards={shards}",
-            f"data.val_shards={shards}",
-            f"train.output_dir={tmp_path}",
-            "train.max_steps=4",
-            "train.log_every=1",
-            "train.eval_every=2",
-        )
-    )
+    proc = four_logged_steps(shards, tmp_path, f"data.val_shards={shards}", "train.eval_every=2")
     assert proc.returncode == 0
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
