@@ -83,11 +83,7 @@ class ModelConfig:
 class LossConfig:
     estimator: str = option("infonce", "MI estimator of both terms")
     global_critic: str = option("dot", "critic of the global term (none: no global term)")
-    global_input: str = option(
-        "pooled",
-        "what the global critic pairs with z: pooled (the local map's spatial mean) "
-        "or mu (the code's mean)",
-    )
+    global_input: str = option("pooled", "z's partner in the global term: pooled map or mu")
     local_critic: str = option("dot", "critic of the local term (none: no local term)")
     alpha: float = option(0.5, "weight of the global MI term")
     beta: float = option(1.0, "weight of the mean local MI term")
