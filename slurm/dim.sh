@@ -14,7 +14,9 @@
 #
 # Environment: LAUNCH_CONFIG (launch/multinode.yaml; launch/deepspeed_zero2.yaml for
 # ZeRO-2), GPUS_PER_NODE (from SLURM), MASTER_PORT (derived from the job id),
-# ACCELERATE (the accelerate command), DRY_RUN=1 prints the commands and runs nothing.
+# ACCELERATE (the accelerate command), DRY_RUN=1 prints the commands and runs nothing
+# (also off the cluster: without scontrol, simple SLURM_JOB_NODELIST forms such as
+# gpu[01-03,07] are expanded by the script itself).
 #
 #SBATCH --job-name=dim-pretrain
 #SBATCH --nodes=2
@@ -29,10 +31,41 @@ set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "${BASH_SOURCE[0]}")/..}"
 
-NNODES=${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-1}}
 GPUS=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}
 GPUS=${GPUS##*:}                      # "a100:8" -> "8"
-NODES=($(scontrol show hostnames "${SLURM_JOB_NODELIST:?not inside a SLURM allocation}"))
+
+# The allocation's host names, one a line: scontrol's answer, or without scontrol (a dry
+# run off the cluster) the simple forms expanded here: host, prefix[01-03,07]suffix, and
+# comma-separated lists of them. Anything else is one line on stderr and status 2.
+hostnames() {
+    if command -v scontrol >/dev/null 2>&1; then
+        scontrol show hostnames "$1"
+        return
+    fi
+    local rest=$1 range lo hi i
+    local bracketed='^([^],[]*)\[([0-9,-]+)\]([^],[]*)(,|$)' plain='^([^],[]+)(,|$)'
+    while [ -n "$rest" ]; do
+        if [[ $rest =~ $bracketed ]]; then
+            for range in ${BASH_REMATCH[2]//,/ }; do
+                lo=${range%-*} hi=${range#*-}
+                for ((i = 10#$lo; i <= 10#$hi; i++)); do   # zero-padded to lo's width
+                    printf '%s%0*d%s\n' "${BASH_REMATCH[1]}" "${#lo}" "$i" "${BASH_REMATCH[3]}"
+                done
+            done
+        elif [[ ! $rest =~ $plain ]]; then
+            echo "slurm/dim.sh: cannot expand SLURM_JOB_NODELIST=$1 without scontrol" \
+                "(known forms: host, host[01-03,07], comma-separated lists of them);" \
+                "put scontrol on PATH or list the hosts plainly" >&2
+            return 2
+        else
+            echo "${BASH_REMATCH[1]}"
+        fi
+        rest=${rest:${#BASH_REMATCH[0]}}
+    done
+}
+HOSTS=$(hostnames "${SLURM_JOB_NODELIST:?not inside a SLURM allocation}") || exit 2
+NODES=($HOSTS)
+NNODES=${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-${#NODES[@]}}}
 HEAD=${NODES[0]}
 PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 LAUNCH_CONFIG=${LAUNCH_CONFIG:-launch/multinode.yaml}

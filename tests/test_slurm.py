@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -167,3 +168,52 @@ def test_the_signal_sbatch_sends_checkpoints_and_requeues(tmp_path, run_job):
     assert proc.wait(timeout=20) == 0  # not killed by the signal (-N: killed by signal N)
     assert [c[0] for c in calls(tmp_path)] == ["srun", "accelerate", "got-TERM", "scontrol"]
     assert calls(tmp_path)[-1] == ["scontrol", "requeue", "4242"]
+
+
+def dry_run_without_scontrol(tmp_path: Path, nodelist: str) -> subprocess.CompletedProcess:
+    """The dry run off the cluster: the fakes minus scontrol, and a PATH with no other."""
+    env = slurm_env(tmp_path, DRY_RUN="1") | {"SLURM_JOB_NODELIST": nodelist}
+    (tmp_path / "bin" / "scontrol").unlink()
+    env["PATH"] = f"{tmp_path / 'bin'}:/usr/bin:/bin"
+    del env["SLURM_NNODES"]  # the node count then follows the list
+    if shutil.which("scontrol", path=env["PATH"]):
+        pytest.skip("a real scontrol is on the system PATH")
+    return subprocess.run(
+        ["bash", str(SCRIPT), "train.max_steps=5"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("gpu[01-03,07],login-b", ["gpu01", "gpu02", "gpu03", "gpu07", "login-b"]),
+        ("n[8-10]", ["n8", "n9", "n10"]),
+        ("x[1-2]-ib,solo", ["x1-ib", "x2-ib", "solo"]),
+        ("solo", ["solo"]),
+    ],
+)
+def test_dry_run_without_scontrol_expands_simple_node_lists(tmp_path, nodelist, hosts):
+    """Catches: the dry run failing off the cluster (exit 127, scontrol not found), zero
+    padding lost, a range's end or a suffix dropped, the node count not the list's."""
+    proc = dry_run_without_scontrol(tmp_path, nodelist)
+    assert proc.returncode == 0, proc.stderr
+    nodes = [line for line in proc.stdout.splitlines() if line.startswith("node ")]
+    assert [line.split("(", 1)[1].split(")", 1)[0] for line in nodes] == hosts
+    assert nodes[-1].split(": ", 1)[1].split() == [
+        "exec",
+        str(tmp_path / "bin" / "accelerate"),
+        *launch(len(hosts), 4, len(hosts) - 1, hosts[0]),
+        "train.max_steps=5",
+    ]
+
+
+def test_dry_run_without_scontrol_names_what_it_needs_for_other_lists(tmp_path):
+    proc = dry_run_without_scontrol(tmp_path, "rack[1-2]-n[01-02]")
+    assert proc.returncode == 2
+    (line,) = proc.stderr.splitlines()
+    assert "rack[1-2]-n[01-02]" in line and "scontrol" in line and "host[01-03,07]" in line
