@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from train_helpers import ROOT, TINY, env, metrics, pretrain_cmd, run, write_shards
 
+from pipeline.core.files import LOCK_FILE
 from pipeline.train.batches import StopFlag
 from pipeline.train.checkpoint import checkpoint_dir, list_checkpoints, read_checkpoint_meta
-from pipeline.train.lock import LOCK_FILE
 
 MAX_STEPS = 100000  # never reached: each run here ends by Ctrl-C or by a shorter rerun
 

@@ -224,8 +224,8 @@ def _check_run(out: Path, max_steps: int, world: int) -> dict:
     loadable export, no temporary folder left; returns the last checkpoint's meta."""
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, max_steps + 1))
-    for r in rows:  # the rate for the next step: a schedule restarted on resume differs
-        assert r["lr"] == pytest.approx(LR * lr_factor(r["step"], WARMUP, max_steps)), r
+    for r in rows:  # the rate each step used: a schedule restarted on resume differs
+        assert r["lr"] == pytest.approx(LR * lr_factor(r["step"] - 1, WARMUP, max_steps)), r
     meta = read_checkpoint_meta(latest_checkpoint(out))
     assert meta["step"] == max_steps and meta["samples_seen"] == max_steps * BATCH * world
     assert not [p.name for p in out.rglob(".tmp-*")] + [p.name for p in out.glob(".old-*")]

@@ -17,8 +17,9 @@ import pytest
 from train_helpers import ROOT, TINY, env, metrics, pretrain_cmd, run, write_shards
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.files import LOCK_FILE
 from pipeline.train import lock as lock_module
-from pipeline.train.lock import LOCK_FILE, RunLock
+from pipeline.train.lock import RunLock
 
 
 @pytest.fixture(scope="module")

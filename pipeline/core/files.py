@@ -18,6 +18,7 @@ from pipeline.core.errors import ConfigError
 
 __all__ = [
     "CONFIG_FILE",
+    "LOCK_FILE",
     "METRICS",
     "PICTURE",
     "PLOT",
@@ -34,6 +35,7 @@ __all__ = [
 CONFIG_FILE = "config.yaml"  # the resolved config of the run
 METRICS = "metrics.jsonl"  # one JSON row per logged step
 PLOT = "metrics.png"  # the training curves
+LOCK_FILE = "run.lock"  # held by the run writing the folder: host, pid, start time
 PICTURE = "neighbours.png"  # query images and their nearest neighbours, in the model folder
 WANDB_ID = "wandb_id.txt"  # the W&B run id, so a resumed run continues the same W&B run
 

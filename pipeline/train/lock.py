@@ -23,10 +23,10 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.files import LOCK_FILE
 
-__all__ = ["LOCK_FILE", "RunLock", "one_writer"]
+__all__ = ["RunLock", "one_writer"]
 
-LOCK_FILE = "run.lock"
 _HELD = (errno.EAGAIN, errno.EACCES)  # flock(LOCK_NB) on a lock someone else holds
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
