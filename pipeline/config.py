@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.core.errors import ConfigError, unknown
+from pipeline.core.errors import ConfigError, one_line, unknown
 from pipeline.core.schema import OFF, Config
 from pipeline.data.augment import AUGMENTS
 from pipeline.objective.critics import CRITICS
@@ -169,7 +169,9 @@ def parse_overrides(overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {err}") from None
+            raise ConfigError(
+                f"override {key}: cannot parse value {raw!r}: {one_line(err)}"
+            ) from None
         node = tree
         *parents, leaf = key.strip().split(".")
         for depth, part in enumerate(parents):
@@ -193,7 +195,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {one_line(err)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         data = loaded

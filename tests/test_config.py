@@ -134,3 +134,16 @@ def test_dispatch_refuses_names_it_does_not_know(call, message):
             build_critic("bilinear", 4, 4, LossConfig(), local=True)
         else:
             mi_estimate("nce", DotCritic(2, 2, dim=2, hidden=0), torch.ones(2, 2), torch.ones(2, 2))
+
+
+def test_yaml_mistakes_are_one_line_with_where(tmp_path):
+    """Bug caught: a YAML error (an override cut at a space by the shell, a broken file)
+    came out as PyYAML's several lines with a caret drawing."""
+    with pytest.raises(ConfigError) as override:
+        load_config(None, ["model.backbone_kwargs={drop_rate:"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1,\n")
+    with pytest.raises(ConfigError) as file:
+        load_config(bad)
+    for err, where in ((override, "line 1"), (file, "line 3")):
+        assert "\n" not in str(err.value) and where in str(err.value), str(err.value)

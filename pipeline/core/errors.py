@@ -39,3 +39,12 @@ def state_dict_mismatch(err: RuntimeError, limit: int = 300) -> str:
     if len(detail) > limit:
         detail = detail[:limit].rsplit(", ", 1)[0] + ", ..."
     return detail
+
+
+def one_line(err: Exception) -> str:
+    """A parser's message (YAML's spans lines, with a caret drawing) as one line: the
+    problem and where it is."""
+    lines = str(err).splitlines()
+    problem = getattr(err, "problem", None) or (lines[0] if lines else type(err).__name__)
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, one_line
 from pipeline.core.files import CONFIG_FILE, check_output_folder
 from pipeline.train.checkpoint import latest_checkpoint, read_checkpoint_meta
 
@@ -124,7 +124,7 @@ def inspect_run(
             saved = yaml.safe_load(saved_path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(
-                f"{saved_path} is not valid YAML ({err}); move it away to start over"
+                f"{saved_path} is not valid YAML ({one_line(err)}); move it away to start over"
             ) from None
         changed = config_differences(saved, config, defaults)
         if changed and not force:
