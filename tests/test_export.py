@@ -294,7 +294,14 @@ def test_run_exports_a_timm_folder_and_logs_it_as_a_wandb_artifact(tmp_path, mon
     }
     assert len(arts) >= 2  # the checkpoint exports at steps 2 and 4, then the final one
     # evaluate --wandb on the export joins the same W&B run (a second .wandb file of that id)
-    shown = run([PY, "-m", "pipeline.evaluate", *_evaluate_args(folder, shards, 48, 16, "--wandb")])
+    shown = run(
+        [
+            PY,
+            "-m",
+            "pipeline.evaluate",
+            *_evaluate_args(folder, shards, 48, 16, "--wandb", "--update-card"),
+        ]
+    )
     assert shown.returncode == 0, shown.stderr[-3000:]
     files = run_files(out)
     assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)
