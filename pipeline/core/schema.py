@@ -136,6 +136,18 @@ class DataConfig:
         "worker: per-image transforms in the workers",
         choices=("batch", "worker"),
     )
+    decode_on: str = option(
+        "cpu",
+        "cpu: loader workers decode; device: JPEG bytes go to the training device and are "
+        "decoded there in batches (nvJPEG), then augmented with augment_on=batch; the CPU "
+        "path where no CUDA exists",
+        choices=("cpu", "device"),
+    )
+    jpeg_draft: bool = option(
+        True,
+        "decode a large JPEG at 1/2, 1/4 or 1/8 scale (PIL's draft mode) when every crop "
+        "still has at least img_size pixels a side",
+    )
     crop_scale_min: float = option(0.5, "RandomResizedCrop's lower area bound, in (0, 1]")
     flip: bool = option(True, "random horizontal flips")
     color_jitter: float = option(0.4, "colour jitter strength; 0 disables")
