@@ -272,3 +272,52 @@ def test_score_penalty_is_penalty_times_mean_squared_raw_score():
     for got, want in zip(extra, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
     assert sum(float(g.abs().sum()) for g in expected) > 0
+
+
+def test_sampled_locations_are_distinct_locations_of_their_own_image():
+    """Catches: locations shared across the batch's images by accident of indexing
+    (an image given another image's vectors), repeats within an image, a wrong count."""
+    from pipeline.objective.loss import sample_locations
+
+    torch.manual_seed(0)
+    local = torch.randn(5, 7, 4, 4)
+    picked = sample_locations(local, 6)
+    assert picked.shape == (5, 7, 6, 1)
+    for n in range(5):
+        own = local[n].flatten(1).t()  # (16 locations, 7 channels)
+        hits = [(own == v).all(dim=1).nonzero().flatten().tolist() for v in picked[n, :, :, 0].t()]
+        assert all(len(h) == 1 for h in hits), hits  # each one is a location of image n
+        assert len({h[0] for h in hits}) == 6  # without replacement
+    # Drawn per image: the images do not all get the same positions.
+    positions = [
+        sorted(
+            (local[n].flatten(1).t() == v).all(dim=1).nonzero().item()
+            for v in picked[n, :, :, 0].t()
+        )
+        for n in range(5)
+    ]
+    assert len({tuple(p) for p in positions}) > 1
+    assert sample_locations(local, 0) is local and sample_locations(local, 16) is local
+
+
+def test_local_positions_scores_only_the_drawn_locations():
+    """The loss with loss.local_positions=k is the loss on the k drawn locations: same
+    seed, same draw, by hand. Fails if the option were ignored (all 64 locations)."""
+    from pipeline.objective.loss import mi_estimate, sample_locations
+
+    overrides = ["model.backbone=test_resnet", "model.fc_dim=32", "loss.global_critic=none"]
+    torch.manual_seed(0)
+    model = build_model(load_config(None, [*overrides, "loss.local_positions=3"])).eval()
+    with torch.no_grad():  # scores of order 1, so that subsets give visibly different values
+        for p in model.objective.local_critic.parameters():
+            p.mul_(4.0)
+    x = torch.randn(6, 3, 32, 32)
+    torch.manual_seed(1)
+    _, terms = model(x)
+    out = model.encoder(x)
+    critic, clip = model.objective.local_critic, model.objective.cfg.tclip
+    torch.manual_seed(1)
+    by_hand = mi_estimate("infonce", critic, sample_locations(out.local, 3), out.z, tclip=clip)
+    assert torch.allclose(terms["mi/local/infonce"], by_hand.nats, atol=1e-5)
+    every = mi_estimate("infonce", critic, out.local, out.z, tclip=clip).nats
+    assert (every - by_hand.nats).abs() > 1e-3

@@ -95,6 +95,11 @@ class LossConfig:
         128,
         "hidden width of every critic MLP; 0: dot critics embed linearly (concat needs > 0)",
     )
+    local_positions: int = option(
+        0,
+        "local-map locations scored per image and view, drawn afresh each step (0: all); "
+        "fewer makes the local critic cheaper",
+    )
     tclip: float = option(10.0, "soft score clip tclip*tanh(s/tclip) (AMDIM); 0 disables")
     score_penalty: float = option(
         0.05, "weight of mean(score^2): keeps scores off the clip (AMDIM)"
@@ -109,7 +114,7 @@ class LossConfig:
             self,
             "loss",
             positive=("critic_dim",),
-            non_negative=(*weights, "critic_hidden", "tclip", "score_penalty"),
+            non_negative=(*weights, "critic_hidden", "local_positions", "tclip", "score_penalty"),
         )
         if self.global_critic == OFF and self.local_critic == OFF:
             raise ConfigError(

@@ -47,6 +47,7 @@ __all__ = [
     "GlobalInput",
     "build_critic",
     "mi_estimate",
+    "sample_locations",
 ]
 
 
@@ -127,6 +128,21 @@ def mi_estimate(
     return estimate(critic, critic.embed_a(a), critic.embed_b(b), tclip, generator)
 
 
+def sample_locations(
+    local: torch.Tensor, k: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``k`` locations of each image's map (N, C, H, W), drawn without replacement and
+    independently per image, as a (N, C, k, 1) map; ``k`` = 0 or >= H*W keeps them all.
+    The local critic's cost grows with the locations it scores; the encoder's does not."""
+    n, c = local.shape[:2]
+    flat = local.flatten(2)
+    if k <= 0 or k >= flat.shape[2]:
+        return local
+    noise = torch.rand(n, flat.shape[2], generator=generator, device=local.device)
+    index = noise.argsort(dim=1)[:, :k]
+    return flat.gather(2, index[:, None, :].expand(n, c, k)).unsqueeze(-1)
+
+
 class GlobalInput(NamedTuple):
     """What the global critic pairs with the code z: its width and how to take it."""
 
@@ -201,7 +217,12 @@ class DIMObjective(nn.Module):
         score_sq = torch.zeros((), device=kl.device)
         for scope, critic, weight, image_side in (
             ("global", self.global_critic, cfg.alpha, self._global_input),
-            ("local", self.local_critic, cfg.beta, lambda view: view.local),
+            (
+                "local",
+                self.local_critic,
+                cfg.beta,
+                lambda view: sample_locations(view.local, cfg.local_positions, generator),
+            ),
         ):
             if critic is None:
                 continue
