@@ -206,6 +206,11 @@ class TrainConfig:
         "glibc malloc keeps freed activations for the next step instead of unmapping "
         "them (CPU steps ~10% faster; RSS stays at its peak)",
     )
+    threads: int = option(
+        0,
+        "intra-op CPU threads per process; 0: OMP_NUM_THREADS if set, else the cores this "
+        "process may use (affinity mask, SLURM_CPUS_PER_TASK) / local processes - loader workers",
+    )
     seed: int = option(0, "seed of weights, data order, augmentation and negatives")
     log_every: int = option(10, "steps between logged rows")
     save_every: int = option(500, "steps between checkpoints")
@@ -220,7 +225,14 @@ class TrainConfig:
             self,
             "train",
             positive=("lr", "batch_size", "max_steps", "grad_accum", "log_every", "save_every"),
-            non_negative=("weight_decay", "warmup_steps", "grad_clip", "keep_last", "eval_every"),
+            non_negative=(
+                "weight_decay",
+                "warmup_steps",
+                "grad_clip",
+                "keep_last",
+                "eval_every",
+                "threads",
+            ),
         )
         if self.batch_size < 2:
             raise ConfigError(

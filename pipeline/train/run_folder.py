@@ -12,9 +12,9 @@ What may change between a run and its continuation (``RESUMABLE``): the schedule
 cadence (``train.log_every``, ``train.eval_every``, ``train.save_every``,
 ``train.keep_last``), where the folder lives (``train.output_dir``: moving a folder keeps
 its run), the tracker (``wandb.*``: it only observes), the step-speed options
-(``train.compile``, ``train.channels_last``, ``train.keep_freed_memory``: they change how
-the step runs, not what it computes, and leave parameter names and checkpoints as they
-are), and ``data.num_workers``, a throughput knob whose only effect is which worker reads
+(``train.compile``, ``train.channels_last``, ``train.keep_freed_memory``,
+``train.threads``: they change how the step runs, not what it computes, and leave
+parameter names and checkpoints as they are), and ``data.num_workers``, a throughput knob whose only effect is which worker reads
 which resampled shard. Anything
 else changes what is being trained (model, objective, data, optimiser, batch, seed);
 ``--force-config`` continues anyway and saves the new config once the checkpoint loads.
@@ -50,6 +50,7 @@ RESUMABLE = (
     "train.compile",
     "train.channels_last",
     "train.keep_freed_memory",
+    "train.threads",
     "data.num_workers",
     "wandb.*",
 )
