@@ -2,7 +2,7 @@
 
     python -m pipeline.evaluate --checkpoint RUN_DIR_OR_MODEL_FOLDER \\
         --train-shards 'data/train-{000000..000003}.tar' --test-shards data/test.tar \\
-        [--json results.json] [--wandb]
+        [--json results.json] [--prior-json prior.json] [--wandb]
 
 Three models share one table, so the number that matters (what pretraining bought)
 is read against its baselines: ``dim`` (the checkpoint), ``random_init`` (the same
@@ -19,6 +19,11 @@ Beside the table, a picture (``neighbours.png`` in the model folder unless
 ``--neighbours`` says where, linked from the card): held-out queries with their nearest
 training images by the ``dim`` conv features and by raw pixels, wrong classes framed red
 (``pipeline.eval.neighbours``).
+
+Under the table, one line on how close the ``dim`` code of the test images is to the
+prior N(0, I) (``pipeline.eval.prior``: mean KL, KL of the aggregate code's Gaussian
+fit, per-dimension mean/std, active dimensions), also written by ``--prior-json``. It
+has a file of its own because the ``--json`` layout is relied on as it is.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import wandb
@@ -40,20 +46,41 @@ from pipeline.data.loaders import (
     eval_loader,
 )
 from pipeline.data.shards import read_manifest, resolve_shards
-from pipeline.eval.features import CONV_SOURCES, PIXELS, extract_features, recalibrate_batchnorm
+from pipeline.eval.features import (
+    CONV_SOURCES,
+    LOGVAR,
+    PIXELS,
+    extract_features,
+    recalibrate_batchnorm,
+)
 from pipeline.eval.neighbours import neighbour_picture
+from pipeline.eval.prior import PriorFit, prior_fit
 from pipeline.eval.probes import PROBES, ProbeSettings, run_probes
 from pipeline.models.encoder import DIMEncoder, build_encoder
 from pipeline.share.card import update_evaluation
 from pipeline.share.export import find_export, load_encoder, read_export_meta
 from pipeline.share.tracking import EVAL_TABLE, wandb_mode
 
-__all__ = ["evaluate", "find_export", "format_table", "main", "probe_every_view", "random_like"]
+__all__ = [
+    "Evaluation",
+    "evaluate",
+    "find_export",
+    "format_table",
+    "main",
+    "probe_every_view",
+    "random_like",
+]
 
 Results = dict[str, dict[str, dict[str, float]]]
 SETTINGS = ProbeSettings()  # the offline evaluation runs the probes at their defaults
 PICTURE_KEY = "eval/neighbours"  # its W&B key
 PICTURE_VIEW = "conv"  # the dim view whose neighbours the picture shows
+PRIOR_KEY = "eval/prior"  # W&B keys eval/prior/<measure>
+
+
+class Evaluation(NamedTuple):
+    results: Results  # {model: {view: {probe: accuracy}}}
+    prior: PriorFit  # the dim code of the test images against N(0, I)
 
 
 def random_like(meta: dict, seed: int = 0) -> DIMEncoder:
@@ -135,11 +162,13 @@ def log_to_wandb(
     project: str = "dim-pretrain",
     run_dir: Path | None = None,
     picture: Path | None = None,
+    prior: PriorFit | None = None,
 ) -> None:
     """Put the table in the active W&B run, or (``start``) in the training run that wrote
     ``run_dir`` when it has one, else a new ``eval`` run: one summary key per cell,
-    ``eval/<model>/<view>/<probe>``, a table ``eval/table`` and, when given, the
-    neighbour picture as an image ``eval/neighbours``."""
+    ``eval/<model>/<view>/<probe>``, a table ``eval/table``, when given the prior
+    measures as ``eval/prior/<measure>`` and the neighbour picture as an image
+    ``eval/neighbours``."""
 
     run = wandb.run
     if run is None and not start:
@@ -158,8 +187,9 @@ def log_to_wandb(
         data=[[*k.split("/")[1:], acc] for k, acc in flat.items()],
     )
     images = {PICTURE_KEY: wandb.Image(str(picture))} if picture else {}
-    run.log({**flat, EVAL_TABLE: table, **images})
-    run.summary.update(flat)
+    measures = {f"{PRIOR_KEY}/{k}": v for k, v in (prior.as_dict() if prior else {}).items()}
+    run.log({**flat, **measures, EVAL_TABLE: table, **images})
+    run.summary.update({**flat, **measures})
     if start:
         run.finish()
 
@@ -221,9 +251,10 @@ def evaluate(
     baselines: bool = True,
     picture: str | Path | None = None,
     log=print,
-) -> Results:
+) -> Evaluation:
     """Features of the checkpoint (and, with ``baselines``, of its random-init twin and
-    the pixels) -> every probe; with ``picture``, the neighbour picture written there."""
+    the pixels) -> every probe, and the checkpoint's code on the test images against
+    N(0, I); with ``picture``, the neighbour picture written there."""
     folder = find_export(checkpoint)
     meta = read_export_meta(folder)
     encoders = {"dim": load_encoder(folder).to(device)}
@@ -253,6 +284,7 @@ def evaluate(
             pixels=baselines or picture is not None,
             limit=limit,
             conv_source=conv_source,
+            logvar_of=("dim",) if split == "test" else (),  # the same pass, for the prior
         )
         log(
             f"[evaluate] {split}: {len(feats[split][1])} samples in {time.perf_counter() - t0:.1f}s"
@@ -261,10 +293,11 @@ def evaluate(
         path = draw_neighbours(feats, meta, _class_names(test_shards), picture, conv_source)
         log(f"[evaluate] nearest training images of held-out queries: {path}")
     (train, train_y), (test, test_y) = feats["train"], feats["test"]
+    prior = prior_fit(test["dim"]["y"], test["dim"].pop(LOGVAR))
     if not baselines:  # the pixels were read for the picture only
         for split in (train, test):
             split.pop(PIXELS, None)
-    return probe_every_view(train, train_y, test, test_y, probes, settings, log)
+    return Evaluation(probe_every_view(train, train_y, test, test_y, probes, settings, log), prior)
 
 
 def _probe_list(text: str) -> tuple[str, ...]:
@@ -295,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--test-shards", required=True, help="labelled shards: probe test set / k-NN queries"
     )
     p.add_argument("--json", help="write {model: {view: {probe: accuracy}}} here")
+    p.add_argument(
+        "--prior-json",
+        metavar="FILE",
+        help="write the prior measures of the dim code on the test images here "
+        "(kl_nats, aggregate_kl_nats, mean_abs_mu, std_z_*, active_dims, ...)",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--knn-k", type=int, default=ProbeSettings.k)
     p.add_argument("--knn-temperature", type=float, default=ProbeSettings.temperature)
@@ -423,7 +462,11 @@ def check_args(args: argparse.Namespace) -> Path:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ConfigError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA devices")
     folder = find_export(args.checkpoint)
-    for option, path in (("--json", args.json), ("--neighbours", args.neighbours)):
+    for option, path in (
+        ("--json", args.json),
+        ("--prior-json", args.prior_json),
+        ("--neighbours", args.neighbours),
+    ):
         if path:
             if Path(path).is_dir():
                 raise ConfigError(f"{option} {path} is a folder; give a file name")
@@ -462,12 +505,12 @@ PASSED_ON = (
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  table alone on stdout
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  results alone on stdout
     settings = ProbeSettings(k=args.knn_k, temperature=args.knn_temperature, seed=args.seed)
     try:
         folder = check_args(args)
         picture = Path(args.neighbours or folder / PICTURE) if args.draw_neighbours else None
-        results = evaluate(
+        results, prior = evaluate(
             folder,  # a model folder: evaluate's own find_export returns it as it is
             args.train_shards,
             args.test_shards,
@@ -479,10 +522,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"dim-evaluate: error: {err}", file=sys.stderr)
         return 2
-    print(format_table(results), flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(format_table(results), prior.line(), sep="\n", flush=True)
+    for path, content in ((args.json, results), (args.prior_json, prior.as_dict())):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps(content, indent=2) + "\n")
     own_data = _same_shards(
         _run_config(folder).get("data", {}).get("val_shards") or "", args.test_shards
     )
@@ -509,7 +553,12 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
     )
     log_to_wandb(
-        results, start=args.wandb, project=args.wandb_project, run_dir=run_dir, picture=picture
+        results,
+        start=args.wandb,
+        project=args.wandb_project,
+        run_dir=run_dir,
+        picture=picture,
+        prior=prior,
     )
     return 0
 

@@ -233,6 +233,45 @@ def test_evaluate_cli_end_to_end(tiny_run, tmp_path, capsys):
     assert json.loads(again.read_text()) == results
 
 
+def test_evaluate_reports_the_code_prior_of_the_test_images(tiny_run, tmp_path, capsys):
+    """The line under the table and --prior-json are pipeline.eval.prior on the dim
+    encoder's (mu, logvar) of the first --limit-test test images, recomputed here from
+    the exported encoder. Catches: the train images (or the random-init twin) measured,
+    logvar taken from another model or missing, --limit-test ignored, the line or the
+    file not written, the logvar leaking into the probed views or the --json table."""
+    from pipeline.eval.prior import prior_fit
+    from pipeline.evaluate import main
+    from pipeline.share.export import load_encoder
+
+    run, train, test = tiny_run
+    out, prior = tmp_path / "eval.json", tmp_path / "p" / "prior.json"
+    args = ["--checkpoint", str(run), "--train-shards", train, "--test-shards", test]
+    args += ["--json", str(out), "--prior-json", str(prior), "--limit-test", "20"]
+    assert main([*args, "--probes", "knn", "--knn-k", "5", "--batch-size", "8"]) == 0
+    stdout = capsys.readouterr().out
+    written = json.loads(prior.read_text())
+    assert set(json.loads(out.read_text())["dim"]) == {"conv", "fc", "y"}
+
+    encoder = load_encoder(run).eval()
+    mus, logvars = [], []
+    with torch.no_grad():
+        for batch in eval_loader(test, batch_size=16, img_size=16, in_chans=3):
+            code = encoder(batch["image"].float())
+            mus.append(code.mu)
+            logvars.append(code.logvar)
+    mu, logvar = torch.cat(mus)[:20], torch.cat(logvars)[:20]
+    by_hand = prior_fit(mu, logvar)
+    assert written == pytest.approx(by_hand.as_dict(), rel=1e-4)
+    assert written["images"] == 20 and written["dims"] == TINY["code_dim"]
+    assert written["kl_nats"] > 0 and written["aggregate_kl_nats"] > 0
+    assert prior_fit(torch.cat(mus)[20:], torch.cat(logvars)[20:]).kl_nats != pytest.approx(
+        written["kl_nats"], rel=1e-3
+    )  # the other test images give another figure: the limit is honoured
+    [line] = [row for row in stdout.splitlines() if row.startswith("code prior")]
+    assert f"E[KL] {by_hand.kl_nats:.2f} nats" in line and "D=8" in line and "N=20" in line
+    assert f"{by_hand.aggregate_kl_nats:.2f} nats" in line
+
+
 def test_evaluate_cli_missing_checkpoint_is_one_clear_error(tmp_path, capsys):
     from pipeline.evaluate import main
 
@@ -410,6 +449,16 @@ def test_wandb_logging_joins_the_training_run(tmp_path, monkeypatch):
     assert fake.inits == [] and active.summary == FLAT and not active.finished
     assert len(active.logged) == 1
 
+    from pipeline.eval.prior import prior_fit
+
+    fit = prior_fit(torch.ones(2, 3), torch.zeros(2, 3))  # with the prior measures
+    active = FakeRun()
+    monkeypatch.setattr("pipeline.evaluate.wandb", FakeWandb(run=active))
+    log_to_wandb(RESULTS, prior=fit)
+    measures = {f"eval/prior/{k}": v for k, v in fit.as_dict().items()}
+    assert active.summary == FLAT | measures and measures["eval/prior/kl_nats"] == 1.5
+    assert len(active.logged[0]["eval/table"]["data"]) == 3  # the table keeps the cells alone
+
 
 # ------------------------------------------ fair random-init baseline, MLP probe, conv grid view
 
@@ -500,6 +549,7 @@ def _unlabelled_shards(folder) -> str:
         (["--device", "tpu9"], "is not a torch device"),
         (["--json", "/proc/sys/x/eval.json"], "--json"),
         (["--json", "DIR"], "is a folder"),
+        (["--prior-json", "DIR"], "--prior-json"),
         (["--test-shards", "NOLABEL"], "have no label"),
         (["--train-shards", "MISSING"], "--train-shards"),
     ],

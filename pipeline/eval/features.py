@@ -12,6 +12,9 @@ The views follow the DIM paper's evaluation:
 - ``fc``: the hidden layer between backbone and code (``EncoderOutput.fc``).
 - ``y``: the code mean (``EncoderOutput.mu``); in eval mode z = mu.
 
+``logvar_of`` names encoders whose code log-variance is kept too, under ``LOGVAR``:
+not a view to probe, the other half of the code that ``pipeline.eval.prior`` measures.
+
 Encoders run in eval mode (BatchNorm running statistics, no sampling) and their
 previous train/eval state is restored afterwards, so the online probe can call this
 in the middle of training. Batches are any iterable of ``{"image", "label"}`` dicts.
@@ -19,7 +22,7 @@ in the middle of training. Batches are any iterable of ``{"image", "label"}`` di
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -30,6 +33,7 @@ from pipeline.models.encoder import EncoderOutput
 
 __all__ = [
     "CONV_SOURCES",
+    "LOGVAR",
     "VIEWS",
     "conv_grid",
     "eval_mode",
@@ -42,6 +46,7 @@ __all__ = [
 VIEWS = ("conv", "fc", "y")
 CONV_SOURCES = ("grid", "pooled", "local")
 PIXELS = "pixels"
+LOGVAR = "logvar"
 GRID_MAX, GRID_MAX_FEATURES = 4, 8192
 
 
@@ -145,11 +150,13 @@ def extract_features(
     pixels: bool = False,
     limit: int | None = None,
     conv_source: str = "grid",
+    logvar_of: Collection[str] = (),
 ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
     """Run every encoder over the batches once; return ``{model: {view: (N, D)}}``
     (CPU float tensors) and the labels (N,).
 
-    ``pixels=True`` adds ``{"pixels": {"pixels": flattened images}}``. ``limit``
+    ``pixels=True`` adds ``{"pixels": {"pixels": flattened images}}``, ``logvar_of``
+    ``{model: {"logvar": (N, d)}}`` for the models it names. ``limit``
     stops after that many samples (the stream is deterministic, so it is the same
     samples every time).
     """
@@ -165,8 +172,11 @@ def extract_features(
             images, y = batch["image"], batch["label"]
             x = images.to(device, non_blocking=True).float()
             for name, enc in encoders.items():
-                for view, feats in views_of(enc(x), conv_source).items():
+                out = enc(x)
+                for view, feats in views_of(out, conv_source).items():
                     parts[name].setdefault(view, []).append(feats.float().cpu())
+                if name in logvar_of:
+                    parts[name].setdefault(LOGVAR, []).append(out.logvar.float().flatten(1).cpu())
             if pixels:
                 parts[PIXELS].setdefault(PIXELS, []).append(images.float().flatten(1).cpu())
             labels.append(y.long().cpu())
