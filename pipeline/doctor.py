@@ -3,7 +3,8 @@
 ``python -m pipeline.doctor [--config FILE] [key=value ...] [--json FILE] [--deepspeed]``
 takes the configuration as ``pretrain.py`` does and prints one table in three sections:
 
-- machine: versions, devices, usable cores, bf16 support, a warning when already loaded;
+- machine: versions, devices, usable cores, bf16 support, a warning when already loaded,
+  the CPU threads a training process of the configuration will take;
 - correctness on these devices: the infoNCE gather across processes equals one process
   (NCCL, one process per GPU, with two GPUs or more; otherwise two gloo processes on the
   CPU, said in the row), one bf16 step is finite and close to fp32, a checkpoint saves and
@@ -56,6 +57,7 @@ from pipeline.objective.loss import GLOBAL_INPUTS, DIMObjective
 from pipeline.objective.model import DIM, build_model
 from pipeline.share.tracking import read_metrics
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.train.threads import LOCAL_PROCESS_VARS, for_config, usable_cores
 
 __all__ = ["Row", "main", "run_checks"]
 
@@ -86,11 +88,6 @@ class Row:
 
 
 # ----------------------------------------------------------------------------- machine
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (the affinity mask, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def device_type() -> str:
@@ -170,6 +167,24 @@ def machine_rows() -> list[Row]:
         )
     )
     return rows
+
+
+def threads_row(cfg: Config) -> Row:
+    """The CPU threads a training process of ``cfg`` will take here (``pipeline.train.threads``),
+    for one process per device where no launcher says how many run on this node."""
+    env = dict(os.environ)
+    if not any(env.get(k) for k in LOCAL_PROCESS_VARS):
+        env["LOCAL_WORLD_SIZE"] = str(local_devices())
+    choice = for_config(cfg, env)
+    return Row(
+        "machine",
+        "training threads per process",
+        f"{choice.threads} intra-op",
+        choice.threads,
+        "threads",
+        "info",
+        f"{choice.why}; {choice.wait_why}",
+    )
 
 
 # ----------------------------------------------------- correctness: the infoNCE gather
@@ -723,7 +738,8 @@ def speed_rows(cfg: Config, shards: str) -> list[Row]:
             step["dim"],
             "img/s",
             "info",
-            f"forward+backward+AdamW, batch {cfg.train.batch_size} x {step['views']} view(s), "
+            f"forward+backward+AdamW on {torch.get_num_threads()} intra-op thread(s), "
+            f"batch {cfg.train.batch_size} x {step['views']} view(s), "
             f"{cfg.model.img_size} px, fastest of {TIMED} after {WARMUP} warm-up",
         ),
         Row(
@@ -778,7 +794,7 @@ def _guarded(section: str, check: str, fn: Callable[[], Row | list[Row]]) -> lis
 
 
 def run_checks(cfg: Config, config: str | None, overrides: list[str], deepspeed: bool) -> list[Row]:
-    rows = machine_rows()
+    rows = [*machine_rows(), threads_row(cfg)]
     with tempfile.TemporaryDirectory(prefix="dim-doctor-data-") as tmp:
         shards = cfg.data.train_shards or default_shards(Path(tmp) / "digits")
         rows += _guarded("correctness", "gather_with_grad", gather_row)

@@ -17,6 +17,7 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.schema import Config
 from pipeline.train.loop import train
 from pipeline.train.step import NonFiniteLoss
+from pipeline.train.threads import for_config, restart_for_wait_policy
 
 USAGE = """pretrain.py [--config FILE] [key=value ...]
 
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     quiet_third_party()
     try:
         cfg, force_config = parse_args(argv)
+        if argv is None:  # the command itself: OpenMP's wait policy needs a restart
+            restart_for_wait_policy(for_config(cfg))
         train(cfg, force_config)
     except ConfigError as err:
         if not quiet:

@@ -56,6 +56,7 @@ from pipeline.train.step import (
     raise_if_nonfinite,
     recast_batchnorm_for_deepspeed,
 )
+from pipeline.train.threads import use_threads
 
 __all__ = ["train"]
 
@@ -72,7 +73,9 @@ def train(cfg: Config, force_config: bool = False) -> int:
     """
     preflight(cfg)  # before any set-up: a wrong path is reported in a blink
     keep_freed_memory(cfg.train.keep_freed_memory)  # before the loader workers fork
+    threads = use_threads(cfg)  # intra-op threads from the cores this process may use
     tc, accelerator = cfg.train, make_accelerator(cfg)
+    accelerator.print(threads.line())
     if not cfg.data.train_shards:
         use_default_data(accelerator, cfg)
     # The lock before the folder is read or written; signals stop at a step boundary.
