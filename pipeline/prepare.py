@@ -2,6 +2,7 @@
 torchvision dataset on disk -> WebDataset shards and manifests (``pipeline.data.write``).
 
     python -m pipeline.prepare folder  SRC_DIR OUT_DIR   # SRC_DIR/<class>/*.jpg -> labels 0..K-1
+    python -m pipeline.prepare folder  SRC_DIR OUT_DIR --max-size 256   # stored resized
     python -m pipeline.prepare digits  OUT_DIR           # scikit-learn's bundled 8x8 digits
     python -m pipeline.prepare torchvision CIFAR10 ROOT OUT_DIR [--split train|test]
 """
@@ -53,13 +54,24 @@ def _parser() -> argparse.ArgumentParser:
         help="names of the two splits (default train,val), e.g. test,unused",
     )
     common.add_argument("--force", action="store_true", help="rewrite an existing output")
+    resize = argparse.ArgumentParser(add_help=False)
+    resize.add_argument(
+        "--max-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="store images with the shorter side at most N pixels, aspect kept (never "
+        "upscaled); reports the bytes and decode time saved",
+    )
     parser = argparse.ArgumentParser(
         prog="dim-prepare",
         description=write.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="source", required=True)
-    folder = sub.add_parser("folder", parents=[common], help="image folder tree (class subfolders)")
+    folder = sub.add_parser(
+        "folder", parents=[common, resize], help="image folder tree (class subfolders)"
+    )
     folder.add_argument("src")
     folder.add_argument("out")
     digits = sub.add_parser("digits", parents=[common], help="scikit-learn's bundled digits")
@@ -67,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     digits.add_argument(
         "--size", type=int, default=32, help="side in pixels (8: native; default 32)"
     )
-    tv = sub.add_parser("torchvision", parents=[common], help="torchvision dataset on disk")
+    tv = sub.add_parser("torchvision", parents=[common, resize], help="torchvision dataset on disk")
     tv.add_argument("name", help="class in torchvision.datasets, e.g. CIFAR10")
     tv.add_argument("root", help="the dataset's root folder (never downloaded)")
     tv.add_argument("out")
@@ -89,6 +101,8 @@ def check_args(args: argparse.Namespace) -> tuple[str, str]:
             f"--shard-samples and --shard-mb must be > 0, got {args.shard_samples} and "
             f"{args.shard_mb}"
         )
+    if getattr(args, "max_size", None) is not None and args.max_size < 1:
+        raise ConfigError(f"--max-size must be a positive number of pixels, got {args.max_size}")
     if args.source == "digits" and args.size < 8:
         raise ConfigError(f"--size must be >= 8 (the digits' native side), got {args.size}")
     if args.source == "torchvision" and args.format not in ("png", "jpg", "webp"):
@@ -113,12 +127,18 @@ def main(argv: list[str] | None = None) -> int:
             "names": names,
         }
         if args.source == "folder":
-            manifest = prepare_folder(args.src, args.out, **common)
+            manifest = prepare_folder(args.src, args.out, max_size=args.max_size, **common)
         elif args.source == "digits":
             manifest = prepare_digits(args.out, size=args.size, **common)
         else:
             manifest = prepare_torchvision(
-                args.name, args.root, args.out, split=args.split, image_format=args.format, **common
+                args.name,
+                args.root,
+                args.out,
+                split=args.split,
+                image_format=args.format,
+                max_size=args.max_size,
+                **common,
             )
     except ConfigError as err:
         print(f"dim-prepare: error: {err}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 
 import numpy as np
@@ -225,3 +226,88 @@ def test_cli_refuses_to_reuse_shards_of_another_source(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == before
     assert main(["digits", str(out), "--size", "8"]) == 0  # the same request reuses them
     assert main(["folder", str(tmp_path / "images"), str(out), "--force"]) == 0
+
+
+def photo_folder(root, n: int = 16) -> None:
+    """root/<class>/<i>.jpg: photo-like JPEGs (a smooth field plus grain), landscape and
+    portrait, and one small PNG that --max-size must leave as it is."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        size = (320, 240) if i % 2 else (240, 360)
+        field = Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8))
+        base = np.asarray(field.resize(size, Image.BICUBIC), dtype=np.int16)
+        grain = rng.integers(-10, 11, base.shape, dtype=np.int16)
+        folder = root / ("a" if i % 3 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8))
+        image.save(folder / f"{i}.jpg", quality=90)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(root / "a" / "small.png")
+
+
+def shard_bytes(manifest) -> int:
+    return sum(os.path.getsize(path) for path in resolve_shards(str(manifest)))
+
+
+def test_max_size_shards_are_smaller_keep_aspect_and_train(tmp_path, caplog):
+    """``prepare folder --max-size N``: shorter side N, aspect kept, small images stored
+    unchanged (never upscaled), fewer bytes, the saving reported; the real train loop
+    trains on the shards. Bugs it would catch: the long side fitted instead of the short
+    one, upscaling, the option ignored, a reused folder written without it."""
+    from train_helpers import TINY
+
+    from pipeline.config import load_config
+    from pipeline.train.loop import train
+
+    src = tmp_path / "src"
+    photo_folder(src)
+    full = prepare_folder(src, tmp_path / "full", val_fraction=0)
+    with caplog.at_level("INFO", logger="pipeline.data.write"):
+        small = prepare_folder(src, tmp_path / "small", val_fraction=0, max_size=64)
+    report = [r.getMessage() for r in caplog.records if "--max-size" in r.getMessage()]
+    assert len(report) == 1 and "16 of 17 images resized" in report[0], report
+    assert "MB written" in report[0] and "ms per image" in report[0], report
+    assert shard_bytes(small) < shard_bytes(full) / 3  # tar headers are 512 B a file
+    originals = {s["__key__"]: s for s in raw_samples(full)}
+    image_bytes = [
+        sum(len(s.get("jpg", s.get("png"))) for s in samples)
+        for samples in (raw_samples(small), originals.values())
+    ]
+    assert image_bytes[0] < image_bytes[1] / 5, image_bytes
+    for sample in raw_samples(small):
+        ext = "png" if "png" in sample else "jpg"
+        image = Image.open(io.BytesIO(sample[ext]))
+        before = Image.open(io.BytesIO(originals[sample["__key__"]][ext])).size
+        if min(before) <= 64:
+            assert sample[ext] == originals[sample["__key__"]][ext]  # stored unchanged
+            continue
+        assert min(image.size) == 64 and image.format == "JPEG", (before, image.size)
+        assert abs(image.size[0] / image.size[1] - before[0] / before[1]) < 0.02
+    with pytest.raises(ConfigError, match="max_size=64, not 32"):
+        prepare_folder(src, tmp_path / "small", val_fraction=0, max_size=32)
+    out = tmp_path / "run"
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"data.train_shards={small}",
+            "data.epoch_samples=16",
+            f"train.output_dir={out}",
+            "train.max_steps=3",
+            "train.log_every=1",
+            "train.save_every=3",
+            "wandb.mode=disabled",
+        ],
+    )
+    train(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert all(np.isfinite(row["loss"]) for row in rows)
+
+
+def test_cli_max_size_must_be_positive(tmp_path, capsys):
+    src = tmp_path / "src"
+    photo_folder(src, n=2)
+    assert main(["folder", str(src), str(tmp_path / "out"), "--max-size", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dim-prepare: error: --max-size must be a positive number of pixels, got 0"]
+    assert not (tmp_path / "out").exists()

@@ -7,14 +7,17 @@ Grayscale sources are expanded to RGB at decode time; ``in_chans=1`` converts ba
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 
 from pipeline.core.errors import ConfigError, choose
 from pipeline.core.pixels import MEAN, STD
 from pipeline.core.schema import DataConfig
+from pipeline.data.decode import Reduced, pil_to_tensor
 
 
 @dataclass(frozen=True)
@@ -35,14 +38,102 @@ AUGMENTS = {
 }
 
 
+class Fit:
+    """Resize the short side to ``img_size`` and centre-crop: the geometry of evaluation,
+    and of the loader when augmentation runs batched. Nothing random.
+
+    It takes a full decode (a tensor) or a ``Reduced`` JPEG (``pipeline.data.decode``),
+    which it cuts at the same box in source coordinates with PIL's antialiased resize, so
+    the two differ by resampling only. ``reduction`` tells the decoder how far a source
+    may shrink before the fit without losing detail."""
+
+    def __init__(self, img_size: int):
+        self.size = img_size
+        self.steps: list[v2.Transform] = [
+            v2.Resize(img_size, antialias=True),
+            v2.CenterCrop(img_size),
+        ]
+        self.tensor = v2.Compose(self.steps)
+
+    def reduction(self, width: int, height: int) -> float:
+        """Times the source may shrink and still give ``img_size`` pixels on the short side."""
+        return min(width, height) / self.size
+
+    def box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The part of the source the output shows, (left, top, right, bottom) in source pixels."""
+        # As Resize then CenterCrop compute it: the long side truncated, the offset rounded.
+        size, short, long = self.size, min(width, height), max(width, height)
+        new_w, new_h = (int(size * long / short), size)[:: 1 if width >= height else -1]
+        left, top = round((new_w - size) / 2), round((new_h - size) / 2)
+        sx, sy = width / new_w, height / new_h
+        return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+
+    def __call__(self, image: torch.Tensor | Reduced) -> torch.Tensor:
+        if isinstance(image, Reduced):
+            box = tuple(v / image.factor for v in self.box(*image.source))
+            out = image.image.resize((self.size,) * 2, Image.BILINEAR, box=box, reducing_gap=None)
+            return pil_to_tensor(out)
+        return self.tensor(image)
+
+
+class RandomFit(Fit):
+    """RandomResizedCrop (area ``(crop_scale_min, 1)``, aspect 3/4..4/3) to ``img_size``.
+
+    The box is drawn by torchvision's own ``make_params`` on the source size, so a
+    ``Reduced`` JPEG gets the box the full decode would get from the same random state."""
+
+    def __init__(self, img_size: int, crop_scale_min: float):
+        super().__init__(img_size)
+        self.crop = v2.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0), antialias=True)
+        self.steps, self.tensor = [self.crop], self.crop
+
+    def reduction(self, width: int, height: int) -> float:
+        # The smallest box has area scale[0] * w * h and aspect 3/4 (or 4/3): its short
+        # side is sqrt(3/4 * area), less half a pixel of rounding.
+        ratio = min(self.crop.ratio[0], 1 / self.crop.ratio[1])
+        short = math.sqrt(ratio * self.crop.scale[0] * width * height) - 0.5
+        return short / self.size
+
+    def box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        p = self.crop.make_params([torch.empty(0, height, width)])  # the size is all it reads
+        return (p["left"], p["top"], p["left"] + p["width"], p["top"] + p["height"])
+
+
+class FixedSize(Fit):
+    """``Fit`` to a uint8 square in ``in_chans`` channels, nothing random: what workers do
+    when the random augmentation runs batched (``pipeline.data.batch_augment``). An image
+    that already fits is passed through (the v2 chain costs ~25 us at 32 px, as much as
+    decoding it)."""
+
+    def __init__(self, img_size: int, in_chans: int):
+        super().__init__(img_size)
+        self.shape = (in_chans, img_size, img_size)
+        channels = _channels(in_chans)
+        self.channels = v2.Compose(channels) if channels else None
+        self.tensor = v2.Compose([*channels, *self.steps])
+
+    def __call__(self, image: torch.Tensor | Reduced) -> torch.Tensor:
+        if isinstance(image, Reduced):
+            out = super().__call__(image)
+            return self.channels(out) if self.channels is not None else out
+        return image if tuple(image.shape) == self.shape else self.tensor(image)
+
+
 class Views:
-    """``image -> [view] * count``, each view drawn independently (picklable for workers)."""
+    """``image -> [view] * count``: each view ``transform(fit(image))``, drawn independently
+    (picklable for workers). ``reduction`` is the fit's: how far the decoder may shrink a
+    source for these views."""
 
-    def __init__(self, transform: v2.Transform, count: int = 1):
-        self.transform, self.count = transform, count
+    def __init__(self, transform: v2.Transform | None, count: int = 1, *, fit: Fit):
+        self.transform, self.count, self.fit = transform, count, fit
 
-    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
-        return [self.transform(image) for _ in range(self.count)]
+    def reduction(self, width: int, height: int) -> float:
+        return self.fit.reduction(width, height)
+
+    def __call__(self, image: torch.Tensor | Reduced) -> list[torch.Tensor]:
+        if self.transform is None:
+            return [self.fit(image) for _ in range(self.count)]
+        return [self.transform(self.fit(image)) for _ in range(self.count)]
 
 
 def _channels(in_chans: int) -> list[v2.Transform]:
@@ -59,47 +150,26 @@ def _finish(in_chans: int) -> list[v2.Transform]:
 
 
 def eval_transform(img_size: int, in_chans: int) -> v2.Compose:
-    """Resize the short side, centre-crop, normalise: no randomness."""
-    return v2.Compose(
-        [
-            *_channels(in_chans),
-            v2.Resize(img_size, antialias=True),
-            v2.CenterCrop(img_size),
-            *_finish(in_chans),
-        ]
-    )
+    """Resize the short side, centre-crop, normalise: no randomness (one tensor chain,
+    what the export reads its preprocessing from)."""
+    return v2.Compose([*_channels(in_chans), *Fit(img_size).steps, *_finish(in_chans)])
 
 
-class FixedSize:
-    """Resize the short side and centre-crop to a uint8 square, nothing random: what
-    workers do when the random augmentation runs batched (``pipeline.data.batch_augment``).
-    An image that already fits is passed through (the v2 chain costs ~25 us at 32 px,
-    as much as decoding it)."""
-
-    def __init__(self, img_size: int, in_chans: int):
-        self.shape = (in_chans, img_size, img_size)
-        self.transform = v2.Compose(
-            [*_channels(in_chans), v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)]
-        )
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return image if tuple(image.shape) == self.shape else self.transform(image)
+def eval_views(img_size: int, in_chans: int) -> Views:
+    """``eval_transform`` as views: the fit apart, so JPEGs may be decoded reduced."""
+    return Views(v2.Compose([*_channels(in_chans), *_finish(in_chans)]), fit=Fit(img_size))
 
 
 def train_transform(
-    img_size: int,
     in_chans: int,
     *,
-    crop_scale_min: float,
     flip: bool,
     color_jitter: float,
     grayscale_p: float = 0.0,
 ) -> v2.Compose:
-    """Random resized crop, optional flip, colour jitter (p=0.8) and random grayscale."""
-    steps: list[v2.Transform] = [
-        *_channels(in_chans),
-        v2.RandomResizedCrop(img_size, scale=(crop_scale_min, 1.0), antialias=True),
-    ]
+    """What follows the random crop (``RandomFit``): optional flip, colour jitter (p=0.8)
+    and random grayscale, then normalisation."""
+    steps: list[v2.Transform] = [*_channels(in_chans)]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
     colour = in_chans == 3
@@ -121,13 +191,11 @@ def build_views(cfg: DataConfig, *, img_size: int, in_chans: int) -> Views:
     """``image -> [view] * count`` as ``cfg.augment`` (``AUGMENTS``) asks, per image."""
     recipe = choose("data.augment", cfg.augment, AUGMENTS)
     if not recipe.random:
-        return Views(eval_transform(img_size, in_chans))
+        return eval_views(img_size, in_chans)
     transform = train_transform(
-        img_size,
         in_chans,
-        crop_scale_min=cfg.crop_scale_min,
         flip=cfg.flip,
         color_jitter=cfg.color_jitter,
         grayscale_p=recipe.grayscale_p,
     )
-    return Views(transform, count=recipe.views)
+    return Views(transform, count=recipe.views, fit=RandomFit(img_size, cfg.crop_scale_min))

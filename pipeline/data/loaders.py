@@ -40,7 +40,7 @@ import multiprocessing
 import random
 import weakref
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from itertools import islice
 from typing import Any
@@ -48,14 +48,14 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import make_seed
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.schema import DataConfig
-from pipeline.data.augment import AUGMENTS, FixedSize, Views, build_views, eval_transform
+from pipeline.data.augment import AUGMENTS, FixedSize, Views, build_views, eval_views
 from pipeline.data.batch_augment import on_batch
+from pipeline.data.decode import JPEG_EXTS, decode_on_device, jpeg_size, read_image
 from pipeline.data.shards import dataset_size, resolve_shards, resolve_spec
 
 __all__ = [
@@ -282,10 +282,15 @@ def _decode(
     label_key: str,
     random_views: bool,
     with_keys: bool,
+    draft: bool = True,
+    ship_jpeg: bool = False,
 ) -> Iterator[dict]:
     """Raw samples -> {"image"[, "image2"], "label"[, "key"]}; bad ones are counted, not raised.
-    Grayscale output is decoded as such (exact for gray sources; webp can only give RGB)."""
-    gray = ImageReadMode.GRAY if in_chans == 1 else ImageReadMode.RGB
+    Grayscale output is decoded as such (exact for gray sources; webp can only give RGB).
+    ``draft``: large JPEGs decode at reduced scale where ``views`` allow it
+    (``pipeline.data.decode``). ``ship_jpeg``: a JPEG whose header reads is passed on
+    undecoded as its raw bytes (1-D uint8), for ``decode_on_device``."""
+    reduction = views.reduction if draft else None
     for sample in samples:
         if _LOST in sample:
             state.bad(sample[_LOST], sample["__url__"], sample["__reason__"])
@@ -295,10 +300,15 @@ def _decode(
             if ext is None:
                 raise ValueError(f"no image (.{', .'.join(IMAGE_EXTS)}); keys {sorted(sample)}")
             row: dict[str, Any] = {"label": read_label(sample, label_key)}
-            with _one_thread(), _own_rng(state, random_views):
-                raw = torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8)
-                mode = ImageReadMode.RGB if ext == "webp" else gray
-                images = views(eight_bit(decode_image(raw, mode=mode)))
+            data = sample[ext]
+            if ship_jpeg and ext in JPEG_EXTS and jpeg_size(data) is not None:
+                images = [torch.frombuffer(bytearray(data), dtype=torch.uint8)]
+            else:
+                with _one_thread(), _own_rng(state, random_views):
+                    image = read_image(data, ext, in_chans=in_chans, reduction=reduction)
+                    if isinstance(image, torch.Tensor):
+                        image = eight_bit(image)
+                    images = views(image)
         except Exception as exn:
             state.bad(1, sample.get("__url__", "?"), _short(exn), sample=sample.get("__key__"))
             continue
@@ -309,6 +319,55 @@ def _decode(
         if with_keys:
             row["key"] = sample["__key__"]
         yield row
+
+
+def _collate_shipped(rows: list[dict]) -> dict:
+    """A batch whose images stay a list: raw JPEG bytes of any length beside decoded squares."""
+    batch = default_collate([{k: v for k, v in row.items() if k != "image"} for row in rows])
+    batch["image"] = [row["image"] for row in rows]
+    return batch
+
+
+class _DecodeOnDevice:
+    """Run in the process that iterates the loader: a shipped batch's JPEGs decoded on
+    ``device`` and fitted to the square (``decode_on_device``); returns the images that
+    failed, which the loader counts as skipped."""
+
+    def __init__(self, device: torch.device, fit: FixedSize, in_chans: int):
+        self.device, self.fit, self.in_chans = device, fit, in_chans
+
+    def __call__(self, batch: dict) -> int:
+        batch["image"], bad = decode_on_device(
+            batch["image"], self.device, in_chans=self.in_chans, fit=self.fit
+        )
+        if bad:
+            log.warning(
+                "%d image(s) of a batch did not decode on %s; replaced by gray", bad, self.device
+            )
+        return bad
+
+
+def decode_device(cfg: DataConfig) -> torch.device | None:
+    """Where JPEGs are decoded: the CUDA device this process uses with
+    ``data.decode_on=device`` (and batched augmentation), else None (the loader workers).
+    Said in one line when the request cannot be met."""
+    if cfg.decode_on != "device":
+        return None
+    if not on_batch(cfg):
+        log.warning(
+            "data.decode_on=device needs the batched augmentation (data.augment_on=batch "
+            "and an augmentation other than none); decoding on the CPU in the loader workers"
+        )
+        return None
+    if not torch.cuda.is_available():
+        log.warning(
+            "data.decode_on=device: no CUDA device here; decoding on the CPU in the loader "
+            "workers instead"
+        )
+        return None
+    device = torch.device("cuda", torch.cuda.current_device())
+    log.info("data.decode_on=device: JPEGs are decoded in batches on %s (nvJPEG)", device)
+    return device
 
 
 class _Stream(IterableDataset):
@@ -368,6 +427,7 @@ class StreamLoader:
         epochs: int | None,
         batches_per_epoch: int | None = None,
         num_samples: int | None = None,
+        finish: Callable[[dict], int] | None = None,
     ):
         self.loader: DataLoader | None = DataLoader(
             stream,
@@ -378,6 +438,7 @@ class StreamLoader:
         )
         self.epochs, self.skipped = epochs, 0
         self.batches_per_epoch, self.num_samples = batches_per_epoch, num_samples
+        self.finish = finish  # completes a batch in this process; returns samples lost
         self._passes: weakref.WeakSet = weakref.WeakSet()  # iterations in progress
         self._workers: set[multiprocessing.process.BaseProcess] = set()
 
@@ -429,6 +490,9 @@ class StreamLoader:
                 latest[item.pop("_worker")] = item.pop("_skipped")
                 self.skipped = base + sum(latest.values())
                 if not item.pop("_final", False):
+                    if self.finish is not None and (lost := self.finish(item)):
+                        base += lost
+                        self.skipped += lost
                     item["skipped"] = self.skipped
                     yielded += 1
                     yield item
@@ -473,11 +537,12 @@ def train_loader(
         epoch_samples = NOMINAL_EPOCH
     state = _StreamState(seed, rank, world_size, cfg.max_bad_streak)
     batched = on_batch(cfg)
-    views = (
-        Views(FixedSize(img_size, in_chans))
-        if batched
-        else build_views(cfg, img_size=img_size, in_chans=in_chans)
-    )
+    fixed = FixedSize(img_size, in_chans)
+    if batched:
+        views = Views(None, fit=fixed)
+    else:
+        views = build_views(cfg, img_size=img_size, in_chans=in_chans)
+    device = decode_device(cfg)
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, worker_seed=state.shard_seed, deterministic=True),
         partial(_read_shards, sizes=sizes),
@@ -490,8 +555,14 @@ def train_loader(
             label_key=cfg.label_key,
             random_views=AUGMENTS[cfg.augment].random and not batched,
             with_keys=with_keys,
+            draft=cfg.jpeg_draft,
+            ship_jpeg=device is not None,
         ),
-        wds.batched(batch_size, collation_fn=default_collate, partial=False),
+        wds.batched(
+            batch_size,
+            collation_fn=default_collate if device is None else _collate_shipped,
+            partial=False,
+        ),
     )
     batches = max(1, epoch_samples // (batch_size * world_size))
     return StreamLoader(
@@ -500,6 +571,7 @@ def train_loader(
         epochs=epochs,
         batches_per_epoch=batches,
         num_samples=epoch_samples,
+        finish=None if device is None else _DecodeOnDevice(device, fixed, in_chans),
     )
 
 
@@ -533,7 +605,7 @@ def eval_loader(
     stages.append(partial(_read_shards, sizes=sizes))
     if not by_shard:
         stages.append(partial(_every_slot, state=state))
-    views = Views(eval_transform(img_size, in_chans))
+    views = eval_views(img_size, in_chans)
     stages += [
         partial(
             _decode,

@@ -1,6 +1,7 @@
 """Write WebDataset shards and JSON manifests (the library behind ``python -m pipeline.prepare``).
 
     python -m pipeline.prepare folder  SRC_DIR OUT_DIR   # SRC_DIR/<class>/*.jpg -> labels 0..K-1
+    python -m pipeline.prepare folder  SRC_DIR OUT_DIR --max-size 256   # stored resized
     python -m pipeline.prepare digits  OUT_DIR           # scikit-learn's bundled 8x8 digits
     python -m pipeline.prepare torchvision CIFAR10 ROOT OUT_DIR [--split train|test]
 
@@ -10,6 +11,7 @@ a seeded permutation, so the split is the same every time) and one manifest per 
 names. Samples are ``{key}.{jpg|jpeg|png|webp}`` plus ``{key}.cls`` (the integer label),
 the layout webdataset's ShardWriter and img2dataset produce. Shards are written in a
 temporary folder and moved in place, manifests last: a manifest means a finished split.
+``--max-size N`` (folder, torchvision) stores images with the shorter side at most N.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ import io
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import torchvision.datasets as tvd
 import webdataset as wds
 from PIL import Image
+from torchvision.io import decode_image
 from tqdm import tqdm
 
 from pipeline.core.errors import ConfigError
@@ -38,6 +43,9 @@ log = logging.getLogger(__name__)
 FOLDER_EXTS = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
 SHARD_SAMPLES = 10_000  # default maximum samples per shard
 SHARD_BYTES = 256 * 2**20  # default maximum bytes per shard (a shard may pass it by one sample)
+
+DECODE_SAMPLE = 20  # resized images whose decode time prepare compares with their source's
+FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 # One sample source: how many items, and item index -> (image bytes, extension, label or -1).
 Loader = Callable[[int], tuple[bytes, str, int]]
@@ -149,12 +157,93 @@ def write_dataset(
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
     out = io.BytesIO()
-    image.save(
-        out,
-        format={"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[fmt],
-        **({"quality": 95} if fmt == "jpg" else {}),
-    )
+    image.save(out, format=FORMATS[fmt], **({"quality": 95} if fmt != "png" else {}))
     return out.getvalue()
+
+
+def fit_within(image: Image.Image, max_size: int) -> Image.Image | None:
+    """``image`` with its shorter side scaled down to ``max_size`` pixels, aspect kept
+    (Lanczos; a JPEG first decoded at the largest DCT scale that keeps twice the target,
+    as PIL's ``thumbnail`` does); None when it is no larger already (never upscaled)."""
+    width, height = image.size
+    if min(width, height) <= max_size:
+        return None
+    scale = max_size / min(width, height)
+    size = (
+        (max_size, max(1, round(height * scale)))
+        if width <= height
+        else (max(1, round(width * scale)), max_size)
+    )
+    image.draft(None, (2 * size[0], 2 * size[1]))  # a no-op for anything but JPEG
+    if image.mode not in ("1", "L", "LA", "RGB", "RGBA", "CMYK", "I", "F"):
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    return image.resize(size, Image.LANCZOS)
+
+
+class Resizer:
+    """``prepare --max-size N``: stores images with the shorter side at most N, as
+    img2dataset and FFCV do at write time, and keeps the figures prepare reports: bytes in
+    and out, and the full decode time of a sample of resized images against their sources."""
+
+    def __init__(self, max_size: int):
+        if max_size < 1:
+            raise ConfigError(f"max_size must be a positive number of pixels, got {max_size}")
+        self.max_size = max_size
+        self.images = self.resized = self.bytes_in = self.bytes_out = 0
+        self.decode_in = self.decode_out = 0.0  # seconds over the sample
+        self.sampled = 0
+
+    def image(self, image: Image.Image) -> Image.Image:
+        """A decoded image (a torchvision dataset's), fitted; not counted in bytes."""
+        self.images += 1
+        fitted = fit_within(image, self.max_size)
+        self.resized += fitted is not None
+        return image if fitted is None else fitted
+
+    def bytes(self, data: bytes, ext: str) -> bytes:
+        """Encoded image bytes, fitted and re-encoded in their own format (JPEG and WebP at
+        quality 95); bytes of an image that fits already are kept as they are."""
+        self.images += 1
+        self.bytes_in += len(data)
+        with Image.open(io.BytesIO(data)) as image:
+            fitted = fit_within(image, self.max_size)
+            out = data if fitted is None else _encode(fitted, ext.replace("jpeg", "jpg"))
+        self.bytes_out += len(out)
+        if fitted is not None:
+            self.resized += 1
+            if self.sampled < DECODE_SAMPLE:
+                self.sampled += 1
+                self.decode_in += _decode_seconds(data)
+                self.decode_out += _decode_seconds(out)
+        return out
+
+    def report(self) -> str:
+        """One line: images resized, bytes saved and decode time saved (on the sample)."""
+        line = f"--max-size {self.max_size}: {self.resized} of {self.images} images resized"
+        if self.bytes_in:
+            saved = 1 - self.bytes_out / self.bytes_in
+            line += (
+                f"; {self.bytes_in / 1e6:,.1f} MB of source images -> "
+                f"{self.bytes_out / 1e6:,.1f} MB written ({saved:.0%} saved)"
+            )
+        if self.sampled:
+            before, after = (
+                1e3 * self.decode_in / self.sampled,
+                1e3 * self.decode_out / self.sampled,
+            )
+            line += (
+                f"; full decode of a sample of {self.sampled} resized images: {before:.1f} ms "
+                f"-> {after:.1f} ms per image ({1 - after / before:.0%} saved)"
+            )
+        return line
+
+
+def _decode_seconds(data: bytes) -> float:
+    """Seconds ``torchvision.io.decode_image`` (what the loader uses) takes on ``data``."""
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    start = time.perf_counter()
+    decode_image(raw)
+    return time.perf_counter() - start
 
 
 def _existing(
@@ -199,17 +288,21 @@ def prepare_folder(
     seed: int = 0,
     overwrite: bool = False,
     names: tuple[str, str] = ("train", "val"),
+    max_size: int | None = None,
     **kw: Any,
 ) -> Path:
     """Image folder tree -> shards; returns the train manifest.
 
     ``src/<class>/**/<image>`` gives class names (sorted) and labels 0..K-1; a folder with
-    images and no subfolders gives unlabeled samples. Image bytes are stored unchanged.
+    images and no subfolders gives unlabeled samples. Image bytes are stored unchanged,
+    unless ``max_size``: then an image whose shorter side is longer is stored resized to
+    it (``Resizer``), and the bytes and decode time saved are logged.
     """
     src = Path(src)
     if not src.is_dir():
         raise ConfigError(f"image folder not found: {src}")
-    source = {"kind": "folder", "path": str(src)}
+    resizer = Resizer(max_size) if max_size is not None else None
+    source = {"kind": "folder", "path": str(src), "max_size": max_size}
     splitting = {"val_fraction": val_fraction, "seed": seed, "names": names, **kw}
     if (found := _existing(out_dir, overwrite, source, **splitting)) is not None:
         return found
@@ -224,11 +317,13 @@ def prepare_folder(
 
     def load(i: int) -> tuple[bytes, str, int]:
         path, label = items[i]
-        return path.read_bytes(), FOLDER_EXTS[path.suffix.lower()], label
+        data, ext = path.read_bytes(), FOLDER_EXTS[path.suffix.lower()]
+        return (data if resizer is None else resizer.bytes(data, ext)), ext, label
 
-    return write_dataset(load, len(items), out_dir, classes=classes, source=source, **splitting)[
-        names[0]
-    ]
+    written = write_dataset(load, len(items), out_dir, classes=classes, source=source, **splitting)
+    if resizer is not None:
+        log.info(resizer.report())
+    return written[names[0]]
 
 
 def prepare_digits(
@@ -277,6 +372,7 @@ def prepare_torchvision(
     image_format: str = "png",
     overwrite: bool = False,
     names: tuple[str, str] = ("train", "val"),
+    max_size: int | None = None,
     **kw: Any,
 ) -> Path:
     """A torchvision dataset already on disk (``download=False``) -> shards.
@@ -284,13 +380,15 @@ def prepare_torchvision(
     ``split`` is passed as ``train=(split == "train")`` or ``split=split``, whichever the
     dataset takes (neither for e.g. ImageFolder). Images are re-encoded as ``image_format``
     (png: lossless). Returns the first split's manifest; ``names=("test", "unused"),
-    val_fraction=0`` writes a test set.
+    val_fraction=0`` writes a test set. ``max_size``: images whose shorter side is longer
+    are resized to it before encoding (``Resizer``).
     """
 
     cls = getattr(tvd, name, None)
     if not (isinstance(cls, type) and issubclass(cls, tvd.VisionDataset)):
         raise ConfigError(f"torchvision.datasets has no dataset {name!r}")
-    source = {"kind": "torchvision", "name": name, "split": split}
+    resizer = Resizer(max_size) if max_size is not None else None
+    source = {"kind": "torchvision", "name": name, "split": split, "max_size": max_size}
     splitting = {"val_fraction": val_fraction, "seed": seed, "names": names, **kw}
     if (found := _existing(out_dir, overwrite, source, **splitting)) is not None:
         return found
@@ -311,9 +409,14 @@ def prepare_torchvision(
     def load(i: int) -> tuple[bytes, str, int]:
         image, target = dataset[i]
         rgb = image if image.mode in ("RGB", "L") else image.convert("RGB")
+        if resizer is not None:
+            rgb = resizer.image(rgb)
         return _encode(rgb, fmt), fmt, int(target) if target is not None else -1
 
     classes = list(getattr(dataset, "classes", []))
-    return write_dataset(load, len(dataset), out_dir, classes=classes, source=source, **splitting)[
-        names[0]
-    ]
+    written = write_dataset(
+        load, len(dataset), out_dir, classes=classes, source=source, **splitting
+    )
+    if resizer is not None:
+        log.info(resizer.report())
+    return written[names[0]]
