@@ -66,7 +66,7 @@ STATUSES = ("pass", "fail", "skip", "warn", "info")
 NODES = (1, 8, 64)
 GATHER_LOCAL_BATCH = 4
 GATHER_ATOL = {"cpu": 1e-5, "cuda": 1e-4}  # fp32 sums in another order; TF32 off on GPU
-BF16_RTOL = 5e-2
+BF16_MIN_COSINE = 0.99  # bf16 keeps 8 bits of mantissa: ~0.4% per value
 BF16_BATCH = 16
 WARMUP, TIMED = 2, 5
 LOADER_BATCHES = 5
@@ -328,7 +328,22 @@ def _seeded_loss(model: DIM, cfg: Config, images: torch.Tensor, seed: int = 0) -
     return loss
 
 
+def _loss_and_gradient(
+    model: DIM, cfg: Config, images: torch.Tensor, dtype: torch.dtype | None
+) -> tuple[float, torch.Tensor]:
+    """One seeded forward + backward, in fp32 or under autocast to ``dtype``: the loss and
+    every parameter's gradient as one flat fp32 vector (gradients are cleared after)."""
+    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
+        loss = _seeded_loss(model, cfg, images)
+    loss.backward()
+    grads = [p.grad.float().flatten() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return loss.item(), torch.cat(grads)
+
+
 def bf16_row(cfg: Config) -> Row:
+    """The gradient a bf16 step follows against fp32's, by cosine: the loss itself can sit
+    near zero (infoNCE at init), where a relative difference of losses means nothing."""
     device = device_type()
     supported, how = bf16_support()
     check = "one bf16 DIM step: finite, close to fp32"
@@ -336,23 +351,18 @@ def bf16_row(cfg: Config) -> Row:
         return Row("correctness", check, "not run", status="skip", reason=how)
     model = build_model(cfg).to(device).train()
     images = random_images(cfg, BF16_BATCH, seed=2, device=device)
-    fp32 = _seeded_loss(model, cfg, images).item()
-    with torch.autocast(device, dtype=torch.bfloat16):
-        low = _seeded_loss(model, cfg, images)
-    low.backward()
-    grads_finite = all(
-        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
-    )
-    rel = abs(low.item() - fp32) / max(abs(fp32), 1e-12)
-    ok = math.isfinite(low.item()) and grads_finite and rel <= BF16_RTOL
+    fp32, g32 = _loss_and_gradient(model, cfg, images, None)
+    low, g16 = _loss_and_gradient(model, cfg, images, torch.bfloat16)
+    finite = math.isfinite(low) and bool(torch.isfinite(g16).all())
+    cosine = torch.nn.functional.cosine_similarity(g32, g16, dim=0).item() if finite else 0.0
     return Row(
         "correctness",
         check,
-        f"fp32 {fp32:.4f}, bf16 {low.item():.4f}, gradients finite: {grads_finite}",
-        rel,
-        "relative",
-        "pass" if ok else "fail",
-        f"tolerance {BF16_RTOL:.0e} relative; batch {BF16_BATCH}, {device} autocast",
+        f"loss fp32 {fp32:.4f}, bf16 {low:.4f}; gradients finite: {finite}",
+        cosine,
+        "cosine",
+        "pass" if finite and cosine >= BF16_MIN_COSINE else "fail",
+        f"gradient cosine bf16 vs fp32 >= {BF16_MIN_COSINE}; batch {BF16_BATCH}, {device} autocast",
     )
 
 
