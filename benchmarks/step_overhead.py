@@ -19,6 +19,9 @@ held the cores: steadier than wall time on a shared machine (GPU steps: use wall
 baseline runs on 2B too.
 ``train.keep_freed_memory`` (on unless overridden to false) is applied as training applies
 it, to all three models alike; it is process-wide, so compare it on and off in two runs.
+``--before KEY=VALUE`` (repeatable) also times DIM with those overrides on top, step by
+step beside the others: a change's before and after in one run (e.g. ``--before
+loss.local_positions=0`` on ``configs/cifar10_cpu.yaml``).
 ``--compile`` / ``--channels-last``: the ``train.compile`` / ``train.channels_last``
 options, applied to all three models alike (compilation happens in the warm-up steps);
 an eager copy of DIM then alternates with them, for compiled (or NHWC) vs eager.
@@ -86,9 +89,11 @@ def measure(
     *,
     config: str | None = None,
     views: int = 1,
+    before: list[str] | None = None,
 ) -> dict:
     """Fastest step, in seconds, of the bare backbone, the DIM encoder alone and full DIM
-    (and of eager DIM when compile or channels_last is on), FLOPs of bare and DIM, the
+    (and of eager DIM when compile or channels_last is on, and of DIM with the ``before``
+    overrides on top when given), FLOPs of bare and DIM, the
     quartiles of the per-round DIM/bare ratio, and the backbone (``None``: the config's).
 
     The models alternate step by step and the minimum over steps is kept: on a shared
@@ -117,6 +122,12 @@ def measure(
     if tc.compile or tc.channels_last:
         models["eager"] = copy.deepcopy(dim)
         losses["eager"] = losses["dim"]
+    if before:
+        old = load_config(config, [*chosen, f"model.img_size={size}", *overrides, *before])
+        old_model = build_model(old).to(device)
+        flops["before_flops"] = step_flops(old_model, losses["dim"], x)
+        models["before"] = prepare_model(old_model, tc)
+        losses["before"] = losses["dim"]
     for model in (bare, encoder_only):
         if tc.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -155,6 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", action="store_true", help="train.compile=true for all three")
     p.add_argument("--channels-last", action="store_true", help="train.channels_last=true")
     p.add_argument(
+        "--before",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also time DIM with this override on top (repeatable): before vs after in one run",
+    )
+    p.add_argument(
         "overrides",
         nargs="*",
         help="config overrides, e.g. loss.estimator=jsd (default: the dot critics with infoNCE)",
@@ -175,6 +193,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{'backbone':<20}{'size':>5}{'bare ms':>10}{'encoder ms':>12}{'DIM ms':>10}"
         f"{'enc/bare':>10}{'DIM/bare':>10}{'cpu':>7}{'flops':>7}{'paired (q1-q3)':>20}"
         + (f"{'eager DIM ms':>14}{'DIM/eager':>10}{'cpu':>7}" if optimised else "")
+        + (
+            f"{'before ms':>11}{'before/bare':>13}{'DIM/before':>12}{'flops':>7}"
+            if args.before
+            else ""
+        )
     )
     if args.backbones:
         backbones = args.backbones.split(",")
@@ -192,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.device,
                 config=args.config,
                 views=args.views,
+                before=args.before,
             )
             q = t["paired"]
             print(
@@ -204,6 +228,12 @@ def main(argv: list[str] | None = None) -> None:
                     f"{1e3 * t['eager']:>14.1f}{t['dim'] / t['eager']:>10.3f}"
                     f"{t['dim_cpu'] / t['eager_cpu']:>7.3f}"
                     if optimised
+                    else ""
+                )
+                + (
+                    f"{1e3 * t['before']:>11.1f}{t['before'] / t['bare']:>13.3f}"
+                    f"{t['dim'] / t['before']:>12.3f}{t['dim_flops'] / t['before_flops']:>7.3f}"
+                    if args.before
                     else ""
                 )
                 + f"  (load {os.getloadavg()[0]:.1f})",
