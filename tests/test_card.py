@@ -49,7 +49,11 @@ def test_a_prior_is_stated_with_its_weight(tmp_path):
     "loss, on, off",
     [
         ({"global_critic": "none", "beta": 1.0}, ["- 1.0 * mean_ij I_local"], ["I_global"]),
-        ({"local_critic": "none", "alpha": 0.5}, ["- 0.5 * I_global"], ["I_local"]),
+        (
+            {"local_critic": "none", "global_critic": "dot", "alpha": 0.5},
+            ["- 0.5 * I_global"],
+            ["I_local"],
+        ),
         (
             {"alpha": 0.25, "beta": 2.0, "global_critic": "concat", "local_critic": "dot"},
             ["- 0.25 * I_global", "- 2.0 * mean_ij I_local"],
@@ -76,10 +80,11 @@ def test_the_mi_terms_follow_the_critics_and_weights(tmp_path, loss, on, off):
 def test_the_dim_name_counts_the_terms_that_train():
     base = dict(Config().to_dict()["loss"], gamma=0.0)
     assert objective_text(dict(base, global_critic="none")).startswith("DIM(L), infonce")
-    assert objective_text(dict(base, local_critic="none")).startswith("DIM(G), infonce")
+    only_global = dict(base, local_critic="none", global_critic="dot", alpha=0.5)
+    assert objective_text(only_global).startswith("DIM(G), infonce")
     assert objective_text(dict(base, global_critic="dot", alpha=0.5)).startswith("DIM(G+L)")
     assert "critic `concat` on `mu`" in objective_text(
-        dict(base, global_critic="concat", global_input="mu")
+        dict(base, global_critic="concat", global_input="mu", alpha=0.5)
     )
 
 

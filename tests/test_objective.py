@@ -116,8 +116,9 @@ def test_the_second_views_local_map_enters_the_loss():
 )
 def test_training_on_digits_raises_the_mi_estimates(tmp_path, estimator, steps, margin):
     """The real training loop (``pipeline.train.loop``: shards, device augmentation, the step,
-    the log) on digits: the MI estimates rise, and stay under their bounds. Critic widths
-    pinned: the test is about the estimators, not the (narrow) defaults."""
+    the log) on digits: the MI estimates rise, and stay under their bounds. Objective and
+    critic widths pinned (global + local, gamma 0.1, 256 / 512; the margins were measured
+    so): the test is about the estimators, not the defaults."""
     shards = write_shards(tmp_path / "shards", n=256, per_shard=256)
     out = tmp_path / "run"
     cfg = load_config(
@@ -129,6 +130,9 @@ def test_training_on_digits_raises_the_mi_estimates(tmp_path, estimator, steps, 
             f"loss.estimator={estimator}",
             "loss.critic_dim=256",
             "loss.critic_hidden=512",
+            "loss.global_critic=dot",
+            "loss.alpha=0.5",
+            "loss.gamma=0.1",
             "train.batch_size=32",
             f"train.max_steps={steps}",
             "train.log_every=10",
@@ -209,16 +213,20 @@ def test_two_views_score_each_code_against_the_other_views_features():
     assert x2.grad.abs().sum() > 0
 
 
+WITH_GLOBAL = [
+    "model.backbone=test_resnet",
+    "model.fc_dim=32",
+    "loss.global_critic=dot",
+    "loss.alpha=0.5",
+]
+
+
 def test_clipped_fraction_is_logged_and_counts_scores_beyond_tclip():
     torch.manual_seed(0)
-    model = build_model(
-        load_config(None, ["model.backbone=test_resnet", "model.fc_dim=32", "loss.tclip=1e-3"])
-    )
+    model = build_model(load_config(None, [*WITH_GLOBAL, "loss.tclip=1e-3"]))
     _, terms = model(torch.randn(4, 3, 32, 32))
     assert terms["clip_frac/local"] > 0.9  # almost every score is beyond a tiny clip
-    model = build_model(
-        load_config(None, ["model.backbone=test_resnet", "model.fc_dim=32", "loss.tclip=1e6"])
-    )
+    model = build_model(load_config(None, [*WITH_GLOBAL, "loss.tclip=1e6"]))
     _, terms = model(torch.randn(4, 3, 32, 32))
     assert terms["clip_frac/local"] == 0 and terms["clip_frac/global"] == 0
 

@@ -81,13 +81,17 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    """The defaults are the recipe that won on held-out data: DIM(L) infoNCE (with
+    ``data.augment=amdim``), no prior; the table and evidence: docs/training.md, "The
+    default recipe", and docs/results.md."""
+
     estimator: str = option("infonce", "MI estimator of both terms")
-    global_critic: str = option("dot", "critic of the global term (none: no global term)")
+    global_critic: str = option("none", "critic of the global term (none: no global term)")
     global_input: str = option("pooled", "z's partner in the global term: pooled map or mu")
     local_critic: str = option("dot", "critic of the local term (none: no local term)")
-    alpha: float = option(0.5, "weight of the global MI term")
+    alpha: float = option(0.0, "weight of the global MI term")
     beta: float = option(1.0, "weight of the mean local MI term")
-    gamma: float = option(0.1, "weight of E[KL(N(mu, sigma^2) || N(0, I))], the prior on the code")
+    gamma: float = option(0.0, "weight of E[KL(N(mu, sigma^2) || N(0, I))], the prior on the code")
     critic_dim: int = option(
         64, "embedding size of dot critics (256/512 was within noise of 64/128, at ~1.4x FLOPs)"
     )
@@ -134,7 +138,7 @@ class DataConfig:
     epoch_samples: int = option(0, "samples per epoch across all ranks (0: from the manifest)")
     num_workers: int = option(2, "DataLoader workers per process (0: read in the main process)")
     shuffle_buffer: int = option(2000, "samples (undecoded) in the shuffle buffer; < 2 disables")
-    augment: str = option("simple", "augmentation recipe (amdim: two independent views)")
+    augment: str = option("amdim", "augmentation recipe (amdim: two independent views)")
     augment_on: str = option(
         "batch",
         "batch: workers decode, the train loop augments the batch on its device; "
