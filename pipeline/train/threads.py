@@ -11,10 +11,15 @@ job, against 220-370 img/s on one thread.
 The rule (``choose``): the cores this process may use are the affinity mask, capped by
 ``SLURM_CPUS_PER_TASK``, shared evenly by the local processes; each loader worker takes
 one of them; the rest, at least one, are torch's intra-op threads. With more than one
-thread, OpenMP waits passively (``OMP_WAIT_POLICY=PASSIVE``: a thread with nothing to do
-sleeps at once and its core goes to whoever needs it). A count the user gave
+thread so chosen, OpenMP waits passively (``OMP_WAIT_POLICY=PASSIVE``: a thread with
+nothing to do sleeps at once and its core goes to whoever needs it). A count the user gave
 (``train.threads``, else ``OMP_NUM_THREADS``, which ``accelerate launch`` and ``torchrun``
-also set) and a wait policy they gave (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``) are kept.
+also set) and a wait policy they gave (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``) are kept;
+a given count keeps OpenMP's spinning, since it says the cores are the run's: for the
+paper's small CIFAR encoder (``benchmarks/threads.py``, docs/training.md "Threads") two
+spinning threads ran 314 img/s on a quiet machine and 96 beside one busy process, two
+passive ones 168 and 185, one thread 178 and 188. Passive waiting pays a wake-up per
+parallel region, which small convolutions feel most.
 
 libgomp reads the wait policy once, when ``import torch`` loads it (``OMP_DISPLAY_ENV``
 shows a value set in ``os.environ`` after that import is ignored), and importing
@@ -100,11 +105,11 @@ def choose(
         threads, why = auto, budget
     if threads != auto:
         why += f"; the cores would give {auto}: {budget}"
-    wait_policy, wait_why = _wait_policy(threads, env)
+    wait_policy, wait_why = _wait_policy(threads, env, bool(requested or _positive(omp)))
     return Threads(threads, why, wait_policy, wait_why)
 
 
-def _wait_policy(threads: int, env: Mapping[str, str]) -> tuple[str | None, str]:
+def _wait_policy(threads: int, env: Mapping[str, str], count_given: bool) -> tuple[str | None, str]:
     given = ", ".join(f"{k}={env[k]}" for k in WAIT_VARS if env.get(k))
     if given and env.get(RESTARTED):
         return None, f"{given} (set before torch loaded OpenMP: the command restarted itself)"
@@ -112,6 +117,8 @@ def _wait_policy(threads: int, env: Mapping[str, str]) -> tuple[str | None, str]
         return None, f"{given} from the environment, kept"
     if threads == 1:
         return None, "OpenMP's default wait policy (one thread: no team waits on another)"
+    if count_given:
+        return None, "OpenMP's default wait policy (a count that was given: its cores spin)"
     return PASSIVE, f"OMP_WAIT_POLICY={PASSIVE}"
 
 
