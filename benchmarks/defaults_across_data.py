@@ -80,6 +80,7 @@ def prepare(name: str, args) -> Path | None:
 
 def train_and_evaluate(name: str, shards: Path, args) -> dict:
     folder = args.out / name
+    folder.mkdir(parents=True, exist_ok=True)
     result_file, timing_file = folder / "eval.json", folder / "timing.json"
     if result_file.is_file() and timing_file.is_file():
         return {
