@@ -14,9 +14,9 @@ cadence (``train.log_every``, ``train.eval_every``, ``train.save_every``,
 its run), the tracker (``wandb.*``: it only observes), the step-speed options
 (``train.compile``, ``train.channels_last``, ``train.keep_freed_memory``,
 ``train.threads``: they change how the step runs, not what it computes, and leave
-parameter names and checkpoints as they are), and ``data.num_workers``, a throughput knob whose only effect is which worker reads
-which resampled shard. Anything
-else changes what is being trained (model, objective, data, optimiser, batch, seed);
+parameter names and checkpoints as they are), and ``data.num_workers``, a throughput
+knob whose only effect is which worker reads which resampled shard. Anything else
+changes what is being trained (model, objective, data, optimiser, batch, seed);
 ``--force-config`` continues anyway and saves the new config once the checkpoint loads.
 """
 
