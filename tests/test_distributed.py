@@ -97,6 +97,8 @@ def build(case: tuple[str, str, str, str]) -> nn.ModuleDict:
         global_input=global_input,
         global_critic=global_critic,
         local_critic=local_critic,
+        alpha=0.5,  # both terms and the prior weigh in (not the DIM(L) defaults)
+        gamma=0.1,
         critic_dim=8,
         critic_hidden=16,
     )
