@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 from pipeline.core.errors import ConfigError, choose
 from pipeline.core.pixels import MEAN, STD
 from pipeline.core.schema import DataConfig
-from pipeline.data.decode import Reduced, pil_to_tensor
+from pipeline.data.decode import Reduced
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Fit:
         if isinstance(image, Reduced):
             box = tuple(v / image.factor for v in self.box(*image.source))
             out = image.image.resize((self.size,) * 2, Image.BILINEAR, box=box, reducing_gap=None)
-            return pil_to_tensor(out)
+            return v2.functional.pil_to_tensor(out)
         return self.tensor(image)
 
 

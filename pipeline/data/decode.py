@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
@@ -34,7 +33,6 @@ __all__ = [
     "decode_on_device",
     "draft_factor",
     "jpeg_size",
-    "pil_to_tensor",
     "read_image",
     "read_mode",
 ]
@@ -90,13 +88,6 @@ class Reduced:
 
 def read_mode(in_chans: int) -> ImageReadMode:
     return ImageReadMode.GRAY if in_chans == 1 else ImageReadMode.RGB
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """uint8 PIL image -> (C, H, W) tensor."""
-    array = np.asarray(image)
-    tensor = torch.from_numpy(array.copy() if not array.flags.writeable else array)
-    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 
 
 def _draft(data: bytes, factor: int, size: tuple[int, int], gray: bool) -> Reduced:
