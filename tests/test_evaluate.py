@@ -476,6 +476,28 @@ def test_mlp_probe_solves_what_a_linear_probe_cannot():
     assert again.accuracy == mlp.accuracy  # seeded
 
 
+def test_mlp_probe_picks_the_input_dropout_its_validation_split_prefers():
+    """The grid's result is the single-value fit with the best validation accuracy,
+    scored the same. Catches a choice made on the test set, the grid ignored, or fits
+    that share state (the second differing from a fit on its own). XOR of two inputs,
+    5 epochs: dropping half of the inputs slows the fit, so validation prefers 0."""
+    from pipeline.eval.probes import mlp_probe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1200, 2, generator=g) * 2 - 1
+    y = ((x[:, 0] * x[:, 1]) > 0).long()
+    args = (x[:1000], y[:1000], x[1000:], y[1000:])
+    grid = mlp_probe(*args, input_dropout=(0.0, 0.5), epochs=5)
+    alone = {p: mlp_probe(*args, input_dropout=(p,), epochs=5) for p in (0.0, 0.5)}
+    assert alone[0.0].val_accuracy > alone[0.5].val_accuracy, alone
+    assert grid.input_dropout == 0.0
+    assert (grid.accuracy, grid.epoch, grid.val_accuracy) == (
+        alone[0.0].accuracy,
+        alone[0.0].epoch,
+        alone[0.0].val_accuracy,
+    )
+
+
 def test_random_init_batchnorm_statistics_come_from_the_data():
     from pipeline.eval.features import recalibrate_batchnorm
 
