@@ -48,7 +48,7 @@ NAMED: dict[str, Collection[str]] = {
 
 def check_names(cfg: Config) -> None:
     """Every registry-named value exists (did-you-mean otherwise), and the critics' hidden
-    width suits the critics chosen."""
+    width and temperature suit the critics chosen."""
     for key, choices in NAMED.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -64,6 +64,11 @@ def check_names(cfg: Config) -> None:
         raise ConfigError(
             f"loss.critic_hidden=0 (linear embeddings) works with dot critics "
             f"only; {mlps[0]!r} needs a hidden layer"
+        )
+    if loss.critic_temperature > 0 and "dot" not in (loss.global_critic, loss.local_critic):
+        raise ConfigError(
+            "loss.critic_temperature sets the dot critics' cosine scores, but neither "
+            "loss.global_critic nor loss.local_critic is 'dot'"
         )
 
 

@@ -13,6 +13,7 @@ N, A, B, H, W = 5, 6, 4, 2, 3  # batch, image-side width, code width, local map 
 CRITICS = {
     "dot": lambda local: DotCritic(A, B, dim=8, hidden=16, local=local),
     "dot-linear": lambda local: DotCritic(A, B, dim=8, hidden=0, local=local),
+    "dot-cosine": lambda local: DotCritic(A, B, dim=8, hidden=16, local=local, temperature=0.1),
     "concat": lambda local: ConcatCritic(A, B, hidden=16, local=local),
 }
 
@@ -60,3 +61,24 @@ def test_per_location_is_the_linear_layer_at_every_location():
     nhwc = per_location(linear, a.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(nhwc, out)
     torch.testing.assert_close(per_location(linear, a[:, :, 0, 0]), linear(a[:, :, 0, 0]))
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["global", "local"])
+def test_cosine_dot_critic_is_cosine_over_temperature(local):
+    """With a temperature the score is cos(f(a), g(b)) / t, computed here from the raw
+    embeddings by torch's own cosine_similarity: catches a missing normalisation, one on
+    the wrong axis of a local map, or the temperature applied twice or not at all."""
+    torch.manual_seed(0)
+    critic = DotCritic(A, B, dim=8, hidden=16, local=local, temperature=0.25)
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(N, A, H, W, generator=g) if local else torch.randn(N, A, generator=g)
+    b = torch.randn(N, B, generator=g)
+    fa, gb = critic.f(a), critic.g(b)  # (N, 8[, H, W]), (N, 8)
+    if local:
+        fa = fa.flatten(2)
+        want = torch.cosine_similarity(fa[None], gb[:, None, :, None], dim=2) / 0.25
+    else:
+        want = torch.cosine_similarity(fa[None], gb[:, None], dim=2) / 0.25
+    got = critic.pairwise(critic.embed_a(a), critic.embed_b(b))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.abs().max() <= 1 / 0.25 + 1e-5

@@ -69,7 +69,7 @@ def test_linear_critic_embeddings_train_and_concat_refuses_them():
     linear map (the shortcut's weights), and it trains. Catches a hidden layer left in or
     a default width put back (the embedding is no longer that linear map), the weights
     applied transposed or to the wrong axis, and a silently ignored setting for concat
-    critics."""
+    critics (a zero hidden width, or a temperature they have no use for)."""
     cfg = load_config(None, [*TINY, "loss.critic_hidden=0"])
     model = build_model(cfg)
     critic = model.objective.local_critic
@@ -84,6 +84,8 @@ def test_linear_critic_embeddings_train_and_concat_refuses_them():
     assert torch.isfinite(loss) and critic.f.shortcut.weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="critic_hidden=0"):
         load_config(None, ["loss.critic_hidden=0", "loss.local_critic=concat"])
+    with pytest.raises(ConfigError, match="critic_temperature"):
+        load_config(None, ["loss.critic_temperature=0.1", "loss.local_critic=concat"])
 
 
 RELEASE_PROBE = """

@@ -104,6 +104,9 @@ class LossConfig:
         "local-map locations scored per image and view, drawn afresh each step (0: all); "
         "fewer makes the local critic cheaper",
     )
+    critic_temperature: float = option(
+        0.0, "dot critics: score cos(f(a), g(b)) / temperature if > 0 (0: f(a) . g(b) / sqrt(dim))"
+    )
     tclip: float = option(10.0, "soft score clip tclip*tanh(s/tclip) (AMDIM); 0 disables")
     score_penalty: float = option(
         0.05, "weight of mean(score^2): keeps scores off the clip (AMDIM)"
@@ -118,7 +121,14 @@ class LossConfig:
             self,
             "loss",
             positive=("critic_dim",),
-            non_negative=(*weights, "critic_hidden", "local_positions", "tclip", "score_penalty"),
+            non_negative=(
+                *weights,
+                "critic_hidden",
+                "critic_temperature",
+                "local_positions",
+                "tclip",
+                "score_penalty",
+            ),
         )
         if self.global_critic == OFF and self.local_critic == OFF:
             raise ConfigError(

@@ -12,7 +12,8 @@ convolutions (no transposed copy of the map, forward or backward).
   Its first linear layer is split as W [a; b] = W_a a + W_b b, so all-pairs scoring adds
   two embeddings instead of concatenating every pair.
 - ``DotCritic``: separable T(a, b) = f(a) . g(b) / sqrt(D): all pairs are one matrix
-  product, which is what makes cross-device infoNCE cheap.
+  product, which is what makes cross-device infoNCE cheap. With a temperature t > 0 it
+  scores cos(f(a), g(b)) / t instead (SimCLR's normalised form), bounded by 1 / t.
 
 ``CRITICS`` names them for ``loss.global_critic`` / ``loss.local_critic``; ``build``
 reads the widths each one uses from the loss config.
@@ -93,31 +94,49 @@ class _ResidualMLP(nn.Module):
 
 class DotCritic(Critic):
     """T(a, b) = f(a) . g(b) / sqrt(dim); f and g are residual MLPs (1x1 convs if local).
+    With ``temperature`` t > 0: T(a, b) = cos(f(a), g(b)) / t, so no score can run away
+    and the soft clip and score penalty have nothing left to hold back.
 
-    Local embeddings of the image side are (N, dim, L); the 1 / sqrt(dim) scale goes on
-    the code's embedding, N vectors instead of N * L.
+    Local embeddings of the image side are (N, dim, L); the scale (1 / sqrt(dim) or
+    1 / t) goes on the code's embedding, N vectors instead of N * L.
     """
 
     def __init__(
-        self, a_dim: int, b_dim: int, dim: int = 256, hidden: int = 512, local: bool = False
+        self,
+        a_dim: int,
+        b_dim: int,
+        dim: int = 256,
+        hidden: int = 512,
+        local: bool = False,
+        temperature: float = 0.0,
     ):
         super().__init__()
         self.local = local
         self.f = _ResidualMLP(a_dim, dim, hidden)
         self.g = _ResidualMLP(b_dim, dim, hidden)
-        self.scale = 1.0 / math.sqrt(dim)
+        self.cosine = temperature > 0
+        self.scale = 1.0 / temperature if self.cosine else 1.0 / math.sqrt(dim)
 
     @classmethod
     def build(cls, a_dim: int, b_dim: int, cfg: LossConfig, local: bool) -> DotCritic:
-        return cls(a_dim, b_dim, cfg.critic_dim, cfg.critic_hidden, local=local)
+        return cls(
+            a_dim,
+            b_dim,
+            cfg.critic_dim,
+            cfg.critic_hidden,
+            local=local,
+            temperature=cfg.critic_temperature,
+        )
 
     def embed_a(self, a: torch.Tensor) -> torch.Tensor:
-        """(N, dim), or (N, dim, L) for a map."""
+        """(N, dim), or (N, dim, L) for a map; unit length along dim if cosine."""
         e = self.f(a)
+        e = F.normalize(e, dim=1) if self.cosine else e
         return e.flatten(2) if self.local else e
 
     def embed_b(self, b: torch.Tensor) -> torch.Tensor:
-        return self.g(b) * self.scale
+        e = self.g(b)
+        return (F.normalize(e, dim=1) if self.cosine else e) * self.scale
 
     def aligned(self, ea: torch.Tensor, eb: torch.Tensor) -> torch.Tensor:
         if self.local:
