@@ -55,17 +55,14 @@ def check_names(cfg: Config) -> None:
         if value not in choices:
             raise unknown(key, value, choices)
     loss = cfg.loss
-    mlps = [
-        c
-        for c in (loss.global_critic, loss.local_critic)
-        if c in CRITICS and CRITICS[c].needs_hidden
-    ]
+    used = {c: CRITICS[c] for c in (loss.global_critic, loss.local_critic) if c in CRITICS}
+    mlps = [name for name, critic in used.items() if critic.needs_hidden]
     if loss.critic_hidden == 0 and mlps:
         raise ConfigError(
             f"loss.critic_hidden=0 (linear embeddings) works with dot critics "
             f"only; {mlps[0]!r} needs a hidden layer"
         )
-    if loss.critic_temperature > 0 and "dot" not in (loss.global_critic, loss.local_critic):
+    if loss.critic_temperature > 0 and not any(c.takes_temperature for c in used.values()):
         raise ConfigError(
             "loss.critic_temperature sets the dot critics' cosine scores, but neither "
             "loss.global_critic nor loss.local_critic is 'dot'"

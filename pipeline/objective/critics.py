@@ -46,6 +46,7 @@ class Critic(nn.Module):
 
     local: bool
     needs_hidden: bool = False  # True: an MLP that cannot work with loss.critic_hidden=0
+    takes_temperature: bool = False  # True: loss.critic_temperature sets its scores
 
     @classmethod
     def build(cls, a_dim: int, b_dim: int, cfg: LossConfig, local: bool) -> Critic:
@@ -100,6 +101,8 @@ class DotCritic(Critic):
     Local embeddings of the image side are (N, dim, L); the scale (1 / sqrt(dim) or
     1 / t) goes on the code's embedding, N vectors instead of N * L.
     """
+
+    takes_temperature = True
 
     def __init__(
         self,
