@@ -46,7 +46,7 @@ from pipeline.config import load_config
 from pipeline.core.errors import ConfigError
 from pipeline.core.files import METRICS
 from pipeline.core.schema import Config, LossConfig
-from pipeline.data.augment import AUGMENTS
+from pipeline.data.augment import view_count
 from pipeline.data.batch_augment import build_batch_augment
 from pipeline.data.loaders import train_loader
 from pipeline.data.shards import dataset_size
@@ -318,7 +318,7 @@ def random_images(cfg: Config, batch: int, seed: int, device: str = "cpu") -> to
 
 def _views(cfg: Config, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The model's arguments: one view, or two (AMDIM) of the same images."""
-    return (images,) * AUGMENTS[cfg.data.augment].views
+    return (images,) * view_count(cfg.data)
 
 
 def _seeded_loss(model: DIM, cfg: Config, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -531,7 +531,7 @@ def _stepper(
 def step_speed(cfg: Config) -> dict[str, float]:
     """images/s of the DIM training step and of the bare backbone's, on one device."""
     device = device_type()
-    views = AUGMENTS[cfg.data.augment].views
+    views = view_count(cfg.data)
     b, m = cfg.train.batch_size, cfg.model
     x = prepare_input(random_images(cfg, views * b, seed=3, device=device), cfg.train)
     precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)

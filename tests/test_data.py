@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -18,6 +19,7 @@ from PIL import Image
 from pipeline.core.errors import ConfigError
 from pipeline.core.schema import DataConfig
 from pipeline.data import loaders as data
+from pipeline.data.augment import view_count
 from pipeline.data.loaders import dataset_size, eval_loader, resolve_shards, train_loader
 from pipeline.data.write import write_dataset
 
@@ -271,6 +273,27 @@ def test_train_batches_shapes_epochs_and_amdim(tmp_path):
     assert b["image"].dtype == torch.float32 and b["label"].dtype == torch.long
     assert b["image"].min() >= -1 and b["image"].max() <= 1 and b["skipped"] == 0
     assert not torch.equal(b["image"], b["image2"])  # independent views
+
+
+def test_data_views_sets_the_views_per_image_on_both_augmentation_paths(tmp_path):
+    """``data.views=3``: the worker path yields image, image2, image3 (all different),
+    the batched path draws three views; a non-random recipe refuses more than one."""
+    from pipeline.data.batch_augment import build_batch_augment
+
+    manifest = write_project(tmp_path, 6, max_samples=6)
+    cfg = DataConfig(
+        train_shards=manifest, num_workers=0, augment_on="worker", shuffle_buffer=4, views=3
+    )
+    b = next(
+        iter(train_loader(cfg, batch_size=3, img_size=12, in_chans=3, seed=0, rank=0, world_size=1))
+    )
+    views = [b["image"], b["image2"], b["image3"]]
+    assert "image4" not in b and all(v.shape == (3, 3, 12, 12) for v in views)
+    assert not any(torch.equal(views[i], views[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
+    batched = dataclasses.replace(cfg, augment_on="batch")
+    assert build_batch_augment(batched, img_size=12, seed=0, rank=0).views == 3
+    with pytest.raises(ConfigError, match="needs a random"):
+        view_count(dataclasses.replace(cfg, augment="none"))
 
 
 def test_train_counts_corrupt_images_across_workers(tmp_path):

@@ -106,6 +106,41 @@ def test_the_second_views_local_map_enters_the_loss():
     assert (loss - alone).abs() > 1e-3  # two views are not the first view alone
 
 
+def test_three_views_score_every_code_against_every_other_views_features():
+    """With V views the local term is the mean of the V (V - 1) ordered pairs (code of
+    view c, features of view i != c), each pair the two-sample estimate ``mi_estimate``
+    gives; the KL is the mean over views. Fails if a pair were dropped or doubled, or a
+    code met its own view's map."""
+    from pipeline.objective.estimators import gaussian_kl
+    from pipeline.objective.loss import mi_estimate
+
+    torch.manual_seed(0)
+    cfg = load_config(
+        None, ["model.backbone=test_resnet", "model.fc_dim=32", "loss.score_penalty=0"]
+    )
+    model = build_model(cfg)
+    model.eval()
+    critic, tclip = model.objective.local_critic, cfg.loss.tclip
+    with torch.no_grad():
+        for p in critic.parameters():
+            p.mul_(4.0)
+        views = [model.encoder(torch.randn(4, 3, 32, 32)) for _ in range(3)]
+        loss, terms = model.objective(*views)
+        pairs = [
+            mi_estimate("infonce", critic, views[i].local, views[c].z, tclip=tclip)
+            for c in range(3)
+            for i in range(3)
+            if i != c
+        ]
+        kl = sum(gaussian_kl(v.mu, v.logvar).mean() for v in views) / 3
+    expected = sum(p.bound for p in pairs) / 6
+    assert torch.allclose(terms["mi/local/infonce"], expected, atol=1e-6)
+    assert torch.allclose(loss, -expected, atol=1e-6)  # beta 1, gamma 0 by default
+    assert torch.allclose(terms["kl"], kl, atol=1e-5)
+    own = mi_estimate("infonce", critic, views[0].local, views[0].z, tclip=tclip)
+    assert (own.bound - pairs[0].bound).abs() > 1e-3  # a code's own map scores otherwise
+
+
 @pytest.mark.parametrize(
     "estimator,steps,margin",
     [  # rises measured in this loop: infonce +0.24 / dv +0.19 (local), jsd +0.06 (local)

@@ -149,6 +149,11 @@ class DataConfig:
     num_workers: int = option(2, "DataLoader workers per process (0: read in the main process)")
     shuffle_buffer: int = option(2000, "samples (undecoded) in the shuffle buffer; < 2 disables")
     augment: str = option("amdim", "augmentation recipe (amdim: two independent views)")
+    views: int = option(
+        0,
+        "independently augmented views per image; 0: the recipe's own (amdim 2, simple 1). "
+        "With more than two, every view's code is scored against every other view's features",
+    )
     augment_on: str = option(
         "batch",
         "batch: workers decode, the train loop augments the batch on its device; "
@@ -180,7 +185,13 @@ class DataConfig:
             self,
             "data",
             positive=("max_bad_streak",),
-            non_negative=("epoch_samples", "num_workers", "shuffle_buffer", "color_jitter"),
+            non_negative=(
+                "epoch_samples",
+                "num_workers",
+                "shuffle_buffer",
+                "color_jitter",
+                "views",
+            ),
         )
         if not 0 < self.crop_scale_min <= 1:
             raise ConfigError(f"data.crop_scale_min must be in (0, 1], got {self.crop_scale_min}")

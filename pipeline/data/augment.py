@@ -38,6 +38,17 @@ AUGMENTS = {
 }
 
 
+def view_count(cfg: DataConfig) -> int:
+    """Views per image: ``data.views``, or the recipe's own when it is 0."""
+    recipe = choose("data.augment", cfg.augment, AUGMENTS)
+    if cfg.views > 1 and not recipe.random:
+        raise ConfigError(
+            f"data.views={cfg.views} needs a random data.augment: with "
+            f"{cfg.augment!r} every view of an image is the same picture"
+        )
+    return cfg.views or recipe.views
+
+
 class Fit:
     """Resize the short side to ``img_size`` and centre-crop: the geometry of evaluation,
     and of the loader when augmentation runs batched. Nothing random.
@@ -198,4 +209,4 @@ def build_views(cfg: DataConfig, *, img_size: int, in_chans: int) -> Views:
         color_jitter=cfg.color_jitter,
         grayscale_p=recipe.grayscale_p,
     )
-    return Views(transform, count=recipe.views, fit=RandomFit(img_size, cfg.crop_scale_min))
+    return Views(transform, count=view_count(cfg), fit=RandomFit(img_size, cfg.crop_scale_min))

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from pipeline.core.pixels import normalize
 from pipeline.core.schema import DataConfig
-from pipeline.data.augment import AUGMENTS
+from pipeline.data.augment import AUGMENTS, view_count
 
 __all__ = [
     "BatchAugment",
@@ -245,5 +245,5 @@ def build_batch_augment(
         flip=cfg.flip,
         color_jitter=cfg.color_jitter,
         grayscale_p=recipe.grayscale_p,
-        views=recipe.views,
+        views=view_count(cfg),
     )

@@ -285,7 +285,8 @@ def _decode(
     draft: bool = True,
     ship_jpeg: bool = False,
 ) -> Iterator[dict]:
-    """Raw samples -> {"image"[, "image2"], "label"[, "key"]}; bad ones are counted, not raised.
+    """Raw samples -> {"image"[, "image2", ...], "label"[, "key"]}; bad ones are counted,
+    not raised.
     Grayscale output is decoded as such (exact for gray sources; webp can only give RGB).
     ``draft``: large JPEGs decode at reduced scale where ``views`` allow it
     (``pipeline.data.decode``). ``ship_jpeg``: a JPEG whose header reads is passed on
@@ -314,8 +315,8 @@ def _decode(
             continue
         state.good()
         row["image"] = images[0]
-        if len(images) > 1:
-            row["image2"] = images[1]
+        for n, image in enumerate(images[1:], start=2):
+            row[f"image{n}"] = image
         if with_keys:
             row["key"] = sample["__key__"]
         yield row
@@ -519,10 +520,11 @@ def train_loader(
     """Endless (or ``epochs`` long) augmented batches for one rank; see the module doc.
 
     Batches: ``image`` (B, in_chans, img_size, img_size) in [-1, 1], ``label`` (B,) long
-    (-1 when unlabeled), ``skipped`` (int), ``image2`` with ``augment="amdim"``, ``key``
-    (list of sample keys) with ``with_keys``. With ``augment_on="batch"`` (and an
-    augmentation), ``image`` is uint8 and unaugmented (resized, centre-cropped): the
-    caller augments it with ``pipeline.data.batch_augment``, which also makes the second view.
+    (-1 when unlabeled), ``skipped`` (int), ``image2`` ... ``imageN`` with N views
+    (``augment.view_count``), ``key`` (list of sample keys) with ``with_keys``. With
+    ``augment_on="batch"`` (and an augmentation), ``image`` is uint8 and unaugmented
+    (resized, centre-cropped): the caller augments it with ``pipeline.data.batch_augment``,
+    which also makes the other views.
     """
     shards = resolve_spec(cfg.train_shards)
     urls = [url for url, _ in shards]

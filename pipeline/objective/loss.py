@@ -194,24 +194,21 @@ class DIMObjective(nn.Module):
         )
 
     def forward(
-        self,
-        out: EncoderOutput,
-        other: EncoderOutput | None = None,
-        generator: torch.Generator | None = None,
+        self, *views: EncoderOutput, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss and logged terms.
+        """Loss and logged terms of one or more encodings of the same images.
 
-        ``other``: the encoding of a second, independently augmented view (AMDIM). The
-        code of each view is then scored against the features of the *other* view, in
-        both directions, and every term is the mean of the two directions: a code can
-        only win by predicting what survives augmentation, not the colour statistics
-        its own view shares with its own local features.
+        Several views (independently augmented, AMDIM): the code of each view is scored
+        against the features of every *other* view, and every term is the mean over
+        those ordered pairs: a code can only win by predicting what survives
+        augmentation, not the colour statistics its own view shares with its own local
+        features. One view: its code against its own features, as in DIM.
         """
-        cfg, name = self.cfg, self.cfg.estimator
-        directions = [(out, out)] if other is None else [(out, other), (other, out)]
-        share = 1.0 / len(directions)
-        codes = [code for code, _ in directions]
-        kl = sum(est.gaussian_kl(c.mu.float(), c.logvar.float()).mean() for c in codes) * share
+        cfg = self.cfg
+        estimate = choose("loss.estimator", cfg.estimator, ESTIMATORS)
+        n = len(views)
+        pairs = [(0, 0)] if n == 1 else [(c, i) for c in range(n) for i in range(n) if i != c]
+        kl = sum(est.gaussian_kl(v.mu.float(), v.logvar.float()).mean() for v in views) / n
         loss = cfg.gamma * kl
         terms = {"kl": kl.detach(), "loss/kl": (cfg.gamma * kl).detach()}
         score_sq = torch.zeros((), device=kl.device)
@@ -226,21 +223,15 @@ class DIMObjective(nn.Module):
         ):
             if critic is None:
                 continue
-            parts = [
-                mi_estimate(
-                    name,
-                    critic,
-                    image_side(image).float(),
-                    code.z.float(),
-                    tclip=cfg.tclip,
-                    generator=generator,
-                )
-                for code, image in directions
-            ]
+            # Each view is embedded once, however many pairs it takes part in.
+            images = [critic.embed_a(image_side(v).float()) for v in views]
+            codes = [critic.embed_b(v.z.float()) for v in views]
+            parts = [estimate(critic, images[i], codes[c], cfg.tclip, generator) for c, i in pairs]
+            share = 1.0 / len(parts)
             bound = sum(p.bound for p in parts) * share
             loss = loss - weight * bound
             score_sq = score_sq + sum(p.score_sq for p in parts) * share
-            terms[f"mi/{scope}/{name}"] = sum(p.nats for p in parts) * share
+            terms[f"mi/{scope}/{cfg.estimator}"] = sum(p.nats for p in parts) * share
             terms[f"clip_frac/{scope}"] = sum(p.clipped for p in parts) * share
             terms[f"loss/{scope}"] = (-weight * bound).detach()
         if cfg.score_penalty > 0:

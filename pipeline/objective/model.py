@@ -20,24 +20,17 @@ class DIM(nn.Module):
         self.encoder = encoder
         self.objective = objective
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        images2: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ):
-        """images (and optionally a second view of them) -> (loss, terms).
+    def forward(self, *views: torch.Tensor, generator: torch.Generator | None = None):
+        """One or more views of the same images -> (loss, terms).
 
-        terms are detached scalars for logging. Both views go through the encoder in one
+        terms are detached scalars for logging. All views go through the encoder in one
         batch, so BatchNorm sees them together and the backbone runs once.
         """
-        if images2 is None:
-            return self.objective(self.encoder(images), generator=generator)
-        both = self.encoder(torch.cat([images, images2]))
-        first, second = (
-            type(both)(*view) for view in zip(*(t.chunk(2) for t in both), strict=True)
-        )
-        return self.objective(first, second, generator=generator)
+        if len(views) == 1:
+            return self.objective(self.encoder(views[0]), generator=generator)
+        joint = self.encoder(torch.cat(views))
+        parts = zip(*(t.chunk(len(views)) for t in joint), strict=True)
+        return self.objective(*(type(joint)(*view) for view in parts), generator=generator)
 
 
 def build_model(cfg: Config) -> DIM:

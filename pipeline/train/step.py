@@ -108,17 +108,15 @@ class TrainStep:
         )
         model.train()  # the probe leaves it so as well
 
-    def views(self, batch: dict, step: int, micro: int):
-        """(images, second view or None) on the device, augmented, in the step's layout."""
+    def views(self, batch: dict, step: int, micro: int) -> list[torch.Tensor]:
+        """The image's views on the device, augmented, in the step's layout."""
 
         device = self.accelerator.device
-        images = batch["image"].to(device, non_blocking=True)
-        images2 = batch.get("image2")
-        images2 = images2.to(device, non_blocking=True) if images2 is not None else None
+        images = [batch["image"].to(device, non_blocking=True)]
+        images += [batch[f"image{n}"].to(device, non_blocking=True) for n in extra_views(batch)]
         if self.augment is not None:
-            images, *second = self.augment(images, step, micro)
-            images2 = second[0] if second else None
-        return prepare_input(images, self.tc), prepare_input(images2, self.tc)
+            images = self.augment(images[0], step, micro)
+        return [prepare_input(view, self.tc) for view in images]
 
     def __call__(self, batches: TrainBatches, step: int) -> StepResult:
         accelerator, tc = self.accelerator, self.tc
@@ -127,11 +125,11 @@ class TrainStep:
         lr = self.scheduler.get_last_lr()[0]  # what this step's optimizer.step() applies
         for micro in range(tc.grad_accum):
             batch = next(batches)
-            images, images2 = self.views(batch, step, micro)
+            views = self.views(batch, step, micro)
             skipped = int(batch.get("skipped", 0))
             with accelerator.accumulate(self.model):
                 with self.autocast:
-                    loss, terms = self.model(images, images2)
+                    loss, terms = self.model(*views)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(self.params, tc.grad_clip or math.inf)
@@ -142,6 +140,14 @@ class TrainStep:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum
         return StepResult(sums, skipped, grad_norm, lr)
+
+
+def extra_views(batch: dict) -> range:
+    """The n of the ``image{n}`` keys a loader batch holds beside ``image`` (2, 3, ...)."""
+    n = 2
+    while f"image{n}" in batch:
+        n += 1
+    return range(2, n)
 
 
 class Vote(NamedTuple):
