@@ -44,7 +44,7 @@ from torch import nn
 
 from pipeline.config import load_config
 from pipeline.core.errors import ConfigError
-from pipeline.core.files import METRICS
+from pipeline.core.files import METRICS, human_bytes
 from pipeline.core.schema import Config, LossConfig
 from pipeline.data.augment import view_count
 from pipeline.data.batch_augment import build_batch_augment
@@ -630,17 +630,9 @@ def allgather_rows(cfg: Config, views: int) -> list[Row]:
         w = nodes * local_devices()
         moved = views * (w - 1) * b * e
         rows.append(
-            Row("speed", f"{check}, W={w}", _human_bytes(moved), moved, "bytes", "info", formula)
+            Row("speed", f"{check}, W={w}", human_bytes(moved), moved, "bytes", "info", formula)
         )
     return rows
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def plan_rows(cfg: Config, step_ips: float, worker_ips: float, epoch: int | None) -> list[Row]:

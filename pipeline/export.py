@@ -29,7 +29,13 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from pipeline.core.errors import ConfigError
-from pipeline.core.files import PICTURE, check_output_folder, new_partial, replace_folder
+from pipeline.core.files import (
+    PICTURE,
+    check_output_folder,
+    human_bytes,
+    new_partial,
+    replace_folder,
+)
 from pipeline.share.card import set_block, set_front_matter, usage_block
 from pipeline.share.export import (
     EXPORT_CARD,
@@ -138,14 +144,6 @@ def push(
     return commit.commit_url
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dim-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -221,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(head)
         for p in files:
-            print(f"  {p.name:<24s} {_human(p.stat().st_size):>9s}")
+            print(f"  {p.name:<24s} {human_bytes(p.stat().st_size):>9s}")
         if args.dry_run:
             return 0
         try:

@@ -93,3 +93,14 @@ def test_share_mode_opens_private_folders_and_files(tmp_path):
     assert stat.S_IMODE(folder.stat().st_mode) == stat.S_IMODE((folder / "sub").stat().st_mode)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
     assert stat.S_IMODE(weights.stat().st_mode) == 0o644
+
+
+def test_human_bytes_uses_binary_units_throughout():
+    """One formatter for every size a tool prints (export's listing, doctor's traffic)."""
+    from pipeline.core.files import human_bytes
+
+    assert human_bytes(512) == "512 B"
+    assert human_bytes(1536) == "1.5 KiB"
+    assert human_bytes(256 * 2**20) == "256.0 MiB"
+    assert human_bytes(3 * 2**30) == "3.0 GiB"
+    assert human_bytes(5 * 2**40) == "5120.0 GiB"

@@ -25,6 +25,7 @@ __all__ = [
     "WANDB_ID",
     "check_output_folder",
     "clean_partial",
+    "human_bytes",
     "new_partial",
     "partial_of",
     "replace_folder",
@@ -124,3 +125,12 @@ def check_output_folder(value: str | Path, what: str, *, example: str = "out") -
             f"{what}={str(value)!r} is not writable (no write permission on {existing})"
         )
     return path
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes in binary units (B, KiB, MiB, GiB), as shard sizes are given."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
