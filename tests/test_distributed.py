@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.distributed.nn.functional as dist_fn
 import torch.multiprocessing as mp
 from torch import nn
@@ -71,6 +72,14 @@ COLLECTIVES = (
     "reduce_scatter_tensor",
     "scatter",
     "gather",
+)
+FUNCTIONAL_COLLECTIVES = (
+    "all_gather_single_autograd",
+    "all_gather_tensor",
+    "all_gather_tensor_autograd",
+    "all_reduce",
+    "reduce_scatter_tensor",
+    "all_to_all_single",
 )
 
 
@@ -139,12 +148,17 @@ def no_communication():
 
         return call
 
+    # The functional collectives (funcol) bypass torch.distributed's Python API, and
+    # pipeline.objective.distributed holds its all-gather in _ALL_GATHER: patch those too.
+    targets = [(m, name) for m in (dist, dist.distributed_c10d, dist_fn) for name in COLLECTIVES]
+    targets += [(funcol, name) for name in FUNCTIONAL_COLLECTIVES]
+    if distributed._ALL_GATHER is not None:
+        targets.append((distributed, "_ALL_GATHER"))
     saved = []
-    for module in (dist, dist.distributed_c10d, dist_fn):
-        for name in COLLECTIVES:
-            if hasattr(module, name):
-                saved.append((module, name, getattr(module, name)))
-                setattr(module, name, forbidden(name))
+    for module, name in targets:
+        if hasattr(module, name):
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, forbidden(name))
     try:
         yield
     finally:
@@ -219,6 +233,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for case in LOCAL_ONLY:
             with no_communication():
                 results[case] = run_case(case, rows, seed=rank)
+        with no_communication():  # the guard must catch the gather infoNCE does use
+            try:
+                run_case(GATHERING[0], rows)
+                results["guard"] = None
+            except AssertionError as err:
+                results["guard"] = str(err)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -313,3 +333,9 @@ def test_local_negatives_never_communicate(ranks, case):
         torch.testing.assert_close(res[case]["loss"], want["loss"], atol=ATOL, rtol=0)
         assert_grads_close(res[case]["grads"], want["grads"])
     assert not torch.allclose(ranks[0][case]["loss"], ranks[1][case]["loss"])
+
+
+def test_the_no_communication_guard_catches_the_gather_infonce_uses(ranks):
+    """Without this, the test above could pass with a guard that patched nothing used."""
+    for res in ranks:
+        assert res["guard"] is not None and "cross-device collective" in res["guard"]
