@@ -64,11 +64,12 @@ def build(cfg, *, rank: int = 0):
     return loader, augment
 
 
-def views_of(batch: dict, augment, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def views_of(batch: dict, augment, step: int) -> list[torch.Tensor]:
+    from pipeline.train.step import extra_views
+
     if augment is None:
-        return batch["image"], batch.get("image2")
-    first, *second = augment(batch["image"], step)
-    return first, (second[0] if second else None)
+        return [batch["image"], *(batch[f"image{n}"] for n in extra_views(batch))]
+    return augment(batch["image"], step)
 
 
 def input_rate(cfg, batches: int) -> float:
@@ -86,17 +87,15 @@ def input_rate(cfg, batches: int) -> float:
 
 
 def make_step(cfg):
-    from pipeline.models.speed import prepare_input, prepare_model
+    from pipeline.models.speed import apply_speed_options, in_model_layout
     from pipeline.objective.model import build_model
 
     torch.manual_seed(0)
-    model = prepare_model(build_model(cfg).train(), cfg.train)
+    model = apply_speed_options(build_model(cfg).train(), cfg.train)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def step(x, x2):
-        x = prepare_input(x, cfg.train)
-        x2 = prepare_input(x2, cfg.train) if x2 is not None else None
-        loss, _ = model(x, x2)
+    def step(views):
+        loss, _ = model(*(in_model_layout(v, cfg.train) for v in views))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -109,13 +108,13 @@ def step_rate(cfg, steps: int, warmup: int = 2) -> float:
     loader, augment = build(cfg)
     batch = next(iter(loader))
     loader.close()
-    x, x2 = views_of(batch, augment, 0)
+    views = views_of(batch, augment, 0)
     step = make_step(cfg)
     for _ in range(warmup):
-        step(x, x2)
+        step(views)
     start = time.perf_counter()
     for _ in range(steps):
-        step(x, x2)
+        step(views)
     return cfg.train.batch_size * steps / (time.perf_counter() - start)
 
 
@@ -123,10 +122,10 @@ def end_to_end(cfg, steps: int, warmup: int = 2) -> float:
     loader, augment = build(cfg)
     it, step = iter(loader), make_step(cfg)
     for i in range(warmup):
-        step(*views_of(next(it), augment, i))
+        step(views_of(next(it), augment, i))
     start = time.perf_counter()
     for i in range(steps):
-        step(*views_of(next(it), augment, warmup + i))
+        step(views_of(next(it), augment, warmup + i))
     rate = cfg.train.batch_size * steps / (time.perf_counter() - start)
     loader.close()
     return rate

@@ -39,7 +39,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.models.encoder import create_backbone
-from pipeline.models.speed import keep_freed_memory, prepare_input, prepare_model
+from pipeline.models.speed import apply_speed_options, in_model_layout, keep_freed_memory
 from pipeline.objective.model import build_model
 
 
@@ -105,7 +105,9 @@ def measure(
     cfg = load_config(config, [*chosen, f"model.img_size={size}", *overrides])
     backbone = cfg.model.backbone
     tc = cfg.train
-    x = prepare_input(torch.randn(views * batch, cfg.model.in_chans, size, size, device=device), tc)
+    x = in_model_layout(
+        torch.randn(views * batch, cfg.model.in_chans, size, size, device=device), tc
+    )
     bare = create_backbone(backbone, in_chans=cfg.model.in_chans, img_size=size).to(device)
     dim = build_model(cfg).to(device)
     encoder_only = copy.deepcopy(dim.encoder)
@@ -126,14 +128,14 @@ def measure(
         old = load_config(config, [*chosen, f"model.img_size={size}", *overrides, *before])
         old_model = build_model(old).to(device)
         flops["before_flops"] = step_flops(old_model, losses["dim"], x)
-        models["before"] = prepare_model(old_model, tc)
+        models["before"] = apply_speed_options(old_model, tc)
         losses["before"] = losses["dim"]
     for model in (bare, encoder_only):
         if tc.channels_last:
             model.to(memory_format=torch.channels_last)
         if tc.compile:
             model.compile()
-    prepare_model(dim, tc)
+    apply_speed_options(dim, tc)
     plain = x.contiguous()
     steppers = {name: Stepper(m, losses[name]) for name, m in models.items()}
     for i in range(warmup + steps):

@@ -52,7 +52,7 @@ from pipeline.data.loaders import train_loader
 from pipeline.data.shards import dataset_size
 from pipeline.data.write import prepare_digits
 from pipeline.models.encoder import EncoderOutput, create_backbone
-from pipeline.models.speed import prepare_input, prepare_model
+from pipeline.models.speed import apply_speed_options, in_model_layout
 from pipeline.objective.loss import GLOBAL_INPUTS, DIMObjective
 from pipeline.objective.model import DIM, build_model
 from pipeline.share.tracking import read_metrics
@@ -533,7 +533,7 @@ def step_speed(cfg: Config) -> dict[str, float]:
     device = device_type()
     views = view_count(cfg.data)
     b, m = cfg.train.batch_size, cfg.model
-    x = prepare_input(random_images(cfg, views * b, seed=3, device=device), cfg.train)
+    x = in_model_layout(random_images(cfg, views * b, seed=3, device=device), cfg.train)
     precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
 
     def autocast():
@@ -542,7 +542,7 @@ def step_speed(cfg: Config) -> dict[str, float]:
         return torch.autocast(device, dtype=precision)
 
     torch.manual_seed(cfg.train.seed)
-    dim = prepare_model(build_model(cfg).to(device).train(), cfg.train)
+    dim = apply_speed_options(build_model(cfg).to(device).train(), cfg.train)
     bare = create_backbone(m.backbone, in_chans=m.in_chans, img_size=m.img_size).to(device).train()
     if cfg.train.channels_last:
         bare.to(memory_format=torch.channels_last)

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.core.errors import ConfigError
-from pipeline.models.speed import prepare_input, prepare_model
+from pipeline.models.speed import apply_speed_options, in_model_layout
 from pipeline.objective.model import build_model
 
 TINY = [
@@ -30,9 +30,9 @@ def step(
 ) -> tuple[torch.Tensor, dict, torch.nn.Module]:
     cfg = load_config(None, TINY + overrides)
     torch.manual_seed(0)
-    model = prepare_model(build_model(cfg).train(), cfg.train, backend=backend)
+    model = apply_speed_options(build_model(cfg).train(), cfg.train, backend=backend)
     g = torch.Generator().manual_seed(1)
-    x, x2 = (prepare_input(torch.randn(8, 3, 16, 16, generator=g), cfg.train) for _ in range(2))
+    x, x2 = (in_model_layout(torch.randn(8, 3, 16, 16, generator=g), cfg.train) for _ in range(2))
     torch.manual_seed(2)  # the same reparameterisation noise and negatives
     loss, _ = model(x, x2)
     loss.backward()
@@ -56,12 +56,11 @@ def test_channels_last_and_compile_give_the_same_loss_gradients_and_keys():
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
 
 
-def test_prepare_input_keeps_a_missing_view_missing():
-    cfg = load_config(None, ["train.channels_last=true"]).train
-    assert prepare_input(None, cfg) is None
-    assert prepare_input(torch.zeros(2, 3, 4, 4), cfg).is_contiguous(
-        memory_format=torch.channels_last
-    )
+def test_in_model_layout_follows_channels_last():
+    images = torch.zeros(2, 3, 4, 4)
+    nhwc = load_config(None, ["train.channels_last=true"]).train
+    assert in_model_layout(images, nhwc).is_contiguous(memory_format=torch.channels_last)
+    assert in_model_layout(images, load_config(None, []).train) is images
 
 
 def test_linear_critic_embeddings_train_and_concat_refuses_them():

@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.core.schema import TrainConfig
 
-__all__ = ["keep_freed_memory", "prepare_input", "prepare_model"]
+__all__ = ["apply_speed_options", "in_model_layout", "keep_freed_memory"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
 _KEEP_BELOW = 2**31 - 1  # bytes: allocations up to 2 GiB come from the heap and stay there
@@ -48,7 +48,9 @@ def keep_freed_memory(enabled: bool = True) -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
 
 
-def prepare_model(model: nn.Module, cfg: TrainConfig, *, backend: str = "inductor") -> nn.Module:
+def apply_speed_options(
+    model: nn.Module, cfg: TrainConfig, *, backend: str = "inductor"
+) -> nn.Module:
     """Apply the options to a DIM model (in place); returns it for chaining. ``backend``
     is torch.compile's (tests pass "eager": the same tracing without the C++ build)."""
     if cfg.channels_last:
@@ -59,8 +61,8 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, *, backend: str = "inducto
     return model
 
 
-def prepare_input(images: torch.Tensor | None, cfg: TrainConfig) -> torch.Tensor | None:
-    """Images (or None: no second view) in the memory layout the model was given."""
-    if images is None or not cfg.channels_last:
+def in_model_layout(images: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Images in the memory layout ``apply_speed_options`` gave the model."""
+    if not cfg.channels_last:
         return images
     return images.contiguous(memory_format=torch.channels_last)

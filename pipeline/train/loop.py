@@ -30,7 +30,7 @@ from pipeline.core.errors import ConfigError, state_dict_mismatch
 from pipeline.core.files import CONFIG_FILE, METRICS, PLOT
 from pipeline.core.schema import Config, save_config
 from pipeline.data.write import prepare_digits
-from pipeline.models.speed import keep_freed_memory, prepare_model
+from pipeline.models.speed import apply_speed_options, keep_freed_memory
 from pipeline.objective.model import build_model
 from pipeline.share.card import render_card
 from pipeline.share.export import EXPORT_CONFIG, EXPORT_DIR, export_encoder, remove_partial_export
@@ -206,10 +206,10 @@ def prepare_output_dir(accelerator, cfg: Config) -> None:
 
 def build_seeded_model(cfg: Config):
     """The DIM model from ``train.seed`` (identical initial weights on every rank), laid
-    out for speed (``speed.prepare_model``: channels_last, compile)."""
+    out for speed (``speed.apply_speed_options``: channels_last, compile)."""
 
     set_seed(cfg.train.seed)
-    return prepare_model(build_model(cfg), cfg.train)
+    return apply_speed_options(build_model(cfg), cfg.train)
 
 
 def report_receptive_field(accelerator, encoder, cfg: Config) -> None:

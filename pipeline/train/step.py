@@ -19,7 +19,7 @@ import torch
 
 from pipeline.core.schema import Config
 from pipeline.data.batch_augment import build_batch_augment
-from pipeline.models.speed import prepare_input
+from pipeline.models.speed import in_model_layout
 from pipeline.train.batches import TrainBatches
 
 __all__ = [
@@ -116,7 +116,7 @@ class TrainStep:
         images += [batch[f"image{n}"].to(device, non_blocking=True) for n in extra_views(batch)]
         if self.augment is not None:
             images = self.augment(images[0], step, micro)
-        return [prepare_input(view, self.tc) for view in images]
+        return [in_model_layout(view, self.tc) for view in images]
 
     def __call__(self, batches: TrainBatches, step: int) -> StepResult:
         accelerator, tc = self.accelerator, self.tc
