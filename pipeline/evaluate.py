@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="run output folder, model folder (export/) or a file in one",
+        help="run output folder, model folder (export/), a file in one, or a training "
+        "checkpoint (RUN/checkpoints/step_N: exported into it on first use)",
     )
     p.add_argument(
         "--train-shards", required=True, help="labelled shards: probe training set / k-NN bank"

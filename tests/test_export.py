@@ -315,6 +315,49 @@ def test_run_exports_a_timm_folder_and_logs_it_as_a_wandb_artifact(tmp_path, mon
     assert (folder / "model.safetensors").stat().st_size in sizes
 
 
+def test_a_training_checkpoint_is_exported_on_first_use(tmp_path):
+    """``find_export(RUN/checkpoints/step_N)`` of a run saved without
+    ``train.export_checkpoints`` writes that step's model folder once, holding the
+    encoder of that checkpoint (not the final one); a non-DIM safetensors is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.config import load_config
+    from pipeline.core.errors import ConfigError
+
+    shards = write_shards(tmp_path / "shards", n=64, per_shard=64)
+    out = tmp_path / "run"
+    cmd = pretrain_cmd(
+        *TINY,
+        f"data.train_shards={shards}",
+        f"train.output_dir={out}",
+        "train.max_steps=4",
+        "train.save_every=2",
+    )
+    assert run(cmd).returncode == 0
+    step2 = out / "checkpoints" / "step_0000002"
+    assert not (step2 / EXPORT_DIR).exists()
+    folder = find_export(step2)
+    assert folder == step2 / EXPORT_DIR and "training step 2" in (folder / "README.md").read_text()
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert find_export(step2) == folder  # written once
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+
+    model = build_model(load_config(out / "config.yaml")).eval()
+    model.load_state_dict(load_file(str(step2 / "model.safetensors")))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model.encoder(x), load_encoder(folder).eval()(x)
+        final = load_encoder(out).eval()(x)
+    torch.testing.assert_close(got.mu, want.mu, atol=1e-5, rtol=0)
+    assert not torch.allclose(got.mu, final.mu, atol=1e-4)  # step 2, not step 4
+
+    odd = out / "checkpoints" / "step_0000009"
+    odd.mkdir()
+    save_file({"w": torch.zeros(2)}, str(odd / "model.safetensors"))
+    with pytest.raises(ConfigError, match="holds no DIM encoder weights"):
+        find_export(odd)
+
+
 def test_evaluate_of_an_export_joins_the_training_run(tmp_path):
     """An export sits in RUN/export or RUN/checkpoints/step_N/export; evaluate --wandb
     must find the run's wandb_id.txt above it, not start a separate run."""

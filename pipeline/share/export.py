@@ -23,13 +23,14 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 from torch import nn
 from torchvision.transforms import v2
 
 from pipeline.core.errors import ConfigError, state_dict_mismatch
-from pipeline.core.files import clean_partial, new_partial, replace_folder
+from pipeline.core.files import CONFIG_FILE, clean_partial, new_partial, replace_folder
 from pipeline.data.augment import eval_transform
 from pipeline.models.encoder import DIMEncoder, build_encoder
 
@@ -162,7 +163,8 @@ def is_export(folder: Path) -> bool:
 
 
 def find_export(path: str | Path) -> Path:
-    """The model folder for a model folder, a file in one, or a run's output folder.
+    """The model folder for a model folder, a file in one, a run's output folder, or one
+    of its training checkpoints (``RUN/checkpoints/step_N``: exported on first use).
 
     A run folder keeps its final export in ``export/``; failing that (only
     per-checkpoint exports) the newest model folder below it wins.
@@ -173,6 +175,8 @@ def find_export(path: str | Path) -> Path:
     for candidate in (path, path / EXPORT_DIR):
         if is_export(candidate):
             return candidate
+    if is_training_checkpoint(path):
+        return export_checkpoint(path)
     found = []
     if path.is_dir():
         found = [
@@ -188,6 +192,43 @@ def find_export(path: str | Path) -> Path:
             f"or below (pass a run's output folder or its export)"
         )
     return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def is_training_checkpoint(path: Path) -> bool:
+    """A folder ``RUN/checkpoints/step_N`` as the trainer saves it (accelerate's state
+    with the whole DIM model in one safetensors file), with the run's config two up."""
+    return (path / EXPORT_BACKBONE).is_file() and (path.parent.parent / CONFIG_FILE).is_file()
+
+
+def export_checkpoint(checkpoint: Path) -> Path:
+    """The model folder of a training checkpoint, written once into ``checkpoint/export``
+    (deleted with the checkpoint when it rotates out), so any step can be probed."""
+    folder = checkpoint / EXPORT_DIR
+    if is_export(folder):
+        return folder
+    config = yaml.safe_load((checkpoint.parent.parent / CONFIG_FILE).read_text()) or {}
+    meta = config.get("model")
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{checkpoint.parent.parent / CONFIG_FILE} has no model section")
+    state = load_file(str(checkpoint / EXPORT_BACKBONE))
+    prefix = "encoder."
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:  # e.g. a DeepSpeed checkpoint, whose weights live elsewhere
+        raise ConfigError(
+            f"{checkpoint / EXPORT_BACKBONE} holds no DIM encoder weights "
+            f"(keys {sorted(state)[:3]}...); export the run's final model instead"
+        )
+    encoder = build_encoder(meta)
+    try:
+        encoder.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"{checkpoint} does not fit the model in the run's {CONFIG_FILE}: "
+            f"{state_dict_mismatch(err)}"
+        ) from None
+    step = checkpoint.name.removeprefix("step_").lstrip("0") or "0"
+    card = f"# DIM encoder at training step {step}\n\nExported from {checkpoint}.\n"
+    return export_encoder(encoder, folder, meta, card=card)
 
 
 def read_export_meta(folder: str | Path) -> dict:
