@@ -621,14 +621,15 @@ def allgather_rows(cfg: Config, views: int) -> list[Row]:
         return [Row("speed", check, "nothing gathered", 0.0, "bytes", "info", why)]
     e = sum(per_sample.values())
     b = cfg.train.batch_size
+    pairs = views * (views - 1) if views > 1 else 1  # one gather per (code, other view) pair
     formula = (
-        f"views x (W-1)/W x W*B x e, B={b}, views={views}, e={e} bytes "
+        f"pairs x (W-1)/W x W*B x e, B={b}, pairs={pairs} ({views} view(s)), e={e} bytes "
         f"({', '.join(f'{k} {v}' for k, v in per_sample.items())}); the backward moves as much"
     )
     rows = []
     for nodes in NODES:
         w = nodes * local_devices()
-        moved = views * (w - 1) * b * e
+        moved = pairs * (w - 1) * b * e
         rows.append(
             Row("speed", f"{check}, W={w}", human_bytes(moved), moved, "bytes", "info", formula)
         )
