@@ -65,10 +65,10 @@ def build(cfg, *, rank: int = 0):
 
 
 def views_of(batch: dict, augment, step: int) -> list[torch.Tensor]:
-    from pipeline.train.step import extra_views
+    from pipeline.data.loaders import batch_views
 
     if augment is None:
-        return [batch["image"], *(batch[f"image{n}"] for n in extra_views(batch))]
+        return batch_views(batch)
     return augment(batch["image"], step)
 
 

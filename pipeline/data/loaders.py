@@ -61,6 +61,7 @@ from pipeline.data.shards import dataset_size, resolve_shards, resolve_spec
 __all__ = [
     "IMAGE_EXTS",
     "StreamLoader",
+    "batch_views",
     "dataset_size",
     "eval_loader",
     "resolve_shards",
@@ -74,6 +75,19 @@ MAX_BAD_STREAK = 1000  # bad shards/samples in a row before a stream gives up
 WARN_IN_FULL = 3  # warnings per stream in full; after that, counts per shard
 NOMINAL_EPOCH = 10_000  # samples per epoch when neither config nor manifest says
 _LOST = "__lost__"  # key of the marker a failed or short shard leaves in the stream
+
+
+def _view_keys(count: int) -> list[str]:
+    """Where a row or batch holds its views: ``image``, then ``image2`` ... ``imageN``."""
+    return ["image", *(f"image{n}" for n in range(2, count + 1))]
+
+
+def batch_views(batch: dict) -> list:
+    """The views a loader batch holds, in order (``image``, ``image2``, ...)."""
+    count = 1
+    while f"image{count + 1}" in batch:
+        count += 1
+    return [batch[key] for key in _view_keys(count)]
 
 
 class _StreamState:
@@ -314,9 +328,7 @@ def _decode(
             state.bad(1, sample.get("__url__", "?"), _short(exn), sample=sample.get("__key__"))
             continue
         state.good()
-        row["image"] = images[0]
-        for n, image in enumerate(images[1:], start=2):
-            row[f"image{n}"] = image
+        row.update(zip(_view_keys(len(images)), images, strict=True))
         if with_keys:
             row["key"] = sample["__key__"]
         yield row

@@ -19,6 +19,7 @@ import torch
 
 from pipeline.core.schema import Config
 from pipeline.data.batch_augment import build_batch_augment
+from pipeline.data.loaders import batch_views
 from pipeline.models.speed import in_model_layout
 from pipeline.train.batches import TrainBatches
 
@@ -112,8 +113,7 @@ class TrainStep:
         """The image's views on the device, augmented, in the step's layout."""
 
         device = self.accelerator.device
-        images = [batch["image"].to(device, non_blocking=True)]
-        images += [batch[f"image{n}"].to(device, non_blocking=True) for n in extra_views(batch)]
+        images = [view.to(device, non_blocking=True) for view in batch_views(batch)]
         if self.augment is not None:
             images = self.augment(images[0], step, micro)
         return [in_model_layout(view, self.tc) for view in images]
@@ -140,14 +140,6 @@ class TrainStep:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum
         return StepResult(sums, skipped, grad_norm, lr)
-
-
-def extra_views(batch: dict) -> range:
-    """The n of the ``image{n}`` keys a loader batch holds beside ``image`` (2, 3, ...)."""
-    n = 2
-    while f"image{n}" in batch:
-        n += 1
-    return range(2, n)
 
 
 class Vote(NamedTuple):
