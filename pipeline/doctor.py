@@ -53,7 +53,7 @@ from pipeline.data.shards import dataset_size
 from pipeline.data.write import prepare_digits
 from pipeline.models.encoder import EncoderOutput, create_backbone
 from pipeline.models.speed import apply_speed_options, in_model_layout
-from pipeline.objective.loss import GLOBAL_INPUTS, DIMObjective
+from pipeline.objective.loss import GLOBAL_INPUTS, DIMObjective, view_pairs
 from pipeline.objective.model import DIM, build_model
 from pipeline.share.tracking import read_metrics
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
@@ -317,7 +317,7 @@ def random_images(cfg: Config, batch: int, seed: int, device: str = "cpu") -> to
 
 
 def _views(cfg: Config, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The model's arguments: one view, or two (AMDIM) of the same images."""
+    """The model's arguments: the images once per view ``data`` asks for."""
     return (images,) * view_count(cfg.data)
 
 
@@ -621,7 +621,7 @@ def allgather_rows(cfg: Config, views: int) -> list[Row]:
         return [Row("speed", check, "nothing gathered", 0.0, "bytes", "info", why)]
     e = sum(per_sample.values())
     b = cfg.train.batch_size
-    pairs = views * (views - 1) if views > 1 else 1  # one gather per (code, other view) pair
+    pairs = len(view_pairs(views))  # one gather per pair the objective scores
     formula = (
         f"pairs x (W-1)/W x W*B x e, B={b}, pairs={pairs} ({views} view(s)), e={e} bytes "
         f"({', '.join(f'{k} {v}' for k, v in per_sample.items())}); the backward moves as much"

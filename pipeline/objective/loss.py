@@ -48,6 +48,7 @@ __all__ = [
     "build_critic",
     "mi_estimate",
     "sample_locations",
+    "view_pairs",
 ]
 
 
@@ -143,6 +144,14 @@ def sample_locations(
     return flat.gather(2, index[:, None, :].expand(n, c, k)).unsqueeze(-1)
 
 
+def view_pairs(count: int) -> list[tuple[int, int]]:
+    """(code view, image-side view) pairs the objective scores: one view against itself;
+    several, each code against every *other* view (count * (count - 1) pairs)."""
+    if count == 1:
+        return [(0, 0)]
+    return [(c, i) for c in range(count) for i in range(count) if i != c]
+
+
 class GlobalInput(NamedTuple):
     """What the global critic pairs with the code z: its width and how to take it."""
 
@@ -206,9 +215,9 @@ class DIMObjective(nn.Module):
         """
         cfg = self.cfg
         estimate = choose("loss.estimator", cfg.estimator, ESTIMATORS)
-        n = len(views)
-        pairs = [(0, 0)] if n == 1 else [(c, i) for c in range(n) for i in range(n) if i != c]
-        kl = sum(est.gaussian_kl(v.mu.float(), v.logvar.float()).mean() for v in views) / n
+        pairs = view_pairs(len(views))
+        kl = sum(est.gaussian_kl(v.mu.float(), v.logvar.float()).mean() for v in views)
+        kl = kl / len(views)
         loss = cfg.gamma * kl
         terms = {"kl": kl.detach(), "loss/kl": (cfg.gamma * kl).detach()}
         score_sq = torch.zeros((), device=kl.device)
