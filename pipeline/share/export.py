@@ -56,6 +56,7 @@ EXPORT_BACKBONE = "model.safetensors"  # timm state dict of the backbone alone
 EXPORT_HEAD = "dim_head.safetensors"  # fc, mu, logvar of the DIM head
 EXPORT_CARD = "README.md"  # the model card
 EXPORT_FILES = (EXPORT_CONFIG, EXPORT_BACKBONE, EXPORT_HEAD, EXPORT_CARD)
+CHECKPOINT_WEIGHTS = "model.safetensors"  # accelerate's save_state: the whole DIM model
 EXPORT_FORMAT = "dim-pretrain/export/2"
 
 # pretrained_cfg fields that describe the weights timm would download for this name,
@@ -197,7 +198,7 @@ def find_export(path: str | Path) -> Path:
 def is_training_checkpoint(path: Path) -> bool:
     """A folder ``RUN/checkpoints/step_N`` as the trainer saves it (accelerate's state
     with the whole DIM model in one safetensors file), with the run's config two up."""
-    return (path / EXPORT_BACKBONE).is_file() and (path.parent.parent / CONFIG_FILE).is_file()
+    return (path / CHECKPOINT_WEIGHTS).is_file() and (path.parent.parent / CONFIG_FILE).is_file()
 
 
 def export_checkpoint(checkpoint: Path) -> Path:
@@ -210,12 +211,12 @@ def export_checkpoint(checkpoint: Path) -> Path:
     meta = config.get("model")
     if not isinstance(meta, dict):
         raise ConfigError(f"{checkpoint.parent.parent / CONFIG_FILE} has no model section")
-    state = load_file(str(checkpoint / EXPORT_BACKBONE))
+    state = load_file(str(checkpoint / CHECKPOINT_WEIGHTS))
     prefix = "encoder."
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:  # e.g. a DeepSpeed checkpoint, whose weights live elsewhere
         raise ConfigError(
-            f"{checkpoint / EXPORT_BACKBONE} holds no DIM encoder weights "
+            f"{checkpoint / CHECKPOINT_WEIGHTS} holds no DIM encoder weights "
             f"(keys {sorted(state)[:3]}...); export the run's final model instead"
         )
     encoder = build_encoder(meta)
