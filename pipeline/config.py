@@ -28,7 +28,7 @@ import yaml
 
 from pipeline.core.errors import ConfigError, one_line, unknown
 from pipeline.core.schema import OFF, Config
-from pipeline.data.augment import AUGMENTS
+from pipeline.data.augment import AUGMENTS, view_count
 from pipeline.objective.critics import CRITICS
 from pipeline.objective.loss import ESTIMATORS, GLOBAL_INPUTS
 from pipeline.train.optim import OPTIMIZERS
@@ -47,13 +47,17 @@ NAMED: dict[str, Collection[str]] = {
 
 
 def check_names(cfg: Config) -> None:
-    """Every registry-named value exists (did-you-mean otherwise), and the critics' hidden
-    width and temperature suit the critics chosen."""
+    """Every registry-named value exists (did-you-mean otherwise), the views per image
+    suit the augmentation, and the critics' hidden width and temperature suit the critics
+    chosen."""
     for key, choices in NAMED.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise unknown(key, value, choices)
+    # Here, not only where views are drawn: with augment=none no augmentation is built,
+    # and data.views would be ignored instead of refused.
+    view_count(cfg.data)
     loss = cfg.loss
     used = {c: CRITICS[c] for c in (loss.global_critic, loss.local_critic) if c in CRITICS}
     mlps = [name for name, critic in used.items() if critic.needs_hidden]

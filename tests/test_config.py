@@ -189,3 +189,11 @@ def test_dataset_configs_inherit_the_recipe():
         raw = yaml.safe_load(path.read_text())
         restated = {k for k in recipe if k.split(".")[1] in raw.get(k.split(".")[0], {})}
         assert restated <= REPRODUCTIONS.get(path.name, set()), f"{path.name} sets {restated}"
+
+
+def test_views_with_a_non_random_augment_are_refused_at_load():
+    """augment=none builds no augmentation, so the refusal must come from the config
+    itself, or data.views would be silently ignored."""
+    with pytest.raises(ConfigError, match="needs a random"):
+        load_config(None, ["data.views=3", "data.augment=none"])
+    assert load_config(None, ["data.views=3", "data.augment=simple"]).data.views == 3
