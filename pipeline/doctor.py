@@ -53,7 +53,7 @@ from pipeline.data.shards import dataset_size
 from pipeline.data.write import prepare_digits
 from pipeline.models.encoder import EncoderOutput, create_backbone
 from pipeline.models.speed import apply_speed_options, in_model_layout
-from pipeline.objective.loss import GLOBAL_INPUTS, DIMObjective, view_pairs
+from pipeline.objective.loss import GLOBAL_INPUTS, DIMObjective
 from pipeline.objective.model import DIM, build_model
 from pipeline.share.tracking import read_metrics
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
@@ -621,15 +621,14 @@ def allgather_rows(cfg: Config, views: int) -> list[Row]:
         return [Row("speed", check, "nothing gathered", 0.0, "bytes", "info", why)]
     e = sum(per_sample.values())
     b = cfg.train.batch_size
-    pairs = len(view_pairs(views))  # one gather per pair the objective scores
     formula = (
-        f"pairs x (W-1)/W x W*B x e, B={b}, pairs={pairs} ({views} view(s)), e={e} bytes "
+        f"V x (W-1)/W x W*B x e (each view gathered once), B={b}, V={views}, e={e} bytes "
         f"({', '.join(f'{k} {v}' for k, v in per_sample.items())}); the backward moves as much"
     )
     rows = []
     for nodes in NODES:
         w = nodes * local_devices()
-        moved = pairs * (w - 1) * b * e
+        moved = views * (w - 1) * b * e
         rows.append(
             Row("speed", f"{check}, W={w}", human_bytes(moved), moved, "bytes", "info", formula)
         )

@@ -107,7 +107,7 @@ def test_a_name_added_to_a_registry_is_accepted_and_dispatched(monkeypatch):
         seen.append((ea.shape, eb.shape))
         return objective.Estimate(*(torch.zeros(()),) * 4)
 
-    monkeypatch.setitem(objective.ESTIMATORS, "mine", mine)
+    monkeypatch.setitem(objective.ESTIMATORS, "mine", objective.Estimator(lambda ea: ea, mine))
     monkeypatch.setitem(optim.OPTIMIZERS, "plain_sgd", lambda groups, cfg: torch.optim.SGD(groups))
     cfg = load_config(None, ["loss.estimator=mine", "train.optimizer=plain_sgd"])
     critic = DotCritic(3, 5, dim=4, hidden=0)

@@ -5,8 +5,9 @@ of a fixed global batch, compute the DIM loss through ``DIMObjective`` and backp
 parameter gradients are then averaged across ranks as DDP does (all_reduce sum / world).
 For infoNCE, global and local, dot and concat/zz critics, the mean rank loss and the
 averaged gradients must equal the loss and gradients of a single process (this pytest
-process, no process group) on the concatenated batch. JSD and DV must not communicate
-at all, and each rank's gradient must equal what that rank computes alone. Controls show
+process, no process group) on the concatenated batch; likewise with three views (six
+pairs, each view's image side gathered once). JSD and DV must not communicate at all,
+and each rank's gradient must equal what that rank computes alone. Controls show
 the comparison has teeth: device-only negatives, or a gather that returns gradient to the
 local slice alone with the loss scaled by P, miss the reference by > 100x the tolerance.
 
@@ -57,6 +58,7 @@ GATHERING = [
     ("infonce", "mu", "concat", "concat"),
     ("infonce", "pooled", "concat", "dot"),
 ]
+MULTI_VIEW = ("infonce", "mu", "concat", "concat")  # run with three views: 6 pairs, 3 gathers
 LOCAL_ONLY = [
     ("jsd", "pooled", "dot", "dot"),
     ("jsd", "mu", "concat", "concat"),
@@ -124,12 +126,16 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return images, eps
 
 
-def run_case(case, rows: slice, seed: int = 0, scale: float = 1.0) -> dict:
-    """Loss, logged terms and parameter gradients for the batch rows ``rows``."""
+def run_case(case, rows: slice, seed: int = 0, scale: float = 1.0, views: int = 1) -> dict:
+    """Loss, logged terms and parameter gradients for the batch rows ``rows``; with
+    ``views`` > 1, per-sample distinct views (shifted images and noise)."""
     model = build(case)
     images, eps = global_batch()
-    out = model["encoder"](images[rows], eps[rows])
-    loss, terms = model["objective"](out, generator=torch.Generator().manual_seed(seed))
+    outs = [
+        model["encoder"](images[rows].roll(2 * v, dims=-1), eps[rows].roll(v, dims=-1))
+        for v in range(views)
+    ]
+    loss, terms = model["objective"](*outs, generator=torch.Generator().manual_seed(seed))
     (scale * loss).backward()
     grads = {
         n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
@@ -230,6 +236,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             for name, (gather, rank_fn, scale) in CONTROLS.items():
                 with swapped_gather(gather, rank_fn):
                     results[case, name] = _rank_mean(run_case(case, rows, scale=scale))
+        results["views", MULTI_VIEW] = _rank_mean(run_case(MULTI_VIEW, rows, views=3))
         for case in LOCAL_ONLY:
             with no_communication():
                 results[case] = run_case(case, rows, seed=rank)
@@ -311,6 +318,18 @@ def test_infonce_across_ranks_equals_one_process(ranks, case):
                 rtol=0,
                 msg=lambda m, key=key: f"term {key}: {m}",
             )
+
+
+def test_three_views_across_ranks_equal_one_process(ranks):
+    """Each view's image side is gathered once and scored by the two other views' codes:
+    the gathered tensor's gradient must still reach every rank from every pair."""
+    want = run_case(MULTI_VIEW, slice(None), views=3)
+    assert (want["loss"] - run_case(MULTI_VIEW, slice(None))["loss"]).abs() > 1e-3
+    for res in ranks:
+        torch.testing.assert_close(
+            res["views", MULTI_VIEW]["loss"], want["loss"], atol=ATOL, rtol=0
+        )
+        assert_grads_close(res["views", MULTI_VIEW]["grads"], want["grads"])
 
 
 @pytest.mark.parametrize("control", CONTROLS)

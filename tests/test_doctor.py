@@ -101,13 +101,14 @@ def test_mistake_is_one_line_and_exit_2(args, named):
     assert named in lines[0]  # did-you-mean, or the option refused
 
 
-def test_allgather_traffic_counts_one_gather_per_code_and_other_view_pair():
-    """infoNCE gathers the image side once per (code, other view) pair: 2 pairs for two
-    views, 6 for three; one view gathers once. Zero with one process."""
+def test_allgather_traffic_counts_one_gather_per_view():
+    """infoNCE gathers each view's image side once, however many pairs score it:
+    twice the one-view traffic for two views, three times for three. Zero with one
+    process."""
     from pipeline.config import load_config
     from pipeline.doctor import allgather_rows
 
     cfg = load_config(None, ["model.fc_dim=32"])
     one, two, three = ([r.figure for r in allgather_rows(cfg, views)] for views in (1, 2, 3))
     assert one[0] == 0 and all(a > 0 for a in one[1:])
-    assert all(t == 2 * o and h == 6 * o for o, t, h in zip(one, two, three, strict=True))
+    assert all(t == 2 * o and h == 3 * o for o, t, h in zip(one, two, three, strict=True))

@@ -141,6 +141,28 @@ def test_three_views_score_every_code_against_every_other_views_features():
     assert (own.bound - pairs[0].bound).abs() > 1e-3  # a code's own map scores otherwise
 
 
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_infonce_gathers_each_views_image_side_once(monkeypatch, count):
+    """Cross-device negatives cost one all-gather per view and critic, not one per
+    (code, other view) pair: four views would otherwise gather 12 times, not 4."""
+    import pipeline.objective.loss as objective
+
+    gathered = []
+    monkeypatch.setattr(objective, "gather_with_grad", lambda x: gathered.append(x) or x)
+    cfg = load_config(
+        None,
+        [
+            "model.backbone=test_resnet",
+            "model.fc_dim=32",
+            "loss.global_critic=dot",
+            "loss.alpha=0.5",
+        ],
+    )
+    model = build_model(cfg)
+    model.objective(*(model.encoder(torch.randn(2, 3, 32, 32)) for _ in range(count)))
+    assert len(gathered) == 2 * count  # global and local critics, each view once
+
+
 @pytest.mark.parametrize(
     "estimator,steps,margin",
     [  # rises measured in this loop: infonce +0.24 / dv +0.19 (local), jsd +0.06 (local)

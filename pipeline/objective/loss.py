@@ -13,6 +13,10 @@ Where each estimator draws its negatives (set by the estimator; no other setting
   batch (B_local x B_global, positives at columns offset by the rank). Locally, every
   location of every other image is a negative for each (location, code) positive.
 
+An ``Estimator`` keeps the two steps apart: ``pool`` (the image side a rank's codes are
+scored against: its own batch, or the gathered global one) and ``bound``. The objective
+pools each view once, however many (code, view) pairs it scores against it.
+
 Gradient scale under DDP / DeepSpeed: each rank's loss is the mean over *its own*
 rows, so the global loss is the average of the rank losses. The gather's backward sums
 every rank's gradient into the owner's features, and DDP (or DeepSpeed) then averages
@@ -44,6 +48,7 @@ __all__ = [
     "GLOBAL_INPUTS",
     "DIMObjective",
     "Estimate",
+    "Estimator",
     "GlobalInput",
     "build_critic",
     "mi_estimate",
@@ -96,23 +101,40 @@ def _dv(critic: Critic, ea, eb, tclip: float, generator) -> Estimate:
     return Estimate(bound, bound.detach(), *_stats(raw, tclip))
 
 
-def _infonce(critic: Critic, ea, eb, tclip: float, generator) -> Estimate:
-    """Cross-device negatives: image-side embeddings gathered from every rank."""
-    ea_all = gather_with_grad(ea)
-    offset = rank() * ea.shape[0]
+def _infonce(critic: Critic, ea_all, eb, tclip: float, generator) -> Estimate:
+    """Cross-device negatives: ``ea_all`` is every rank's image side, in rank order."""
+    offset = rank() * eb.shape[0]
     raw = critic.pairwise(ea_all, eb)  # (B_local, B_global[, L])
     scores = est.clip_scores(raw, tclip)
     if critic.local:
         pos, neg = _diagonal(scores, offset)
         bound = est.infonce_shared_negatives(pos, neg.flatten(1))
     else:
-        targets = torch.arange(ea.shape[0], device=ea.device) + offset
+        targets = torch.arange(eb.shape[0], device=eb.device) + offset
         bound = est.infonce(scores, targets)
     return Estimate(bound, bound.detach(), *_stats(raw, tclip))
 
 
-# loss.estimator: name -> f(critic, image-side embeddings, code embeddings, tclip, generator)
-ESTIMATORS: dict[str, Callable[..., Estimate]] = {"jsd": _jsd, "dv": _dv, "infonce": _infonce}
+def _device_batch(ea: torch.Tensor) -> torch.Tensor:
+    return ea
+
+
+def _all_ranks(ea: torch.Tensor) -> torch.Tensor:
+    return gather_with_grad(ea)  # looked up at call time: tests swap the gather
+
+
+class Estimator(NamedTuple):
+    """One ``loss.estimator``: where its negatives come from, then its bound."""
+
+    pool: Callable[[torch.Tensor], torch.Tensor]  # image-side embeddings -> what codes meet
+    bound: Callable[..., Estimate]  # (critic, pooled image side, codes, tclip, generator)
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "jsd": Estimator(_device_batch, _jsd),
+    "dv": Estimator(_device_batch, _dv),
+    "infonce": Estimator(_all_ranks, _infonce),
+}
 
 
 def mi_estimate(
@@ -125,8 +147,9 @@ def mi_estimate(
     generator: torch.Generator | None = None,
 ) -> Estimate:
     """Estimate I(a; b) from aligned samples (a_i, b_i) of the joint."""
-    estimate = choose("loss.estimator", estimator, ESTIMATORS)
-    return estimate(critic, critic.embed_a(a), critic.embed_b(b), tclip, generator)
+    chosen = choose("loss.estimator", estimator, ESTIMATORS)
+    pooled = chosen.pool(critic.embed_a(a))
+    return chosen.bound(critic, pooled, critic.embed_b(b), tclip, generator)
 
 
 def sample_locations(
@@ -214,7 +237,7 @@ class DIMObjective(nn.Module):
         features. One view: its code against its own features, as in DIM.
         """
         cfg = self.cfg
-        estimate = choose("loss.estimator", cfg.estimator, ESTIMATORS)
+        estimator = choose("loss.estimator", cfg.estimator, ESTIMATORS)
         pairs = view_pairs(len(views))
         kl = sum(est.gaussian_kl(v.mu.float(), v.logvar.float()).mean() for v in views)
         kl = kl / len(views)
@@ -232,10 +255,12 @@ class DIMObjective(nn.Module):
         ):
             if critic is None:
                 continue
-            # Each view is embedded once, however many pairs it takes part in.
-            images = [critic.embed_a(image_side(v).float()) for v in views]
+            # Each view is embedded (and gathered) once, however many pairs it is in.
+            images = [estimator.pool(critic.embed_a(image_side(v).float())) for v in views]
             codes = [critic.embed_b(v.z.float()) for v in views]
-            parts = [estimate(critic, images[i], codes[c], cfg.tclip, generator) for c, i in pairs]
+            parts = [
+                estimator.bound(critic, images[i], codes[c], cfg.tclip, generator) for c, i in pairs
+            ]
             share = 1.0 / len(parts)
             bound = sum(p.bound for p in parts) * share
             loss = loss - weight * bound
