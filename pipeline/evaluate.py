@@ -98,7 +98,7 @@ def probe_every_view(
     settings: ProbeSettings = SETTINGS,
     log=print,
 ) -> Results:
-    """``classifiers.run_probes`` on every (model, view) pair of feature tensors."""
+    """``pipeline.eval.probes.run_probes`` on every (model, view) pair of feature tensors."""
     results: Results = {}
     probes = tuple(p for p in PROBES if p in probes)  # the table's order, whatever was asked
     for model, views in train.items():

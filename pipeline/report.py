@@ -29,13 +29,20 @@ import yaml
 from pipeline.core.errors import ConfigError
 from pipeline.core.files import CONFIG_FILE, METRICS, WANDB_ID
 from pipeline.objective.loss import ESTIMATORS
-from pipeline.share.tracking import EVAL_TABLE, has_api_key, read_metrics, wandb_mode
+from pipeline.share.tracking import (
+    EVAL_TABLE,
+    ONLINE_PROBE,
+    ONLINE_PROBES,
+    has_api_key,
+    read_metrics,
+    wandb_mode,
+)
 
 __all__ = ["build_report", "default_keys", "describe_report", "main", "panel_specs"]
 
 SCOPES = ("global", "local")
 LOSS_KEYS = ("loss", "loss/global", "loss/local", "loss/kl", "loss/score_penalty")
-PROBE_KEYS = ("probe/knn", "probe/linear")
+PROBE_KEYS = tuple(ONLINE_PROBE + name for name in ONLINE_PROBES)
 THROUGHPUT_KEYS = ("samples_per_s_total", "samples_per_s")
 EVAL_MODELS = {
     "dim": ("conv", "fc", "y"),

@@ -4,7 +4,7 @@
 ``cfg.data.train_shards`` (the eval stream: resized and normalised, no augmentation)
 as a k-NN memory bank, and up to ``query_samples`` of ``cfg.data.val_shards`` as
 queries; it returns ``{"probe/knn": acc, "probe/linear": acc}`` on the ``conv`` view,
-from the probes ``pipeline.evaluate`` runs (``classifiers.run_probes``), with one linear
+from the probes ``pipeline.evaluate`` runs (``pipeline.eval.probes.run_probes``), with one linear
 fit at a middle L2 strength instead of a search: a trend line, not the final figure.
 
 The decoded images are cached per process, so a probe every few hundred steps costs
@@ -22,6 +22,7 @@ from pipeline.core.schema import Config
 from pipeline.data.loaders import eval_loader
 from pipeline.eval.features import extract_features
 from pipeline.eval.probes import ProbeSettings, run_probes
+from pipeline.share.tracking import ONLINE_PROBE, ONLINE_PROBES
 
 __all__ = ["ONLINE", "labelled_images", "online_probe"]
 
@@ -63,7 +64,7 @@ def online_probe(
     *,
     bank_samples: int = 5000,
     query_samples: int = 2000,
-    probes: tuple[str, ...] = ("knn", "linear"),
+    probes: tuple[str, ...] = ONLINE_PROBES,
     settings: ProbeSettings = ONLINE,
     view: str = "conv",
 ) -> dict[str, float]:
@@ -82,4 +83,4 @@ def online_probe(
     bank, _ = extract_features({"m": encoder}, _batches(bank_x, bank_y), device=device)
     query, _ = extract_features({"m": encoder}, _batches(query_x, query_y), device=device)
     scores = run_probes(probes, bank["m"][view], bank_y, query["m"][view], query_y, settings)
-    return {f"probe/{name}": score.accuracy for name, score in scores.items()}
+    return {ONLINE_PROBE + name: score.accuracy for name, score in scores.items()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pipeline.share.tracking import read_metrics
+from pipeline.share.tracking import ONLINE_PROBE, read_metrics
 
 __all__ = ["PANELS", "plot_metrics"]
 
@@ -19,7 +19,7 @@ PANELS = (
     ("MI estimates", "nats", lambda k: k.startswith("mi/")),
     ("KL(q(z|x) || N(0, I))", "nats", lambda k: k == "kl"),
     ("loss terms", "loss", lambda k: k == "loss" or k.startswith("loss/")),
-    ("probe accuracy", "accuracy", lambda k: k.startswith("probe/")),
+    ("probe accuracy", "accuracy", lambda k: k.startswith(ONLINE_PROBE)),
 )
 
 

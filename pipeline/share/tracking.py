@@ -22,6 +22,8 @@ from pipeline.core.schema import WandbConfig
 
 __all__ = [
     "EVAL_TABLE",
+    "ONLINE_PROBE",
+    "ONLINE_PROBES",
     "Tracker",
     "has_api_key",
     "read_metrics",
@@ -30,6 +32,9 @@ __all__ = [
 ]
 
 EVAL_TABLE = "eval/table"  # the W&B key of the evaluation table (pipeline.evaluate --wandb)
+# The online probe (pipeline.eval.online) logs ONLINE_PROBE + name: probe/knn, probe/linear.
+ONLINE_PROBE = "probe/"
+ONLINE_PROBES = ("knn", "linear")
 
 
 def wandb_mode(mode: str) -> str:

@@ -11,7 +11,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline.core.schema import Config
 from pipeline.eval.online import online_probe
-from pipeline.share.tracking import Tracker
+from pipeline.share.tracking import ONLINE_PROBE, Tracker
 from pipeline.train.step import Vote
 
 __all__ = [
@@ -79,7 +79,7 @@ class Progress:
         window starts again."""
         if tracker:
             tracker.log(row, self.step)
-            probe = {k: v for k, v in row.items() if k.startswith(PROBE)}
+            probe = {k: v for k, v in row.items() if k.startswith(ONLINE_PROBE)}
             if probe:
                 self.probe = probe
                 self.bar.write(probe_line(self.step, probe))
@@ -115,14 +115,11 @@ def log_row(vote: Vote, lr: float, grad_norm, progress: Progress) -> dict:
     }
 
 
-PROBE = "probe/"  # the online probe's keys in a row: probe/knn, probe/linear
-
-
 def bar_fields(row: dict) -> dict[str, str]:
     """What the progress bar shows: loss, images/s over all ranks, the MI estimates and
     the probe's accuracies."""
     fields = {"loss": f"{row['loss']:.3f}", "img/s": f"{row['samples_per_s_total']:.0f}"}
-    for prefix in ("mi/", PROBE):
+    for prefix in ("mi/", ONLINE_PROBE):
         fields.update(
             {k.removeprefix(prefix): f"{v:.3f}" for k, v in row.items() if k.startswith(prefix)}
         )
@@ -131,7 +128,7 @@ def bar_fields(row: dict) -> dict[str, str]:
 
 def probe_line(step: int, probe: dict[str, float]) -> str:
     """``step N: online probe knn 91.2%, linear 93.4%``."""
-    scores = ", ".join(f"{k.removeprefix(PROBE)} {v:.1%}" for k, v in sorted(probe.items()))
+    scores = ", ".join(f"{k.removeprefix(ONLINE_PROBE)} {v:.1%}" for k, v in sorted(probe.items()))
     return f"step {step}: online probe {scores}"
 
 
