@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import textwrap
 from collections.abc import Collection
 from pathlib import Path
@@ -33,7 +34,7 @@ from pipeline.objective.critics import CRITICS
 from pipeline.objective.loss import ESTIMATORS, GLOBAL_INPUTS
 from pipeline.train.optim import OPTIMIZERS
 
-__all__ = ["NAMED", "check_names", "describe", "load_config", "parse_overrides"]
+__all__ = ["NAMED", "check_names", "describe", "load_config", "parse_overrides", "read_yaml"]
 
 # Keys whose value names an entry of a registry: the allowed values are its keys.
 NAMED: dict[str, Collection[str]] = {
@@ -44,6 +45,26 @@ NAMED: dict[str, Collection[str]] = {
     "data.augment": AUGMENTS,
     "train.optimizer": OPTIMIZERS,
 }
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only ``true`` / ``false``. YAML 1.1
+    also reads yes / no / on / off as booleans, which turned accelerate's
+    ``train.mixed_precision=no`` into False and refused it as not a string."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def read_yaml(text: str) -> Any:
+    """A config file's or an override's YAML, with ``_Loader``'s booleans."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds no Python objects
 
 
 def check_names(cfg: Config) -> None:
@@ -116,9 +137,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if isinstance(target, type) and (
         not isinstance(value, target) or (target is int and isinstance(value, bool))
     ):
-        raise ConfigError(
-            f"{key} expects {target.__name__}, got {value!r} ({type(value).__name__})"
-        )
+        expected = "true or false" if target is bool else target.__name__
+        raise ConfigError(f"{key} expects {expected}, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -173,7 +193,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = read_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as err:
             raise ConfigError(
                 f"override {key}: cannot parse value {raw!r}: {one_line(err)}"
@@ -199,7 +219,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {one_line(err)}") from None
         if not isinstance(loaded, dict):

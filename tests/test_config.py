@@ -53,12 +53,23 @@ def test_saved_config_loads_back_identically(tmp_path):
         ),
         (["train.batch_size.x=3"], "train.batch_size is a single value, not a section"),
         (["model.code_dim=0"], "model.code_dim must be > 0"),
+        (["train.compile=yes"], "train.compile expects true or false, got 'yes'"),
     ],
 )
 def test_bad_input_is_one_config_error(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert message in str(err.value)
+
+
+def test_yaml_words_no_and_off_stay_strings(tmp_path):
+    """YAML 1.1 reads ``no`` as False; accelerate's mixed_precision value "no" must arrive
+    as the string, from the command line and from a file alike."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n  compile: true\n")
+    cfg = load_config(path)
+    assert (cfg.train.mixed_precision, cfg.train.compile) == ("no", True)
 
 
 def test_negative_weights_need_the_explicit_flag():
