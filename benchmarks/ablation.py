@@ -16,6 +16,7 @@ Rows already trained (an export in their folder) are only re-evaluated when thei
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -23,6 +24,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pipeline.config import load_config
+from pipeline.core.cli import exit_on_mistake
+from pipeline.core.errors import ConfigError
+from pipeline.data.shards import resolve_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SCOPES = {  # (alpha, beta, global critic, local critic)
@@ -42,13 +48,28 @@ START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
 
 
 def run(cmd: list[str], log: Path) -> float:
-    """Run one command, its output to ``log``; returns the wall time in seconds."""
+    """Run one command, its output to ``log``; returns the wall time in seconds. A command
+    that refused its input (exit code 2) is a ``ConfigError`` carrying its error line."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
         code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if code == 2:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        raise ConfigError(f"{lines[-1] if lines else 'refused its input'} (log: {log})")
     if code != 0:
         sys.exit(f"ablation: {' '.join(cmd[:4])} ... failed with exit code {code}; see {log}")
     return time.perf_counter() - t0
+
+
+def check_inputs(args) -> None:
+    """Every row's config and both shard specs, before the first row trains: a typo in
+    ``--set`` is one line now, not a failure after an hour of rows. Relative paths are
+    read from the repository root, as the rows' commands read them."""
+    with contextlib.chdir(ROOT):
+        for overrides in [*SCOPES.values(), *VARIANTS.values()]:
+            load_config(args.base, [*args.set, *overrides])
+        for spec in (args.train_shards, args.test_shards):
+            resolve_shards(spec)
 
 
 def train_and_evaluate(name: str, overrides: list[str], args, baselines: bool = False) -> dict:
@@ -142,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "--markdown", type=Path, default=None, help="file whose ablation block to rewrite"
     )
     args = p.parse_args(argv)
+    check_inputs(args)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
     for scope, scope_overrides in SCOPES.items():
@@ -192,4 +214,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_mistake("ablation.py", main)

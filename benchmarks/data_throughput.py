@@ -25,6 +25,9 @@ import time
 from itertools import islice
 from pathlib import Path
 
+from pipeline.core.cli import comma_separated, exit_on_mistake
+from pipeline.core.errors import ConfigError
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TAR = ROOT.parent / "shared" / "data" / "cifar10-train-jpg.tar"
 
@@ -81,19 +84,19 @@ def cifar_shards(tar: Path, tmp: Path) -> Path:
     return manifest
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tar", type=Path, default=DEFAULT_TAR, help="CIFAR-10 image-folder tar")
-    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--workers", type=comma_separated(int), default="0,1,2")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batches", type=int, default=40, help="timed batches per setting")
     parser.add_argument("--augment", default="simple", choices=("none", "simple", "amdim"))
     parser.add_argument("--color-jitter", type=float, default=0.4, help="0 disables")
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--augment-on", default="batch", choices=("batch", "worker"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.tar.is_file():
-        raise SystemExit(
+        raise ConfigError(
             f"{args.tar} not found: --tar takes a tar of CIFAR-10-like class folders, "
             f"train/<class>/*.jpg"
         )
@@ -105,9 +108,9 @@ def main() -> None:
             f"color_jitter {args.color_jitter}, img_size {args.img_size}"
         )
         print("workers  images/s")
-        for workers in (int(w) for w in args.workers.split(",")):
+        for workers in args.workers:
             print(f"{workers:7d}  {measure(manifest, workers, args):8,.0f}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_mistake("data_throughput.py", main)

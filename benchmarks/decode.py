@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.core.cli import comma_separated, exit_on_mistake
+from pipeline.core.errors import ConfigError
 from pipeline.data.augment import FixedSize
 from pipeline.data.decode import decode_on_device, draft_factor, jpeg_size, read_image
 from pipeline.data.write import DECODE_SAMPLE, Resizer
@@ -97,17 +99,19 @@ def gpu_rate(sources: list[bytes], fit: FixedSize, seconds: float) -> str:
     return f"{GPU_BATCH * rate(work, [0], seconds):,.0f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tar", type=Path, default=DEFAULT_TAR, help="CIFAR-10 image-folder tar")
     parser.add_argument("--seconds", type=float, default=2.5, help="timed seconds per figure")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--max-size", type=int, default=256, help="pre-resized short side")
     parser.add_argument("--images", type=int, default=4, help="distinct images per size")
-    parser.add_argument("--grain", default="0,8", help="grain sigmas on 0-255, comma-separated")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--grain", type=comma_separated(float), default="0,8", help="grain sigmas on 0-255"
+    )
+    args = parser.parse_args(argv)
     if not args.tar.is_file():
-        raise SystemExit(f"{args.tar} not found: --tar takes the CIFAR-10 image-folder tar")
+        raise ConfigError(f"{args.tar} not found: --tar takes the CIFAR-10 image-folder tar")
     torch.set_num_threads(1)
     fit = FixedSize(args.img_size, 3)
     cifar = cifar_images(args.tar, args.images)
@@ -120,7 +124,7 @@ def main() -> None:
         "source     grain  KB/img  draft  full img/s  draft img/s  pre-resized img/s  "
         "resize at write img/s  gpu img/s"
     )
-    for grain, size in ((float(g), s) for g in args.grain.split(",") for s in SIZES):
+    for grain, size in ((g, s) for g in args.grain for s in SIZES):
         sources = [photo_jpeg(im, size, grain, i) for i, im in enumerate(cifar)]
         resizer = Resizer(args.max_size)
         resized = [resizer.bytes(d, "jpg") for d in sources]
@@ -149,4 +153,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_mistake("decode.py", main)

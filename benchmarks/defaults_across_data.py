@@ -32,8 +32,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from ablation import run  # benchmarks/ is a folder of scripts, not a package
 
+from pipeline.config import load_config
+from pipeline.core.cli import comma_separated, exit_on_mistake
+
 ROOT = Path(__file__).resolve().parents[1]
 PROBES = ("linear", "mlp", "knn")
+DATASETS = ("digits", "canvas", "cifar10")
 
 
 def make_canvas(folder: Path, *, canvas: int = 40, digit: int = 20, seed: int = 0) -> Path:
@@ -137,10 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=ROOT / "runs/defaults")
     p.add_argument("--cifar", type=Path, default=ROOT / "data/cifar10")
-    p.add_argument("--only", default="digits,canvas,cifar10", help="comma list of data sets")
+    p.add_argument(
+        "--only",
+        type=comma_separated(choices=DATASETS, kind="data set"),
+        default=",".join(DATASETS),
+        help="comma list of data sets",
+    )
     p.add_argument("--limit-train", type=int, default=10000, help="CIFAR probe-training images")
     p.add_argument("--set", nargs="*", default=[], help="overrides for every run (default none)")
     args = p.parse_args(argv)
+    load_config(None, args.set)  # a typo in --set: one line before any data is written
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [
         "| data | DIM linear | DIM mlp | DIM k-NN | random linear | random mlp | random k-NN "
@@ -148,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "| train / eval s | load |",
         "|" + "---|" * 13,
     ]
-    for name in args.only.split(","):
+    for name in args.only:
         shards = prepare(name, args)
         if shards is None:
             print(f"[defaults] {name}: no shards at {args.cifar}, skipped", flush=True)
@@ -165,4 +175,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_mistake("defaults_across_data.py", main)

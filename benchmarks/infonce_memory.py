@@ -43,6 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from pipeline.core.cli import comma_separated, exit_on_mistake
+
 MIB = 2**20
 DIM = 256  # critic embedding size (LossConfig.critic_dim default)
 LOCATIONS = 64  # an 8x8 local map (resnet stage 1 at 32x32 input)
@@ -158,10 +160,10 @@ def _cell(res: dict | None) -> str:
     return f"{res['peak_mib']:.1f} | {res['saved_mib']:.1f} | {res['ms']:.0f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--b-local", type=int, default=256)
-    parser.add_argument("--sizes", default="256,512,1024,2048,4096,8192")
+    parser.add_argument("--sizes", type=comma_separated(int), default="256,512,1024,2048,4096,8192")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--threads",
@@ -178,7 +180,7 @@ def main() -> None:
     parser.add_argument(
         "--one", nargs=3, metavar=("CRITIC", "MODE", "B_GLOBAL"), help=argparse.SUPPRESS
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.one:
         critic, mode, b_global = args.one
         print(json.dumps(run_one(critic, mode, int(b_global), args.b_local, args.repeats)))
@@ -195,7 +197,7 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for critic in ("global", "local"):
-        for b_global in map(int, args.sizes.split(",")):
+        for b_global in args.sizes:
             rows = measure(critic, "rows", b_global, args)
             full = measure(critic, "full", b_global, args)
             print(
@@ -207,4 +209,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_mistake("infonce_memory.py", main)

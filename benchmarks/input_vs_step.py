@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.core.cli import comma_separated, exit_on_mistake
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,7 +143,12 @@ def main(argv: list[str] | None = None) -> None:
         "--tar", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10-train-jpg.tar"
     )
     p.add_argument("--augment", default="amdim", choices=("none", "simple", "amdim"))
-    p.add_argument("--places", default="worker,batch", help="data.augment_on values to compare")
+    p.add_argument(
+        "--places",
+        type=comma_separated(choices=("worker", "batch"), kind="data.augment_on"),
+        default="worker,batch",
+        help="data.augment_on values to compare",
+    )
     p.add_argument("--batches", type=int, default=20, help="timed loader batches")
     p.add_argument("--steps", type=int, default=6, help="timed steps (step alone, end to end)")
     p.add_argument("overrides", nargs="*", help="more config overrides (train.compile=true, ...)")
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{'augment_on':<11}{'workers':>8}{'batch':>6}{'input img/s':>13}"
             f"{'step img/s':>12}{'input/step':>11}{'end-to-end img/s':>18}"
         )
-        for place in args.places.split(","):
+        for place in args.places:
             cfg = load_config(
                 args.config,
                 [
@@ -184,4 +191,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_mistake("input_vs_step.py", main)

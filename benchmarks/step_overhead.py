@@ -38,6 +38,7 @@ import time
 import torch
 
 from pipeline.config import load_config
+from pipeline.core.cli import comma_separated, exit_on_mistake
 from pipeline.models.encoder import create_backbone
 from pipeline.models.speed import apply_speed_options, in_model_layout, keep_freed_memory
 from pipeline.objective.model import build_model
@@ -156,9 +157,12 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--backbones", default=None, help="comma-separated (default: the config's, else resnet18)"
+        "--backbones",
+        type=comma_separated(),
+        default=None,
+        help="comma-separated (default: the config's, else resnet18)",
     )
-    p.add_argument("--sizes", default="32,64")
+    p.add_argument("--sizes", type=comma_separated(int), default="32,64")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -183,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     args.overrides += ["train.compile=true"] * args.compile + [
         "train.channels_last=true"
     ] * args.channels_last
+    load_config(args.config, [*args.overrides, *args.before])  # a mistake: one line, now
     kept = keep_freed_memory(load_config(args.config, args.overrides).train.keep_freed_memory)
     print(
         f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} "
@@ -202,11 +207,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     if args.backbones:
-        backbones = args.backbones.split(",")
+        backbones = args.backbones
     else:  # None: the config's own backbone; without a config, resnet18 (not dim_conv32)
         backbones = [None] if args.config else ["resnet18"]
     for backbone in backbones:
-        for size in map(int, args.sizes.split(",")):
+        for size in args.sizes:
             t = measure(
                 backbone,
                 size,
@@ -244,4 +249,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_mistake("step_overhead.py", main)

@@ -38,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.core.cli import comma_separated, exit_on_mistake  # noqa: E402
+from pipeline.core.errors import ConfigError  # noqa: E402
 from pipeline.share.tracking import read_metrics  # noqa: E402  (after the path)
 
 CLEARED = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "DIM_THREADS_RESTARTED")
@@ -89,6 +91,9 @@ def run_cell(args, extra: dict[str, str], out: Path, busy: bool) -> tuple[float,
         if load is not None:
             load.kill()
             load.wait()
+    if proc.returncode == 2:  # pretrain.py refused the config: its one line
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        raise ConfigError(lines[-1] if lines else "pretrain.py refused its input")
     if proc.returncode != 0:
         sys.exit(f"benchmarks/threads.py: the run failed:\n{proc.stderr[-3000:]}")
     said = next((x for x in proc.stdout.splitlines() if x.startswith("threads: ")), "?")
@@ -97,7 +102,7 @@ def run_cell(args, extra: dict[str, str], out: Path, busy: bool) -> tuple[float,
     return len(rates) / sum(1 / r for r in rates), rates, said
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "--config",
@@ -107,18 +112,25 @@ def main() -> None:
     p.add_argument("--shards", default=None, help="data.train_shards (default: the config's)")
     p.add_argument("--window", type=int, default=20, help="steps per logged window")
     p.add_argument("--windows", type=int, default=3, help="timed windows after the warm-up")
-    p.add_argument("--settings", default="before,after", help="before,after[,passive]")
-    p.add_argument("--loads", default="alone,busy", help="alone,busy")
+    p.add_argument(
+        "--settings",
+        type=comma_separated(choices=("before", "after", "passive"), kind="setting"),
+        default="before,after",
+        help="before,after[,passive]",
+    )
+    p.add_argument(
+        "--loads",
+        type=comma_separated(choices=("alone", "busy"), kind="load"),
+        default="alone,busy",
+        help="alone,busy",
+    )
     p.add_argument("overrides", nargs="*", help="more key=value overrides")
-    args = p.parse_intermixed_args()
+    args = p.parse_intermixed_args(argv)
     if args.config == "none":
         args.config = None  # the embedded defaults (digits)
     cores = len(os.sched_getaffinity(0))
     table = settings(cores)
-    names = args.settings.split(",")
-    loads = args.loads.split(",")
-    if set(names) - set(table) or set(loads) - {"alone", "busy"}:
-        sys.exit(f"benchmarks/threads.py: settings from {sorted(table)}, loads from alone,busy")
+    names, loads = args.settings, args.loads
     print(
         f"{args.config or 'default config'}  {cores} cores in the affinity mask  "
         f"{args.window} steps x {args.windows} timed windows after 1 warm-up window"
@@ -148,4 +160,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_mistake("threads.py", main)
