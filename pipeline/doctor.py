@@ -52,7 +52,7 @@ from pipeline.data.loaders import train_loader
 from pipeline.data.shards import dataset_size
 from pipeline.data.write import prepare_digits
 from pipeline.models.encoder import EncoderOutput, create_backbone
-from pipeline.models.speed import apply_speed_options, in_model_layout
+from pipeline.models.speed import apply_speed_options, in_model_layout, resolve_precision
 from pipeline.objective.loss import GLOBAL_INPUTS, DIMObjective
 from pipeline.objective.model import DIM, build_model
 from pipeline.share.tracking import read_metrics
@@ -534,7 +534,8 @@ def step_speed(cfg: Config) -> dict[str, float]:
     views = view_count(cfg.data)
     b, m = cfg.train.batch_size, cfg.model
     x = in_model_layout(random_images(cfg, views * b, seed=3, device=device), cfg.train)
-    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+    chosen, _ = resolve_precision(cfg.train.mixed_precision, cuda=device == "cuda")
+    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(chosen)
 
     def autocast():
         if precision is None:

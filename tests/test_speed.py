@@ -12,7 +12,8 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.core.errors import ConfigError
-from pipeline.models.speed import apply_speed_options, in_model_layout
+from pipeline.models import speed
+from pipeline.models.speed import apply_speed_options, in_model_layout, resolve_precision
 from pipeline.objective.model import build_model
 
 TINY = [
@@ -117,3 +118,27 @@ def test_keep_freed_memory_keeps_a_freed_block_in_the_process():
         released[mode] = float(out[1])
     assert released["default"] > 48, released
     assert released["keep"] < 16, released
+
+
+@pytest.mark.parametrize(
+    "choice,native,chosen,words",
+    [
+        ("auto", True, "bf16", "precision: bf16 (auto: this CPU computes bf16 natively)"),
+        ("auto", False, "no", "precision: fp32 (auto: this CPU has no native bf16)"),
+        ("bf16", False, "bf16", "warning: this CPU has no native bf16"),
+        ("bf16", True, "bf16", "precision: bf16"),
+        ("no", True, "no", "precision: fp32"),
+        ("fp16", False, "fp16", "precision: fp16"),
+    ],
+)
+def test_mixed_precision_auto_is_bf16_only_where_native(monkeypatch, choice, native, chosen, words):
+    """auto asks the device: bf16 where it is computed in hardware, fp32 where torch would
+    emulate it (slower than fp32 on such a CPU); an explicit bf16 is kept, with a warning."""
+    monkeypatch.setattr(speed, "native_bf16", lambda cuda: native)
+    got, line = resolve_precision(choice, cuda=False)
+    assert got == chosen and words in line, line
+    assert load_config(None, [f"train.mixed_precision={choice}"]).train.mixed_precision == choice
+
+
+def test_native_bf16_on_cpu_is_onednn_s_answer():
+    assert speed.native_bf16(cuda=False) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -279,6 +279,7 @@ def test_grad_accum_lars_bf16(shards, tmp_path):
         "data.augment=amdim",
     )
     assert proc.returncode == 0
+    assert "precision: bf16" in proc.stdout  # said at start, with a warning where emulated
     rows = metrics(tmp_path)
     assert [r["samples_seen"] for r in rows] == [16, 32, 48, 64]
     lrs = [r["lr"] for r in rows]  # the rate each step used: warm-up, then cosine

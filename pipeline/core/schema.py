@@ -222,7 +222,10 @@ class TrainConfig:
     grad_clip: float = option(1.0, "max gradient norm; 0 disables")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     mixed_precision: str = option(
-        "no", "autocast precision (accelerate's)", choices=("no", "bf16", "fp16")
+        "no",
+        "autocast precision (accelerate's); auto: bf16 where the device computes it "
+        "natively (a GPU with bf16, a CPU with AVX512-BF16 or AMX), else no",
+        choices=("no", "bf16", "fp16", "auto"),
     )
     compile: bool = option(False, "torch.compile the encoder and the objective (in place)")
     channels_last: bool = option(False, "NHWC weights and inputs (faster convolutions on GPUs)")

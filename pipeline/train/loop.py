@@ -30,7 +30,7 @@ from pipeline.core.errors import ConfigError, state_dict_mismatch
 from pipeline.core.files import CONFIG_FILE, METRICS, PLOT
 from pipeline.core.schema import Config, save_config
 from pipeline.data.write import prepare_digits
-from pipeline.models.speed import apply_speed_options, keep_freed_memory
+from pipeline.models.speed import apply_speed_options, keep_freed_memory, resolve_precision
 from pipeline.objective.model import build_model
 from pipeline.share.card import render_card
 from pipeline.share.export import EXPORT_CONFIG, EXPORT_DIR, export_encoder, remove_partial_export
@@ -76,6 +76,7 @@ def train(cfg: Config, force_config: bool = False) -> int:
     threads = use_threads(cfg)  # intra-op threads from the cores this process may use
     tc, accelerator = cfg.train, make_accelerator(cfg)
     accelerator.print(threads.line())
+    accelerator.print(resolve_precision(tc.mixed_precision)[1])
     if not cfg.data.train_shards:
         use_default_data(accelerator, cfg)
     # The lock before the folder is read or written; signals stop at a step boundary.
@@ -128,7 +129,7 @@ def make_accelerator(cfg: Config):
     handlers = [InitProcessGroupKwargs(backend="gloo")] if no_gpu and launched else []
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=resolve_precision(cfg.train.mixed_precision)[0],
         gradient_accumulation_steps=cfg.train.grad_accum,
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
