@@ -26,8 +26,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.core.cli import exit_on_mistake
-from pipeline.core.errors import ConfigError
+from pipeline.core.cli import exit_on_mistake, refused
 from pipeline.data.shards import resolve_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +53,7 @@ def run(cmd: list[str], log: Path) -> float:
     with open(log, "w") as f:
         code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     if code == 2:
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-        raise ConfigError(f"{lines[-1] if lines else 'refused its input'} (log: {log})")
+        raise refused(log.read_text(errors="replace"), f" (log: {log})")
     if code != 0:
         sys.exit(f"ablation: {' '.join(cmd[:4])} ... failed with exit code {code}; see {log}")
     return time.perf_counter() - t0

@@ -38,8 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.core.cli import comma_separated, exit_on_mistake  # noqa: E402
-from pipeline.core.errors import ConfigError  # noqa: E402
+from pipeline.core.cli import comma_separated, exit_on_mistake, refused  # noqa: E402
 from pipeline.share.tracking import read_metrics  # noqa: E402  (after the path)
 
 CLEARED = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "DIM_THREADS_RESTARTED")
@@ -92,8 +91,7 @@ def run_cell(args, extra: dict[str, str], out: Path, busy: bool) -> tuple[float,
             load.kill()
             load.wait()
     if proc.returncode == 2:  # pretrain.py refused the config: its one line
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        raise ConfigError(lines[-1] if lines else "pretrain.py refused its input")
+        raise refused(proc.stderr)
     if proc.returncode != 0:
         sys.exit(f"benchmarks/threads.py: the run failed:\n{proc.stderr[-3000:]}")
     said = next((x for x in proc.stdout.splitlines() if x.startswith("threads: ")), "?")
@@ -114,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--windows", type=int, default=3, help="timed windows after the warm-up")
     p.add_argument(
         "--settings",
-        type=comma_separated(choices=("before", "after", "passive"), kind="setting"),
+        type=comma_separated(choices=tuple(settings(1)), kind="setting"),
         default="before,after",
         help="before,after[,passive]",
     )
@@ -130,7 +128,6 @@ def main(argv: list[str] | None = None) -> None:
         args.config = None  # the embedded defaults (digits)
     cores = len(os.sched_getaffinity(0))
     table = settings(cores)
-    names, loads = args.settings, args.loads
     print(
         f"{args.config or 'default config'}  {cores} cores in the affinity mask  "
         f"{args.window} steps x {args.windows} timed windows after 1 warm-up window"
@@ -138,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dim-threads-") as tmp:
-        for load in loads:
-            for name in names:
+        for load in args.loads:
+            for name in args.settings:
                 avg = os.getloadavg()[0]
                 rate, rates, said = run_cell(
                     args, table[name], Path(tmp) / f"{name}-{load}", load == "busy"

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 from pipeline.core.errors import ConfigError, unknown
 
-__all__ = ["comma_separated", "exit_on_mistake"]
+__all__ = ["comma_separated", "exit_on_mistake", "refused"]
 
 _WHAT = {int: "an integer", float: "a number"}
 
@@ -41,6 +41,13 @@ def comma_separated(
 
     parse.__name__ = "comma-separated list"  # what argparse calls the type in its message
     return parse
+
+
+def refused(output: str, note: str = "") -> ConfigError:
+    """A command the benchmark started exited 2 (it refused its input): its last line,
+    the one naming the mistake, as the benchmark's own ``ConfigError``."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    return ConfigError((lines[-1] if lines else "a command refused its input") + note)
 
 
 def exit_on_mistake(prog: str, main: Callable[..., int | None], argv=None) -> NoReturn:

@@ -76,7 +76,6 @@ def train(cfg: Config, force_config: bool = False) -> int:
     threads = use_threads(cfg)  # intra-op threads from the cores this process may use
     tc, accelerator = cfg.train, make_accelerator(cfg)
     accelerator.print(threads.line())
-    accelerator.print(resolve_precision(tc.mixed_precision)[1])
     if not cfg.data.train_shards:
         use_default_data(accelerator, cfg)
     # The lock before the folder is read or written; signals stop at a step boundary.
@@ -127,13 +126,15 @@ def make_accelerator(cfg: Config):
     # and both need gloo named explicitly, or every rank believes it is rank 0 of 1.
     cpu = no_gpu and not deepspeed
     handlers = [InitProcessGroupKwargs(backend="gloo")] if no_gpu and launched else []
+    precision, said = resolve_precision(cfg.train.mixed_precision, cuda=not no_gpu)
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=resolve_precision(cfg.train.mixed_precision)[0],
+        mixed_precision=precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
     )
+    accelerator.print(said)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         ds = plugin.deepspeed_config
