@@ -6,7 +6,6 @@ Each run is a subprocess, as a user would start it; the model is tiny (test_resn
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -400,23 +399,48 @@ def test_agree_reports_nan_and_raise_if_nonfinite_names_step_and_terms():
     raise_if_nonfinite({"loss": 1.0}, 7)  # finite: nothing
 
 
-def test_deepspeed_half_recast_and_autocast_are_separate():
+def test_deepspeed_half_recast_and_autocast_inside_the_engine():
     """Under DeepSpeed bf16 the BatchNorm statistics are cast by the recast alone, and the
-    autocast helper casts nothing; without DeepSpeed neither does anything."""
+    forward of the model and of its encoder runs under autocast even where an autocast
+    around the call is switched off, as DeepSpeed's engine does on a GPU. Catches: the
+    autocast entered around the engine's call (the first H200 run: 'Input type
+    (torch.cuda.FloatTensor) and weight type (CUDABFloat16Type) should be the same'),
+    the encoder called alone (the online probe) left without it, and anything done
+    without DeepSpeed."""
     import torch
 
-    from pipeline.train.step import deepspeed_autocast, recast_batchnorm_for_deepspeed
+    from pipeline.train.step import autocast_inside_deepspeed, recast_batchnorm_for_deepspeed
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
-    bf16 = _accelerator({"bf16": {"enabled": True}})
-    assert isinstance(deepspeed_autocast(bf16), torch.autocast)
-    assert model[1].running_mean.dtype == torch.float32  # the autocast helper left it alone
-    recast_batchnorm_for_deepspeed(_accelerator(), model)
-    assert model[1].running_var.dtype == torch.float32
-    assert isinstance(deepspeed_autocast(_accelerator()), contextlib.nullcontext)
-    recast_batchnorm_for_deepspeed(bf16, model)
-    assert model[1].running_mean.dtype == model[1].running_var.dtype == torch.bfloat16
-    assert model[0].weight.dtype == torch.float32  # weights are the engine's business
+    class Model(torch.nn.Sequential):  # a DIM in miniature: a forward, and an encoder
+        def __init__(self):
+            super().__init__(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+            self.encoder = torch.nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            return self[1](self[0](x))
+
+    def model():
+        return Model().to(torch.bfloat16)  # the engine's bf16 weights
+
+    x = torch.randn(2, 3, 4, 4)  # the loader's fp32 images
+    plain, bf16 = _accelerator(), _accelerator({"bf16": {"enabled": True}})
+    untouched = model()
+    recast_batchnorm_for_deepspeed(plain, untouched)
+    autocast_inside_deepspeed(plain, untouched)
+    assert "forward" not in vars(untouched) and "forward" not in vars(untouched.encoder)
+    with pytest.raises(RuntimeError, match=r"should be the same|same dtype"):
+        untouched(x)
+
+    net = model()
+    net[1].running_mean.data = net[1].running_mean.data.float()  # the engine leaves them
+    net[1].running_var.data = net[1].running_var.data.float()
+    recast_batchnorm_for_deepspeed(bf16, net)
+    assert net[1].running_mean.dtype == net[1].running_var.dtype == torch.bfloat16
+    autocast_inside_deepspeed(bf16, net)
+    with torch.autocast("cpu", enabled=False):  # what the engine does around the module
+        assert net(x).dtype == torch.bfloat16
+        assert net.encoder(x).dtype == torch.bfloat16
+    assert net[0].weight.dtype == torch.bfloat16  # weights are the engine's business
 
 
 def test_eval_mode_restores_each_module_own_state():

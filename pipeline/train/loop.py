@@ -53,6 +53,7 @@ from pipeline.train.step import (
     TrainStep,
     Vote,
     agree,
+    autocast_inside_deepspeed,
     raise_if_nonfinite,
     recast_batchnorm_for_deepspeed,
 )
@@ -91,6 +92,7 @@ def train(cfg: Config, force_config: bool = False) -> int:
         report_receptive_field(accelerator, model.encoder, cfg)
         model, optimizer, scheduler = prepare_training(accelerator, model, tc)
         recast_batchnorm_for_deepspeed(accelerator, model)
+        autocast_inside_deepspeed(accelerator, model)
         restore_or_seed(accelerator, cfg, state)
         save_run_config(accelerator, cfg)  # after the restore: a misfit never replaces it
         train_step = TrainStep(accelerator, cfg, model, optimizer, scheduler)

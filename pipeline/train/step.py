@@ -10,7 +10,6 @@ its engine leaves undone: BatchNorm buffers in the weights' dtype, and autocast.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from typing import NamedTuple
@@ -29,7 +28,7 @@ __all__ = [
     "TrainStep",
     "Vote",
     "agree",
-    "deepspeed_autocast",
+    "autocast_inside_deepspeed",
     "deepspeed_half_dtype",
     "raise_if_nonfinite",
     "recast_batchnorm_for_deepspeed",
@@ -65,14 +64,24 @@ def recast_batchnorm_for_deepspeed(accelerator, model) -> None:
             m.running_var.data = m.running_var.data.to(dtype)
 
 
-def deepspeed_autocast(accelerator):
-    """Autocast for DeepSpeed bf16/fp16, whose engine does not cast the inputs; a null
-    context otherwise (under DDP, accelerate's ``prepare`` already wraps the forward)."""
+def autocast_inside_deepspeed(accelerator, model) -> None:
+    """Under DeepSpeed bf16/fp16, run the DIM model's forward and its encoder's under
+    autocast; nothing otherwise (under DDP, accelerate's ``prepare`` wraps the forward).
+
+    The engine casts the weights but not the inputs, so the forward needs autocast. An
+    autocast entered around the engine's call does not reach the model: on a GPU the engine
+    switches an outer autocast off unless its own ``torch_autocast`` section is on
+    (``deepspeed.runtime.torch_autocast``). So autocast goes inside, around the wrapped
+    modules' own ``forward``: the engine's and the online probe's calls (the encoder
+    alone) both run in the engine's dtype."""
 
     dtype = deepspeed_half_dtype(accelerator)
     if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(accelerator.device.type, dtype=dtype)
+        return
+    inner = accelerator.unwrap_model(model)
+    for module in (inner, getattr(inner, "encoder", None)):
+        if module is not None:
+            module.forward = torch.autocast(accelerator.device.type, dtype=dtype)(module.forward)
 
 
 @dataclasses.dataclass
@@ -98,7 +107,6 @@ class TrainStep:
         self.accelerator, self.tc = accelerator, cfg.train
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.autocast = deepspeed_autocast(accelerator)
         # Random crops, jitter and the second view on the step's device, drawn from
         # (seed, rank, step): a resumed run augments step k as the first run did.
         self.augment = build_batch_augment(
@@ -128,8 +136,7 @@ class TrainStep:
             views = self.views(batch, step, micro)
             skipped = int(batch.get("skipped", 0))
             with accelerator.accumulate(self.model):
-                with self.autocast:
-                    loss, terms = self.model(*views)
+                loss, terms = self.model(*views)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(self.params, tc.grad_clip or math.inf)
