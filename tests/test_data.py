@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import tarfile
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -396,10 +397,9 @@ def test_corrupt_jpeg_and_truncated_tar_are_skipped_and_counted(tmp_path, writer
     assert shards[1].name in messages and shards[2].name in messages
 
 
-def test_close_stops_workers_that_ignore_sigterm(tmp_path):
-    """The train loop starts workers with SIGTERM blocked, so they ignore the SIGTERM of
-    DataLoader's shutdown; close() must still end them, mid-pass and after persistent
-    workers crossed an epoch, or the interpreter waits for them at exit."""
+def _loader_read_with_sigterm_blocked(tmp_path, batches: int):
+    """A train loader whose 2 workers start with SIGTERM blocked, as the train loop starts
+    them, after ``batches`` batches (an epoch is 4); with its worker processes."""
     import multiprocessing
     import signal
 
@@ -412,17 +412,43 @@ def test_close_stops_workers_that_ignore_sigterm(tmp_path):
             cfg, batch_size=2, img_size=SIZE, in_chans=3, seed=0, rank=0, world_size=1
         )
         before = set(multiprocessing.active_children())
-        batches = iter(loader)
-        assert len(list(islice(batches, 6))) == 6  # an epoch is 4 batches
+        assert len(list(islice(iter(loader), batches))) == batches
         workers = set(multiprocessing.active_children()) - before
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     assert len(workers) == 2
+    return loader, workers
+
+
+def test_close_stops_workers_that_ignore_sigterm(tmp_path):
+    """The train loop starts workers with SIGTERM blocked, so they ignore the SIGTERM of
+    DataLoader's shutdown; close() must still end them, mid-pass and after persistent
+    workers crossed an epoch, or the interpreter waits for them at exit."""
+    loader, workers = _loader_read_with_sigterm_blocked(tmp_path, 6)
     loader.close()
     assert not any(w.is_alive() for w in workers)
     loader.close()  # a second close (atexit after the normal one) does nothing
     with pytest.raises(RuntimeError, match="closed"):
         iter(loader)
+
+
+def test_close_kills_lingering_workers_without_a_worker_failure(tmp_path):
+    """A worker close() kills on purpose is not a failed worker. Where DataLoader's
+    iterator outlives the loader (a traceback's frames hold it; the first H200 run's
+    SIGTERM stop did), its pids stay registered with the SIGCHLD handler DataLoader
+    installs, and the kill came back as 'DataLoader worker (pid N) is killed by signal:
+    Killed' after the last checkpoint. Catches: the handler left in place during the kill."""
+    import signal
+
+    loader, workers = _loader_read_with_sigterm_blocked(tmp_path, 2)
+    held = loader.loader._iterator  # outlives the loader, as a traceback would keep it
+    assert held is not None
+    handler = signal.getsignal(signal.SIGCHLD)
+    loader.close()
+    time.sleep(0.2)  # a SIGCHLD arriving late would raise here
+    assert not any(w.is_alive() for w in workers)
+    assert signal.getsignal(signal.SIGCHLD) is handler  # DataLoader's handler is back
+    del held
 
 
 def test_images_in_any_mode_pil_writes_decode_to_eight_bits(tmp_path):

@@ -38,6 +38,8 @@ import json
 import logging
 import multiprocessing
 import random
+import signal
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -425,6 +427,20 @@ class _Stream(IterableDataset):
         }
 
 
+@contextlib.contextmanager
+def _sigchld_default():
+    """SIGCHLD's default action for the block (main thread only; elsewhere nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: set outside Python, cannot be put back
+            signal.signal(signal.SIGCHLD, previous)
+
+
 class StreamLoader:
     """Iterates a ``DataLoader`` over the stream and sums the workers' skip counts.
 
@@ -464,15 +480,19 @@ class StreamLoader:
         the interpreter would wait for it forever at exit. DataLoader stops its workers
         when its iterator is garbage collected; with persistent workers the DataLoader
         holds that iterator, so closing ends every pass in progress and drops the
-        DataLoader. A worker still alive after that is killed. The loader is spent.
+        DataLoader. A worker still alive after that is killed, with DataLoader's SIGCHLD
+        handler set aside meanwhile: where something still holds the iterator (a traceback's
+        frames), its workers are still registered there and the kill would be reported as
+        a worker failure. The loader is spent.
         """
         for batches in list(self._passes):
             batches.close()
         self.loader = None  # the last reference to the DataLoader and its iterator
-        for worker in self._workers:
-            if worker.is_alive():
-                worker.kill()
-            worker.join(timeout=5)
+        with _sigchld_default():  # a worker killed here has not failed
+            for worker in self._workers:
+                if worker.is_alive():
+                    worker.kill()
+                worker.join(timeout=5)
         self._workers.clear()
 
     def __iter__(self) -> Iterator[dict]:
