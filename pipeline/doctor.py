@@ -66,6 +66,10 @@ STATUSES = ("pass", "fail", "skip", "warn", "info")
 NODES = (1, 8, 64)
 GATHER_LOCAL_BATCH = 4
 GATHER_ATOL = {"cpu": 1e-5, "cuda": 1e-4}  # fp32 sums in another order; TF32 off on GPU
+# Resumed weights must be bit-identical; the next steps' losses too on CPU, but on a GPU
+# the backward's atomic adds make a step itself vary in the last bits (1.9e-9 on an H200),
+# while a resume that lost the optimizer's state moves the second loss by 7e-4 (this config).
+RESUME_ATOL = {"cpu": 0.0, "cuda": 1e-6}
 BF16_MIN_COSINE = 0.99  # bf16 keeps 8 bits of mantissa: ~0.4% per value
 BF16_BATCH = 16
 WARMUP, TIMED = 2, 5
@@ -411,7 +415,8 @@ def checkpoint_row(cfg: Config) -> Row:
     )
     resumed = _next_two(fresh, fresh_opt, cfg, batches)
     loss_diff = max(abs(a - b) for a, b in zip(original, resumed, strict=True))
-    ok = weights == 0 and loss_diff == 0
+    tolerance = RESUME_ATOL[device_type()]
+    ok = weights == 0 and loss_diff <= tolerance
     return Row(
         "correctness",
         "checkpoint saves and resumes",
@@ -420,7 +425,9 @@ def checkpoint_row(cfg: Config) -> Row:
         loss_diff,
         "abs",
         "pass" if ok else "fail",
-        "tolerance 0 (bit-identical); save_checkpoint / load_checkpoint through accelerate",
+        f"weights bit-identical, losses within {tolerance:g}"
+        f"{' (cuDNN backward kernels add in any order)' if tolerance else ''}; "
+        "save_checkpoint / load_checkpoint through accelerate",
     )
 
 
@@ -428,7 +435,8 @@ def checkpoint_row(cfg: Config) -> Row:
 
 
 def _launch_env() -> dict[str, str]:
-    e = dict(os.environ, WANDB_MODE="disabled", WANDB_SILENT="true", PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    e = dict(os.environ, WANDB_MODE="disabled", WANDB_SILENT="true", PYTHONPATH=path)
     if not torch.cuda.is_available():
         e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     return e
