@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -356,6 +357,16 @@ def test_a_training_checkpoint_is_exported_on_first_use(tmp_path):
     save_file({"w": torch.zeros(2)}, str(odd / "model.safetensors"))
     with pytest.raises(ConfigError, match="holds no DIM encoder weights"):
         find_export(odd)
+
+    # A run stopped before its end has checkpoints but no export: the refusal names the
+    # latest checkpoint to pass instead (the first H200 run, stopped by SIGTERM, got only
+    # "pass a run's output folder or its export").
+    shutil.rmtree(odd)
+    for folder in (out / EXPORT_DIR, step2 / EXPORT_DIR):
+        shutil.rmtree(folder)
+    latest = out / "checkpoints" / "step_0000004"
+    with pytest.raises(ConfigError, match=f"no final export .*its latest {latest}"):
+        find_export(out)
 
 
 def test_evaluate_of_an_export_joins_the_training_run(tmp_path):

@@ -187,10 +187,17 @@ def find_export(path: str | Path) -> Path:
             and is_export(p.parent)
         ]
     if not found:
+        steps = sorted(p for p in path.glob("checkpoints/step_*") if is_training_checkpoint(p))
+        hint = (
+            f"the run has checkpoints but no final export (stopped early?): pass one, "
+            f"e.g. its latest {steps[-1]}"
+            if steps
+            else "pass a run's output folder or its export"
+        )
         raise ConfigError(
             f"no exported encoder at {path}: expected a model folder "
             f"({EXPORT_CONFIG} + {EXPORT_BACKBONE}) there, in {EXPORT_DIR}/ "
-            f"or below (pass a run's output folder or its export)"
+            f"or below ({hint})"
         )
     return max(found, key=lambda p: p.stat().st_mtime)
 
