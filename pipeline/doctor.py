@@ -10,10 +10,11 @@ takes the configuration as ``pretrain.py`` does and prints one table in three se
   CPU, said in the row), one bf16 step is finite and close to fp32, a checkpoint saves and
   resumes to the same next steps, DeepSpeed ZeRO-2 trains two steps (``--deepspeed``;
   on by default where a GPU exists, since on CPU it takes about a minute);
-- speed for the configuration: the DIM step against its bare backbone, the input
-  pipeline's images/s per loader worker on the configuration's own shards, and what
-  follows from both: workers per device, whether the cores can feed the devices, epoch
-  and run time on 1, 8 and 64 nodes, and the bytes the infoNCE all-gather moves per step.
+- speed for the configuration: the DIM step against its bare backbone, ``pretrain.py``
+  itself for about ten seconds (on a GPU the loop around the step cost 1.6x the step),
+  the input pipeline's images/s per loader worker on the configuration's own shards, and
+  what follows: workers per device, whether the cores can feed the devices, epoch and
+  run time on 1, 8 and 64 nodes, and the bytes the infoNCE all-gather moves per step.
 
 Each figure is measured here, on this node, in this run, except the scaled times, which
 assume linear scaling (and say so). Exit code 0 when nothing failed, 1 when a check
@@ -76,6 +77,8 @@ WARMUP, TIMED = 2, 5
 LOADER_BATCHES = 5
 SPAWN_TIMEOUT_S = 120
 DEEPSPEED_TIMEOUT_S = 300
+LOOP_SECONDS, LOOP_STEPS, LOOP_TIMEOUT_S = 10, (30, 5000), 300
+LOOP_OVERHEAD_WARN = 1.5  # the H200's paper recipe: 1.6x (130 bare vs 79-92 step/s)
 
 
 @dataclasses.dataclass
@@ -434,10 +437,13 @@ def checkpoint_row(cfg: Config) -> Row:
 # --------------------------------------------------------- correctness: DeepSpeed ZeRO-2
 
 
-def _launch_env() -> dict[str, str]:
+def _launch_env(two_cpu_ranks: bool = True) -> dict[str, str]:
+    """The environment of a ``pretrain.py`` the doctor starts: this project importable,
+    W&B off; on a CPU node with ``two_cpu_ranks``, DeepSpeed's CPU accelerator and one
+    thread per rank (two ranks share the cores)."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     e = dict(os.environ, WANDB_MODE="disabled", WANDB_SILENT="true", PYTHONPATH=path)
-    if not torch.cuda.is_available():
+    if two_cpu_ranks and not torch.cuda.is_available():
         e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     return e
 
@@ -475,8 +481,7 @@ def deepspeed_row(config: str | None, overrides: list[str], shards: str, enabled
         ]
         t0 = time.perf_counter()
         proc = subprocess.run(
-            cmd,
-            cwd=ROOT,
+            cmd,  # in the caller's folder: the config and shard paths are relative to it
             env=_launch_env(),
             capture_output=True,
             text=True,
@@ -565,6 +570,43 @@ def step_speed(cfg: Config) -> dict[str, float]:
     return {name: views * b / s for name, s in seconds.items()} | {"views": views}
 
 
+def loop_speed(
+    config: str | None, overrides: list[str], shards: str, step_ips: float, batch: int
+) -> tuple[float, int]:
+    """(images/s, steps) of ``pretrain.py`` itself on one device: the configuration's
+    loader and workers, the host-to-device copy, device augmentation, the per-step
+    agreement and logging, which the bare step leaves out. About ``LOOP_SECONDS`` of
+    steps, sized by the bare step's rate; the median of the rows after the first third."""
+    steps = round(min(max(LOOP_SECONDS * step_ips / batch, LOOP_STEPS[0]), LOOP_STEPS[1]))
+    with tempfile.TemporaryDirectory(prefix="dim-doctor-") as out:
+        cmd = [
+            sys.executable,
+            str(ROOT / "pretrain.py"),
+            *(["--config", config] if config else []),
+            *overrides,
+            f"data.train_shards={shards}",
+            "data.val_shards=",
+            f"train.output_dir={out}",
+            f"train.max_steps={steps}",
+            "train.warmup_steps=0",
+            f"train.log_every={max(steps // 15, 1)}",
+            "train.eval_every=0",
+            "wandb.mode=disabled",
+        ]
+        env = _launch_env(two_cpu_ranks=False)
+        if torch.cuda.is_available():  # one process, on the first GPU
+            env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        proc = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=LOOP_TIMEOUT_S
+        )  # in the caller's folder: the config and shard paths are relative to it
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
+            raise RuntimeError(f"pretrain.py exit {proc.returncode}: {tail}")
+        rates = [r["samples_per_s"] for r in read_metrics(Path(out) / METRICS)]
+    late = sorted(rates[len(rates) // 3 :])
+    return late[len(late) // 2], steps
+
+
 def default_shards(folder: Path) -> str:
     """The embedded default data (digits) as training does, written into ``folder``."""
     return str(prepare_digits(folder))
@@ -644,14 +686,18 @@ def allgather_rows(cfg: Config, views: int) -> list[Row]:
     return rows
 
 
-def plan_rows(cfg: Config, step_ips: float, worker_ips: float, epoch: int | None) -> list[Row]:
-    """What the two measured rates imply for this node and for N nodes."""
+def plan_rows(
+    cfg: Config, step_ips: float, loop_ips: float, worker_ips: float, epoch: int | None
+) -> list[Row]:
+    """What the measured rates imply for this node and for N nodes: each device runs at
+    the slower of the bare step and the training loop, and the cores must feed them."""
     cores, devices = usable_cores(), local_devices()
     workers = math.ceil(step_ips / worker_ips)
     spare = max(cores - devices, 1)  # one core drives each device's training process
     fed = workers * devices <= spare
-    node_ips = min(step_ips * devices, worker_ips * spare)
-    limit = "devices" if step_ips * devices <= worker_ips * spare else "input (CPU cores)"
+    device_ips = min(step_ips, loop_ips)
+    node_ips = min(device_ips * devices, worker_ips * spare)
+    limit = "devices" if device_ips * devices <= worker_ips * spare else "input (CPU cores)"
     rows = [
         Row(
             "speed",
@@ -683,7 +729,7 @@ def plan_rows(cfg: Config, step_ips: float, worker_ips: float, epoch: int | None
             node_ips,
             "img/s",
             "info",
-            "min(devices x step img/s, spare cores x worker img/s)",
+            "min(devices x min(step, loop) img/s, spare cores x worker img/s)",
         ),
     ]
     run_images = cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum
@@ -729,6 +775,25 @@ def plan_rows(cfg: Config, step_ips: float, worker_ips: float, epoch: int | None
     return rows
 
 
+def overhead_row(ratio: float, device: str) -> Row:
+    """The loop's time per step over the bare step's, with what to try where it is high."""
+    high = ratio > LOOP_OVERHEAD_WARN
+    if device == "cpu":
+        why = "on a CPU node the loader's workers and the step share the cores"
+    else:
+        why = "the device waits on the host: a larger batch, or more loader workers, help"
+    return Row(
+        "speed",
+        "loop / bare DIM step time",
+        f"{ratio:.2f}x",
+        ratio,
+        "ratio",
+        "warn" if high else "info",
+        "what a training step costs beyond its arithmetic"
+        + (f"; > {LOOP_OVERHEAD_WARN}x: {why}" if high else ""),
+    )
+
+
 def _human_time(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.1f} s"
@@ -737,10 +802,11 @@ def _human_time(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def speed_rows(cfg: Config, shards: str) -> list[Row]:
+def speed_rows(cfg: Config, config: str | None, overrides: list[str], shards: str) -> list[Row]:
     step = step_speed(cfg)
     worker = loader_speed(cfg, shards)
     device = device_type()
+    loop, loop_steps = loop_speed(config, overrides, shards, step["dim"], cfg.train.batch_size)
     rows = [
         Row(
             "speed",
@@ -783,8 +849,22 @@ def speed_rows(cfg: Config, shards: str) -> list[Row]:
             f"{LOADER_BATCHES} batches",
         ),
     ]
+    rows += [
+        Row(
+            "speed",
+            "training loop img/s per device",
+            f"{loop:.0f} on {device}",
+            loop,
+            "img/s",
+            "info",
+            f"pretrain.py itself, {loop_steps} steps, data.num_workers={cfg.data.num_workers}: "
+            "the loader, device copy and augmentation, per-step agreement and logging "
+            "besides the step; median of the rows after the first third",
+        ),
+        overhead_row(step["dim"] / loop, device),
+    ]
     epoch = cfg.data.epoch_samples or dataset_size(shards)
-    rows += plan_rows(cfg, step["dim"], worker, epoch)
+    rows += plan_rows(cfg, step["dim"], loop, worker, epoch)
     return rows + allgather_rows(cfg, step["views"])
 
 
@@ -814,7 +894,7 @@ def run_checks(cfg: Config, config: str | None, overrides: list[str], deepspeed:
         rows += _guarded(
             "correctness", "deepspeed", lambda: deepspeed_row(config, overrides, shards, deepspeed)
         )
-        rows += _guarded("speed", "speed", lambda: speed_rows(cfg, shards))
+        rows += _guarded("speed", "speed", lambda: speed_rows(cfg, config, overrides, shards))
     return rows
 
 
