@@ -29,9 +29,9 @@ def report(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("doctor")
     (folder / "mine.yaml").write_text("train:\n  batch_size: 16\n")
     out = folder / "report.json"
+    cmd = [PY, "-m", "pipeline.doctor", "--config", "mine.yaml", "--json", "report.json"]
     proc = run(
-        [PY, "-m", "pipeline.doctor", "--config", "mine.yaml", "--json", "report.json"]
-        + ["train.seed=1"],
+        [*cmd, "train.seed=1"],
         timeout=240,
         cwd=folder,
     )
