@@ -448,6 +448,56 @@ def _launch_env(two_cpu_ranks: bool = True) -> dict[str, str]:
     return e
 
 
+@dataclasses.dataclass
+class _ShortRun:
+    """A short ``pretrain.py`` the doctor started: its exit code, the last line it wrote
+    to stderr (what a failure says), its metrics rows (none on failure), its wall time."""
+
+    returncode: int
+    last_line: str
+    rows: list[dict]
+    seconds: float
+
+
+def _short_run(
+    launcher: list[str],
+    config: str | None,
+    overrides: list[str],
+    shards: str,
+    *,
+    steps: int,
+    log_every: int,
+    env: dict[str, str],
+    timeout: float,
+    extra: tuple[str, ...] = (),
+) -> _ShortRun:
+    """``launcher pretrain.py`` with the user's configuration on ``shards`` for ``steps``
+    steps into a temporary folder, without validation, online probe or W&B. It runs in
+    the caller's folder: the config and shard paths are relative to it."""
+    with tempfile.TemporaryDirectory(prefix="dim-doctor-") as out:
+        cmd = [
+            *launcher,
+            str(ROOT / "pretrain.py"),
+            *(["--config", config] if config else []),
+            *overrides,
+            f"data.train_shards={shards}",
+            "data.val_shards=",
+            *extra,
+            f"train.output_dir={out}",
+            f"train.max_steps={steps}",
+            "train.warmup_steps=0",
+            f"train.log_every={log_every}",
+            "train.eval_every=0",
+            "wandb.mode=disabled",
+        ]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        seconds = time.perf_counter() - t0
+        rows = read_metrics(Path(out) / METRICS) if proc.returncode == 0 else []
+    last = (proc.stderr.strip().splitlines() or [""])[-1][:200]
+    return _ShortRun(proc.returncode, last, rows, seconds)
+
+
 def deepspeed_row(config: str | None, overrides: list[str], shards: str, enabled: bool) -> Row:
     check = "DeepSpeed ZeRO-2 runs two steps"
     launch = ROOT / "launch" / "deepspeed_zero2.yaml"
@@ -457,48 +507,27 @@ def deepspeed_row(config: str | None, overrides: list[str], shards: str, enabled
         why = "deepspeed not installed" if launch.is_file() else f"{launch} not found"
         return Row("correctness", check, "not run", status="skip", reason=why)
     processes = local_devices() if torch.cuda.is_available() else 2  # CPU: 2 gloo ranks
-    with tempfile.TemporaryDirectory(prefix="dim-doctor-") as out:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(launch),
-            "--num_processes",
-            str(processes),
-            str(ROOT / "pretrain.py"),
-            *(["--config", config] if config else []),
-            *overrides,
-            f"data.train_shards={shards}",
-            "data.val_shards=",
-            "data.num_workers=0",
-            f"train.output_dir={out}",
-            "train.max_steps=2",
-            "train.warmup_steps=0",
-            "train.log_every=1",
-            "train.eval_every=0",
-            "wandb.mode=disabled",
-        ]
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            cmd,  # in the caller's folder: the config and shard paths are relative to it
-            env=_launch_env(),
-            capture_output=True,
-            text=True,
-            timeout=DEEPSPEED_TIMEOUT_S,
-        )
-        seconds = time.perf_counter() - t0
-        rows = read_metrics(Path(out) / METRICS) if proc.returncode == 0 else []
-    steps = [r.get("step") for r in rows]
-    ok = steps == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
-    tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch)]
+    run = _short_run(
+        [*launcher, "--num_processes", str(processes)],
+        config,
+        overrides,
+        shards,
+        steps=2,
+        log_every=1,
+        env=_launch_env(),
+        timeout=DEEPSPEED_TIMEOUT_S,
+        extra=("data.num_workers=0",),
+    )
+    steps = [r.get("step") for r in run.rows]
+    ok = steps == [1, 2] and all(math.isfinite(r["loss"]) for r in run.rows)
     return Row(
         "correctness",
         check,
-        f"{processes} processes, steps logged {steps} in {seconds:.0f} s"
+        f"{processes} processes, steps logged {steps} in {run.seconds:.0f} s"
         if ok
-        else f"exit {proc.returncode}: {tail}",
-        seconds,
+        else f"exit {run.returncode}: {run.last_line}",
+        run.seconds,
         "s",
         "pass" if ok else "fail",
         "accelerate launch --config_file launch/deepspeed_zero2.yaml pretrain.py, 2 steps",
@@ -578,31 +607,22 @@ def loop_speed(
     agreement and logging, which the bare step leaves out. About ``LOOP_SECONDS`` of
     steps, sized by the bare step's rate; the median of the rows after the first third."""
     steps = round(min(max(LOOP_SECONDS * step_ips / batch, LOOP_STEPS[0]), LOOP_STEPS[1]))
-    with tempfile.TemporaryDirectory(prefix="dim-doctor-") as out:
-        cmd = [
-            sys.executable,
-            str(ROOT / "pretrain.py"),
-            *(["--config", config] if config else []),
-            *overrides,
-            f"data.train_shards={shards}",
-            "data.val_shards=",
-            f"train.output_dir={out}",
-            f"train.max_steps={steps}",
-            "train.warmup_steps=0",
-            f"train.log_every={max(steps // 15, 1)}",
-            "train.eval_every=0",
-            "wandb.mode=disabled",
-        ]
-        env = _launch_env(two_cpu_ranks=False)
-        if torch.cuda.is_available():  # one process, on the first GPU
-            env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-        proc = subprocess.run(
-            cmd, env=env, capture_output=True, text=True, timeout=LOOP_TIMEOUT_S
-        )  # in the caller's folder: the config and shard paths are relative to it
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
-            raise RuntimeError(f"pretrain.py exit {proc.returncode}: {tail}")
-        rates = [r["samples_per_s"] for r in read_metrics(Path(out) / METRICS)]
+    env = _launch_env(two_cpu_ranks=False)
+    if torch.cuda.is_available():  # one process, on the first GPU
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    run = _short_run(
+        [sys.executable],
+        config,
+        overrides,
+        shards,
+        steps=steps,
+        log_every=max(steps // 15, 1),
+        env=env,
+        timeout=LOOP_TIMEOUT_S,
+    )
+    if run.returncode != 0:
+        raise RuntimeError(f"pretrain.py exit {run.returncode}: {run.last_line}")
+    rates = [r["samples_per_s"] for r in run.rows]
     late = sorted(rates[len(rates) // 3 :])
     return late[len(late) // 2], steps
 
