@@ -38,6 +38,25 @@ def test_no_prior_is_claimed_when_gamma_is_zero(tmp_path):
     assert "no prior on the code (gamma 0)" in objective(text)
 
 
+@pytest.mark.parametrize(
+    "asked, used, words",
+    [
+        ("auto", "bf16", "precision\n  bf16 (train.mixed_precision auto)"),
+        ("auto", "no", "precision\n  fp32 (train.mixed_precision auto)"),
+        ("no", "no", "precision\n  fp32\n"),
+        ("bf16", None, "precision\n  bf16\n"),
+    ],
+)
+def test_the_card_states_the_precision_the_run_computed_in(tmp_path, asked, used, words):
+    """Catches a card that said "precision auto": what auto resolved to is the fact."""
+    cfg = Config()
+    cfg.train.mixed_precision, cfg.train.output_dir = asked, str(tmp_path / "run")
+    text = render_card(
+        cfg.to_dict(), step=5, samples_seen=40, world_size=1, location="here", precision=used
+    )
+    assert words in text
+
+
 def test_a_prior_is_stated_with_its_weight(tmp_path):
     text = card(tmp_path, gamma=0.01)
     assert "with a KL prior pulling the code towards N(0, I) (gamma 0.01)" in text

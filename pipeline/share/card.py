@@ -35,6 +35,7 @@ __all__ = [
     "measured_text",
     "mi_terms",
     "objective_text",
+    "precision_text",
     "render_card",
     "set_block",
     "set_front_matter",
@@ -225,6 +226,14 @@ def measured_text(metrics: str | Path) -> str:
     return f"logged at step {last['step']:,} (`{METRICS}`, nats): {figures}"
 
 
+def precision_text(asked: str, used: str | None) -> str:
+    """The precision the run computed in, and the setting when it named none ("auto")."""
+    words = {"no": "fp32"}
+    used = used or asked
+    said = words.get(used, used)
+    return f"{said} (train.mixed_precision {asked})" if asked != used else said
+
+
 def render_card(
     config: dict,
     *,
@@ -234,8 +243,11 @@ def render_card(
     location: str,
     wandb_run: dict | None = None,
     name: str | None = None,
+    precision: str | None = None,
 ) -> str:
-    """The card of a run's export: ``config`` is the resolved run config (as a dict)."""
+    """The card of a run's export: ``config`` is the resolved run config (as a dict);
+    ``precision`` is what the run computed in (accelerate's "no" / "bf16" / "fp16"), which
+    ``train.mixed_precision: auto`` leaves to the machine."""
 
     m, data, tr = config["model"], config["data"], config["train"]
     loss = config["loss"]
@@ -290,7 +302,7 @@ ICLR 2019): maximising the mutual information between the image's global code an
 - **Training:** {step:,} optimizer steps of {batch} images ({tr["batch_size"]} per process x
   {world_size} process(es) x {tr.get("grad_accum", 1)} accumulation), {samples_seen:,} images
   seen; {tr["optimizer"]}, lr {tr["lr"]}, {tr["warmup_steps"]} warm-up steps, precision
-  {tr.get("mixed_precision", "no")}{wb}
+  {precision_text(tr.get("mixed_precision", "no"), precision)}{wb}
 
 ## How to use
 

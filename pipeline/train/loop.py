@@ -340,6 +340,7 @@ def export(
             location=str(folder.resolve()),
             wandb_run=wb,
             name=f"{Path(cfg.train.output_dir).name}-{cfg.model.backbone}",
+            precision=accelerator.mixed_precision,
         )
         export_encoder(encoder, folder, dataclasses.asdict(cfg.model), card=card)
         if tracker:
