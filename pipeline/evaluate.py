@@ -40,6 +40,7 @@ import torch
 import wandb
 import yaml
 
+from pipeline.core.cli import one_line_mistakes
 from pipeline.core.errors import ConfigError
 from pipeline.core.files import CONFIG_FILE, PICTURE, WANDB_ID, check_output_folder
 from pipeline.data.loaders import (
@@ -504,25 +505,22 @@ PASSED_ON = (
 )
 
 
+@one_line_mistakes("dim-evaluate")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  results alone on stdout
     settings = ProbeSettings(k=args.knn_k, temperature=args.knn_temperature, seed=args.seed)
-    try:
-        folder = check_args(args)
-        picture = Path(args.neighbours or folder / PICTURE) if args.draw_neighbours else None
-        results, prior = evaluate(
-            folder,  # a model folder: evaluate's own find_export returns it as it is
-            args.train_shards,
-            args.test_shards,
-            settings=settings,
-            picture=picture,
-            log=log,
-            **{name: getattr(args, name) for name in PASSED_ON},
-        )
-    except ConfigError as err:
-        print(f"dim-evaluate: error: {err}", file=sys.stderr)
-        return 2
+    folder = check_args(args)
+    picture = Path(args.neighbours or folder / PICTURE) if args.draw_neighbours else None
+    results, prior = evaluate(
+        folder,  # a model folder: evaluate's own find_export returns it as it is
+        args.train_shards,
+        args.test_shards,
+        settings=settings,
+        picture=picture,
+        log=log,
+        **{name: getattr(args, name) for name in PASSED_ON},
+    )
     print(format_table(results), prior.line(), sep="\n", flush=True)
     for path, content in ((args.json, results), (args.prior_json, prior.as_dict())):
         if path:

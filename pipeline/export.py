@@ -28,6 +28,7 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from pipeline.core.cli import one_line_mistakes
 from pipeline.core.errors import ConfigError
 from pipeline.core.files import (
     PICTURE,
@@ -190,24 +191,17 @@ def check_args(args: argparse.Namespace) -> None:
         check_output_folder(args.out, "--out", example="my-model")
 
 
+@one_line_mistakes("dim-export")
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: a mistake is one stderr line and exit code 2, before anything
     is built; a refused upload is exit code 1."""
     args = build_parser().parse_args(argv)
-    try:
-        check_args(args)
-    except ConfigError as err:
-        print(f"dim-export: error: {err}", file=sys.stderr)
-        return 2
+    check_args(args)
     with tempfile.TemporaryDirectory(prefix="dim-export-") as scratch:
         dest = Path(args.out) if args.out else Path(scratch) / "model"
-        try:
-            files = stage(
-                args.source, dest, repo_id=args.push, license=args.license, datasets=args.dataset
-            )
-        except ConfigError as err:
-            print(f"dim-export: error: {err}", file=sys.stderr)
-            return 2
+        files = stage(
+            args.source, dest, repo_id=args.push, license=args.license, datasets=args.dataset
+        )
         if not args.push:
             print(f"wrote {dest}: {', '.join(p.name for p in files)}")
             return 0

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
+from pipeline.core.cli import one_line_mistakes
 from pipeline.core.errors import ConfigError
 from pipeline.core.files import check_output_folder
 from pipeline.data import write
@@ -111,38 +111,35 @@ def check_args(args: argparse.Namespace) -> tuple[str, str]:
     return names
 
 
+@one_line_mistakes("dim-prepare")
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: a mistake is one line on stderr and exit code 2, with nothing
     written."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        names = check_args(args)
-        common = {
-            "val_fraction": args.val_fraction,
-            "seed": args.seed,
-            "overwrite": args.force,
-            "max_samples": args.shard_samples,
-            "max_bytes": int(args.shard_mb * 2**20),
-            "names": names,
-        }
-        if args.source == "folder":
-            manifest = prepare_folder(args.src, args.out, max_size=args.max_size, **common)
-        elif args.source == "digits":
-            manifest = prepare_digits(args.out, size=args.size, **common)
-        else:
-            manifest = prepare_torchvision(
-                args.name,
-                args.root,
-                args.out,
-                split=args.split,
-                image_format=args.format,
-                max_size=args.max_size,
-                **common,
-            )
-    except ConfigError as err:
-        print(f"dim-prepare: error: {err}", file=sys.stderr)
-        return 2
+    names = check_args(args)
+    common = {
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
+        "overwrite": args.force,
+        "max_samples": args.shard_samples,
+        "max_bytes": int(args.shard_mb * 2**20),
+        "names": names,
+    }
+    if args.source == "folder":
+        manifest = prepare_folder(args.src, args.out, max_size=args.max_size, **common)
+    elif args.source == "digits":
+        manifest = prepare_digits(args.out, size=args.size, **common)
+    else:
+        manifest = prepare_torchvision(
+            args.name,
+            args.root,
+            args.out,
+            split=args.split,
+            image_format=args.format,
+            max_size=args.max_size,
+            **common,
+        )
     folder = Path(args.out)
     for path in sorted(folder.glob("*.json")):
         try:

@@ -26,6 +26,7 @@ import wandb
 import wandb_workspaces.reports.v2 as wr
 import yaml
 
+from pipeline.core.cli import one_line_mistakes
 from pipeline.core.errors import ConfigError
 from pipeline.core.files import CONFIG_FILE, METRICS, WANDB_ID
 from pipeline.objective.loss import ESTIMATORS
@@ -229,6 +230,7 @@ def _default_entity() -> str:
         raise ConfigError(f"cannot reach W&B: {type(err).__name__}: {err}") from None
 
 
+@one_line_mistakes("dim-report")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="dim-report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -253,11 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dry-run", action="store_true", help="build and print the structure; no network"
     )
     args = p.parse_args(argv)
-    try:
-        print(_report(args))
-    except ConfigError as err:
-        print(f"dim-report: error: {err}", file=sys.stderr)
-        return 2
+    print(_report(args))
     return 0
 
 

@@ -1,17 +1,19 @@
-"""What a command line does with a mistake, for the commands outside ``pipeline`` (the
-benchmarks): one line ``PROG: error: ...`` on stderr and exit code 2, as the project's
-own tools do, instead of a traceback from wherever the bad value was first used."""
+"""What a command line does with a mistake: one line ``PROG: error: ...`` on stderr and
+exit code 2, instead of a traceback from wherever the bad value was first used. The
+project's tools (``one_line_mistakes`` on their ``main``) and the benchmarks
+(``exit_on_mistake``) share it."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from pipeline.core.errors import ConfigError, unknown
 
-__all__ = ["comma_separated", "exit_on_mistake", "refused"]
+__all__ = ["comma_separated", "exit_on_mistake", "one_line_mistakes", "refused"]
 
 _WHAT = {int: "an integer", float: "a number"}
 
@@ -50,12 +52,24 @@ def refused(output: str, note: str = "") -> ConfigError:
     return ConfigError((lines[-1] if lines else "a command refused its input") + note)
 
 
+def one_line_mistakes(prog: str):
+    """Decorator for a command's ``main``: a ``ConfigError`` (bad config, override, path or
+    data) it raises becomes one stderr line ``PROG: error: ...`` and the return code 2."""
+
+    def wrap(main: Callable[..., int | None]) -> Callable[..., int | None]:
+        @functools.wraps(main)
+        def run(*args, **kwargs) -> int | None:
+            try:
+                return main(*args, **kwargs)
+            except ConfigError as err:
+                print(f"{prog}: error: {err}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return wrap
+
+
 def exit_on_mistake(prog: str, main: Callable[..., int | None], argv=None) -> NoReturn:
-    """Run ``main(argv)``; a ``ConfigError`` (bad config, override, path or data) becomes
-    one line and exit code 2."""
-    try:
-        code = main(argv)
-    except ConfigError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code or 0)
+    """Run ``main(argv)`` and exit with its code; a mistake as ``one_line_mistakes``."""
+    sys.exit(one_line_mistakes(prog)(main)(argv) or 0)
