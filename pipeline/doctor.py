@@ -571,7 +571,11 @@ def _stepper(
 
 
 def step_speed(cfg: Config) -> dict[str, float]:
-    """images/s of the DIM training step and of the bare backbone's, on one device."""
+    """images/s of the DIM training step and of the bare backbone's, on one device.
+
+    An image is one image of the data, whatever its number of views (each step encodes
+    batch x views of them): the unit of the loop's ``samples_per_s`` and of the loader's
+    rate, which these figures are compared with and divided by."""
     device = device_type()
     views = view_count(cfg.data)
     b, m = cfg.train.batch_size, cfg.model
@@ -596,7 +600,7 @@ def step_speed(cfg: Config) -> dict[str, float]:
         },
         device,
     )
-    return {name: views * b / s for name, s in seconds.items()} | {"views": views}
+    return {name: b / s for name, s in seconds.items()} | {"views": views}
 
 
 def loop_speed(
@@ -836,7 +840,8 @@ def speed_rows(cfg: Config, config: str | None, overrides: list[str], shards: st
             "img/s",
             "info",
             f"forward+backward+AdamW on {torch.get_num_threads()} intra-op thread(s), "
-            f"batch {cfg.train.batch_size} x {step['views']} view(s), "
+            f"batch {cfg.train.batch_size} x {step['views']} view(s), images of the data "
+            f"(each encoded {step['views']}x), "
             f"{cfg.model.img_size} px, fastest of {TIMED} after {WARMUP} warm-up",
         ),
         Row(
