@@ -24,6 +24,7 @@ __all__ = [
     "in_model_layout",
     "keep_freed_memory",
     "native_bf16",
+    "precision_name",
     "resolve_precision",
 ]
 
@@ -63,6 +64,11 @@ def native_bf16(cuda: bool) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def precision_name(choice: str) -> str:
+    """A precision as people say it: accelerate's "no" is fp32."""
+    return "fp32" if choice == "no" else choice
+
+
 def resolve_precision(choice: str, cuda: bool | None = None) -> tuple[str, str]:
     """``train.mixed_precision`` as accelerate takes it, and the start line's words for it.
 
@@ -82,7 +88,7 @@ def resolve_precision(choice: str, cuda: bool | None = None) -> tuple[str, str]:
             f"precision: bf16 (warning: this {device} has no native bf16; it is emulated, "
             f"slower than fp32)"
         )
-    return choice, f"precision: {'fp32' if choice == 'no' else choice}"
+    return choice, f"precision: {precision_name(choice)}"
 
 
 def apply_speed_options(

@@ -23,6 +23,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from pipeline.core.files import METRICS
 from pipeline.core.schema import OFF
 from pipeline.data.shards import read_manifest
+from pipeline.models.speed import precision_name
 from pipeline.share.export import EXPORT_CARD
 from pipeline.share.tracking import read_metrics
 
@@ -228,9 +229,8 @@ def measured_text(metrics: str | Path) -> str:
 
 def precision_text(asked: str, used: str | None) -> str:
     """The precision the run computed in, and the setting when it named none ("auto")."""
-    words = {"no": "fp32"}
     used = used or asked
-    said = words.get(used, used)
+    said = precision_name(used)
     return f"{said} (train.mixed_precision {asked})" if asked != used else said
 
 
