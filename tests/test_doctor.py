@@ -122,7 +122,7 @@ def test_allgather_traffic_counts_one_gather_per_view():
     twice the one-view traffic for two views, three times for three. Zero with one
     process."""
     from pipeline.config import load_config
-    from pipeline.doctor import allgather_rows
+    from pipeline.doctor.plan import allgather_rows
 
     cfg = load_config(None, ["model.fc_dim=32"])
     one, two, three = ([r.figure for r in allgather_rows(cfg, views)] for views in (1, 2, 3))
@@ -135,11 +135,11 @@ def test_step_rate_counts_images_of_the_data_as_the_loop_does(monkeypatch, views
     """Catches a DIM step rate in encoder passes (batch x views) set beside the loop's
     and the loader's rates in images of the data: with two views the loop / step ratio
     read 2.37x for a loop 1.18x slower, and the workers needed came out doubled."""
-    from pipeline import doctor
     from pipeline.config import load_config
+    from pipeline.doctor import speed
 
-    monkeypatch.setattr(doctor, "_timed_steps", lambda steppers, device: {"dim": 0.5, "bare": 0.25})
+    monkeypatch.setattr(speed, "_timed_steps", lambda steppers, device: {"dim": 0.5, "bare": 0.25})
     cfg = load_config(None, ["model.fc_dim=32", "train.batch_size=8", f"data.views={views}"])
-    rates = doctor.step_speed(cfg)
+    rates = speed.step_speed(cfg)
     assert rates["views"] == views
     assert rates["dim"] == pytest.approx(8 / 0.5) and rates["bare"] == pytest.approx(8 / 0.25)

@@ -10,7 +10,7 @@ import torch
 from train_helpers import TINY, pretrain_cmd, run, write_shards
 
 from pipeline.config import load_config
-from pipeline.doctor import threads_row
+from pipeline.doctor.machine import threads_row
 from pipeline.train.threads import (
     PASSIVE,
     RESTARTED,

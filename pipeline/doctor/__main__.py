@@ -1,0 +1,3 @@
+from pipeline.doctor.cli import main
+
+main()
