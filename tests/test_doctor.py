@@ -143,3 +143,20 @@ def test_step_rate_counts_images_of_the_data_as_the_loop_does(monkeypatch, views
     rates = speed.step_speed(cfg)
     assert rates["views"] == views
     assert rates["dim"] == pytest.approx(8 / 0.5) and rates["bare"] == pytest.approx(8 / 0.25)
+
+
+def test_bare_step_is_compiled_when_the_dim_step_is(monkeypatch):
+    """Catches a DIM / bare ratio of a compiled DIM step over an eager backbone: with
+    ``train.compile`` the doctor must compile the bare backbone as well."""
+    from torch import nn
+
+    from pipeline.config import load_config
+    from pipeline.doctor import speed
+
+    compiled = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compiled.append(type(self)))
+    monkeypatch.setattr(speed, "_timed_steps", lambda steppers, device: {"dim": 1.0, "bare": 1.0})
+    cfg = load_config(None, ["model.fc_dim=32", "train.batch_size=4", "train.compile=true"])
+    speed.step_speed(cfg)
+    bare = type(speed.create_backbone(cfg.model.backbone, img_size=32))
+    assert bare in compiled and len(compiled) == 3  # encoder, objective, bare backbone

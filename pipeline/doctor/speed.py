@@ -28,6 +28,7 @@ from pipeline.models.encoder import create_backbone
 from pipeline.models.speed import (
     apply_speed_options,
     in_model_layout,
+    precision_name,
     resolve_precision,
 )
 from pipeline.objective.model import build_model
@@ -71,6 +72,12 @@ def _stepper(
     return step
 
 
+def _how(cfg: Config) -> str:
+    """How both timed steps ran: compiled or eager, and in which precision."""
+    chosen, _ = resolve_precision(cfg.train.mixed_precision, cuda=device_type() == "cuda")
+    return f"{'compiled' if cfg.train.compile else 'eager'} {precision_name(chosen)}"
+
+
 def step_speed(cfg: Config) -> dict[str, float]:
     """images/s of the DIM training step and of the bare backbone's, on one device.
 
@@ -94,6 +101,8 @@ def step_speed(cfg: Config) -> dict[str, float]:
     bare = create_backbone(m.backbone, in_chans=m.in_chans, img_size=m.img_size).to(device).train()
     if cfg.train.channels_last:
         bare.to(memory_format=torch.channels_last)
+    if cfg.train.compile:  # as the DIM model's parts: the ratio compares like with like
+        bare.compile()
     seconds = _timed_steps(
         {
             "dim": _stepper(dim, lambda net: net(*x.chunk(views))[0], autocast),
@@ -202,7 +211,7 @@ def speed_rows(cfg: Config, config: str | None, overrides: list[str], shards: st
             f"forward+backward+AdamW on {torch.get_num_threads()} intra-op thread(s), "
             f"batch {cfg.train.batch_size} x {step['views']} view(s), images of the data "
             f"(each encoded {step['views']}x), "
-            f"{cfg.model.img_size} px, fastest of {TIMED} after {WARMUP} warm-up",
+            f"{cfg.model.img_size} px, {_how(cfg)}, fastest of {TIMED} after {WARMUP} warm-up",
         ),
         Row(
             "speed",
@@ -211,7 +220,7 @@ def speed_rows(cfg: Config, config: str | None, overrides: list[str], shards: st
             step["bare"],
             "img/s",
             "info",
-            f"{cfg.model.backbone}, same batch, mean of its features as the loss",
+            f"{cfg.model.backbone}, same batch, {_how(cfg)}, mean of its features as the loss",
         ),
         Row(
             "speed",
