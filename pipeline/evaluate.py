@@ -54,7 +54,7 @@ from pipeline.eval.features import (
     extract_features,
     recalibrate_batchnorm,
 )
-from pipeline.eval.neighbours import neighbour_picture
+from pipeline.eval.neighbours import Picture, neighbour_picture
 from pipeline.eval.prior import PriorFit, prior_fit
 from pipeline.eval.probes import PROBES, ProbeSettings, run_probes
 from pipeline.models.encoder import DIMEncoder, build_encoder
@@ -215,7 +215,7 @@ def _class_names(spec: str) -> list[str]:
 
 def draw_neighbours(
     feats: dict, meta: dict, names: list[str], out: str | Path, conv_source: str
-) -> Path:
+) -> Picture:
     """The neighbour picture from the extracted features: the ``dim`` conv view and the
     pixels, whose rows are also the images shown."""
     shape = (meta["in_chans"], meta["img_size"], meta["img_size"])
@@ -291,8 +291,10 @@ def evaluate(
             f"[evaluate] {split}: {len(feats[split][1])} samples in {time.perf_counter() - t0:.1f}s"
         )
     if picture is not None:
-        path = draw_neighbours(feats, meta, _class_names(test_shards), picture, conv_source)
-        log(f"[evaluate] nearest training images of held-out queries: {path}")
+        drawn = draw_neighbours(feats, meta, _class_names(test_shards), picture, conv_source)
+        same = ", ".join(f"{t}: {n} of {k}" for t, (n, k) in drawn.agreement.items())
+        log(f"[evaluate] nearest training images of held-out queries: {drawn.path}")
+        log(f"[evaluate] neighbours of the query's class: {same}")
     (train, train_y), (test, test_y) = feats["train"], feats["test"]
     prior = prior_fit(test["dim"]["y"], test["dim"].pop(LOGVAR))
     if not baselines:  # the pixels were read for the picture only

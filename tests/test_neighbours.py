@@ -80,7 +80,7 @@ def test_the_picture_shows_the_nearest_training_images_of_each_feature_space(tmp
     bank_y, query_y = torch.arange(30) % 3, torch.tensor([2, 0, 1, 0, 2, 1])
     bank = {"a": torch.randn(30, 5, generator=g), "b": torch.randn(30, 9, generator=g)}
     queries = {"a": torch.randn(6, 5, generator=g), "b": torch.randn(6, 9, generator=g)}
-    out = neighbour_picture(
+    out, agree = neighbour_picture(
         bank, bank_y, queries, query_y, bank_images, query_images, tmp_path / "nb.png", n=4, k=3
     )
     picture = np.asarray(Image.open(out).convert("RGB"))
@@ -96,6 +96,11 @@ def test_the_picture_shows_the_nearest_training_images_of_each_feature_space(tmp
                 which(pixel(picture, layout, row, 1 + 3 * b + j, middle), colours) for j in range(3)
             ]
             assert got == want, (row, title)
+    for title in ("a", "b"):  # the count the picture states: the query's class among these
+        want = brute_force_nearest(bank[title], queries[title][chosen], 3)
+        pairs = zip(chosen, want, strict=True)
+        right = sum(int(bank_y[i]) == int(query_y[q]) for q, row in pairs for i in row)
+        assert agree[title] == (right, 4 * 3), title
 
 
 def test_wrong_class_neighbours_are_framed_red_and_right_ones_green(tmp_path):

@@ -4,7 +4,8 @@ training images, by the encoder's features and by raw pixels.
 "Nearest" is cosine similarity between flattened features, the metric the k-NN probe
 votes with (``pipeline.eval.probes.knn_predict``), so the picture shows the neighbours
 behind the k-NN figure. A neighbour of the query's class gets a green frame, one of
-another class a red frame. Tensors in, a PNG out: no model, no data loading here.
+another class a red frame, and each block's title counts the green ones, so the picture
+states what it shows. Tensors in, a PNG out: no model, no data loading here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,6 +24,8 @@ __all__ = [
     "QUERIES",
     "K",
     "Layout",
+    "Picture",
+    "agreement",
     "nearest",
     "neighbour_picture",
     "pick_queries",
@@ -64,6 +68,14 @@ def same_class(
 ) -> torch.Tensor:
     """(Q, k) booleans: is each neighbour of its query's class (a green frame, else red)."""
     return bank_labels[idx] == query_labels[:, None]
+
+
+def agreement(
+    query_labels: torch.Tensor, bank_labels: torch.Tensor, found: Mapping[str, torch.Tensor]
+) -> dict[str, tuple[int, int]]:
+    """{title: (neighbours of their query's class, neighbours shown)} per block of ``found``."""
+    marks = {title: same_class(query_labels, bank_labels, idx) for title, idx in found.items()}
+    return {title: (int(m.sum()), m.numel()) for title, m in marks.items()}
 
 
 def to_display(images: torch.Tensor) -> np.ndarray:
@@ -138,7 +150,8 @@ def render_neighbours(
 ) -> Path:
     """Write the grid to ``out`` (PNG): a row per query, the query then, for each titled
     block of ``found`` ((Q, k) bank indices), its neighbours framed green (same class)
-    or red (another class). Images are eval-transform tensors in [-1, 1]."""
+    or red (another class), its title followed by the green count. Images are
+    eval-transform tensors in [-1, 1]."""
     k = max((idx.shape[1] for idx in found.values()), default=0)
     layout = Layout(rows=len(queries), k=k, blocks=len(found), tile=tile)
     canvas = Image.new("RGB", layout.size, BACKGROUND)
@@ -147,8 +160,11 @@ def render_neighbours(
     name = lambda c: names[c] if c < len(names) else str(c)  # noqa: E731
     query_px, bank_px = to_display(queries), to_display(bank)
     draw.text((layout.pad, 2), "query", fill=INK)
+    agree = agreement(query_labels, bank_labels, found)
     for b, (title, idx) in enumerate(found.items()):
-        draw.text((layout.origin(0, 1 + b * k)[0], 2), title, fill=INK)
+        right, shown = agree[title]
+        header = f"{title}: {right} of {shown} of the query's class"
+        draw.text((layout.origin(0, 1 + b * k)[0], 2), header, fill=INK)
         right = same_class(query_labels, bank_labels, idx)
         for row, (neighbours, marks) in enumerate(zip(idx.tolist(), right.tolist(), strict=True)):
             for j, (i, ok) in enumerate(zip(neighbours, marks, strict=True)):
@@ -163,6 +179,11 @@ def render_neighbours(
     return path
 
 
+class Picture(NamedTuple):
+    path: Path
+    agreement: dict[str, tuple[int, int]]  # as ``agreement``: (same class, shown) per title
+
+
 def neighbour_picture(
     bank: Mapping[str, torch.Tensor],
     bank_labels: torch.Tensor,
@@ -175,13 +196,14 @@ def neighbour_picture(
     n: int = QUERIES,
     k: int = K,
     class_names: Sequence[str] | None = None,
-) -> Path:
+) -> Picture:
     """The picture for the evaluation: ``pick_queries`` of the held-out set, their ``k``
     nearest bank items in each titled feature space (``{title: (N, D)}``, the same titles
-    in ``bank`` and ``queries``)."""
+    in ``bank`` and ``queries``); where it went, and how many neighbours share their
+    query's class in each space."""
     chosen = pick_queries(query_labels, n)
     found = {title: nearest(bank[title], queries[title][chosen], k) for title in bank}
-    return render_neighbours(
+    path = render_neighbours(
         query_images[chosen],
         query_labels[chosen],
         bank_images,
@@ -190,3 +212,4 @@ def neighbour_picture(
         out,
         class_names=class_names,
     )
+    return Picture(path, agreement(query_labels[chosen], bank_labels, found))
