@@ -112,7 +112,7 @@ def test_wrong_class_neighbours_are_framed_red_and_right_ones_green(tmp_path):
     idx = torch.tensor([[1, 0, 2], [3, 4, 0]])
     expected = [[True, False, True], [True, False, True]]
     assert same_class(query_y, bank_y, idx).tolist() == expected
-    out = render_neighbours(
+    out, _ = render_neighbours(
         bank_images[:2], query_y, bank_images, bank_y, {"x": idx}, tmp_path / "m.png"
     )
     picture = np.asarray(Image.open(out).convert("RGB"))
@@ -131,7 +131,7 @@ def test_png_size_follows_the_layout(tmp_path):
     images, _ = flat_colours(6)
     found = {"a": torch.tensor([[0, 1]] * 3), "b": torch.tensor([[2, 3]] * 3)}
     labels = torch.zeros(6, dtype=torch.long)
-    out = render_neighbours(
+    out, _ = render_neighbours(
         images[:3], labels[:3], images, labels, found, tmp_path / "s.png", tile=8
     )
     assert Image.open(out).size == (4 + 5 * 18 + 2 * 16, 18 + 3 * (18 + 13)) == (126, 111)

@@ -25,7 +25,6 @@ __all__ = [
     "K",
     "Layout",
     "Picture",
-    "agreement",
     "nearest",
     "neighbour_picture",
     "pick_queries",
@@ -68,14 +67,6 @@ def same_class(
 ) -> torch.Tensor:
     """(Q, k) booleans: is each neighbour of its query's class (a green frame, else red)."""
     return bank_labels[idx] == query_labels[:, None]
-
-
-def agreement(
-    query_labels: torch.Tensor, bank_labels: torch.Tensor, found: Mapping[str, torch.Tensor]
-) -> dict[str, tuple[int, int]]:
-    """{title: (neighbours of their query's class, neighbours shown)} per block of ``found``."""
-    marks = {title: same_class(query_labels, bank_labels, idx) for title, idx in found.items()}
-    return {title: (int(m.sum()), m.numel()) for title, m in marks.items()}
 
 
 def to_display(images: torch.Tensor) -> np.ndarray:
@@ -137,6 +128,11 @@ def _tile(
     draw.text((x + layout.frame, y + side), caption, fill=colour if colour != QUERY else INK)
 
 
+class Picture(NamedTuple):
+    path: Path
+    agreement: dict[str, tuple[int, int]]  # {title: (neighbours of their query's class, shown)}
+
+
 def render_neighbours(
     queries: torch.Tensor,
     query_labels: torch.Tensor,
@@ -147,11 +143,11 @@ def render_neighbours(
     *,
     class_names: Sequence[str] | None = None,
     tile: int = TILE,
-) -> Path:
+) -> Picture:
     """Write the grid to ``out`` (PNG): a row per query, the query then, for each titled
     block of ``found`` ((Q, k) bank indices), its neighbours framed green (same class)
-    or red (another class), its title followed by the green count. Images are
-    eval-transform tensors in [-1, 1]."""
+    or red (another class), its title followed by the green count, which is returned
+    with the path. Images are eval-transform tensors in [-1, 1]."""
     k = max((idx.shape[1] for idx in found.values()), default=0)
     layout = Layout(rows=len(queries), k=k, blocks=len(found), tile=tile)
     canvas = Image.new("RGB", layout.size, BACKGROUND)
@@ -160,13 +156,13 @@ def render_neighbours(
     name = lambda c: names[c] if c < len(names) else str(c)  # noqa: E731
     query_px, bank_px = to_display(queries), to_display(bank)
     draw.text((layout.pad, 2), "query", fill=INK)
-    agree = agreement(query_labels, bank_labels, found)
+    right = {title: same_class(query_labels, bank_labels, idx) for title, idx in found.items()}
+    agree = {title: (int(r.sum()), r.numel()) for title, r in right.items()}
     for b, (title, idx) in enumerate(found.items()):
-        right, shown = agree[title]
-        header = f"{title}: {right} of {shown} of the query's class"
+        header = f"{title}: {agree[title][0]} of {agree[title][1]} of the query's class"
         draw.text((layout.origin(0, 1 + b * k)[0], 2), header, fill=INK)
-        right = same_class(query_labels, bank_labels, idx)
-        for row, (neighbours, marks) in enumerate(zip(idx.tolist(), right.tolist(), strict=True)):
+        rows = zip(idx.tolist(), right[title].tolist(), strict=True)
+        for row, (neighbours, marks) in enumerate(rows):
             for j, (i, ok) in enumerate(zip(neighbours, marks, strict=True)):
                 at = layout.origin(row, 1 + b * k + j)
                 colour = RIGHT if ok else WRONG
@@ -176,12 +172,7 @@ def render_neighbours(
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="png")
-    return path
-
-
-class Picture(NamedTuple):
-    path: Path
-    agreement: dict[str, tuple[int, int]]  # as ``agreement``: (same class, shown) per title
+    return Picture(path, agree)
 
 
 def neighbour_picture(
@@ -203,7 +194,7 @@ def neighbour_picture(
     query's class in each space."""
     chosen = pick_queries(query_labels, n)
     found = {title: nearest(bank[title], queries[title][chosen], k) for title in bank}
-    path = render_neighbours(
+    return render_neighbours(
         query_images[chosen],
         query_labels[chosen],
         bank_images,
@@ -212,4 +203,3 @@ def neighbour_picture(
         out,
         class_names=class_names,
     )
-    return Picture(path, agreement(query_labels[chosen], bank_labels, found))
