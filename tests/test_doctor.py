@@ -27,7 +27,7 @@ def report(tmp_path_factory) -> dict:
     """Started from a folder of the user's, with a config file named relative to it: the
     pretrain.py the doctor starts must find it there (it ran in the project's folder)."""
     folder = tmp_path_factory.mktemp("doctor")
-    (folder / "mine.yaml").write_text("train:\n  batch_size: 16\n")
+    (folder / "mine.yaml").write_text("train:\n  batch_size: 16\n  max_minutes: 20\n")
     out = folder / "report.json"
     cmd = [PY, "-m", "pipeline.doctor", "--config", "mine.yaml", "--json", "report.json"]
     proc = run(
@@ -95,6 +95,8 @@ def test_speed_figures_positive_and_consistent(report):
     spare = _row(report, "speed", "cores can feed")["figure"]
     node = _row(report, "speed", "node img/s")["figure"]
     assert node == pytest.approx(min(step, loop["figure"], worker * spare))
+    budget = _row(report, "speed", "steps in train.max_minutes")["figure"]
+    assert budget == min(1000, int(20 * 60 * node / 16))  # max_steps 1000, batch 16
     times = [r for r in speed if r["unit"] == "s"]
     assert len(times) == 6 and all(r["figure"] > 0 for r in times)  # epoch and run, N = 1, 8, 64
     gathers = [r for r in speed if r["check"].startswith("infoNCE all-gather")]

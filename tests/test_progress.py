@@ -3,6 +3,7 @@ probe's accuracies are printed once per probe and stay in the bar until the next
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 from train_helpers import TINY, pretrain_cmd, run, write_shards
@@ -28,7 +29,8 @@ def test_probe_accuracies_get_a_line_and_stay_in_the_bar(capsys):
     accelerator = SimpleNamespace(num_processes=1, is_main_process=True)
     tc = SimpleNamespace(batch_size=8, grad_accum=1, max_steps=10)
     tracker = Rows()
-    with Progress(accelerator, tc, SimpleNamespace(step=0, samples_seen=0), hidden=False) as p:
+    state = SimpleNamespace(step=0, samples_seen=0, meta={})
+    with Progress(accelerator, tc, state, hidden=False, started=time.monotonic()) as p:
         p.advance()
         p.log(ROW | {"probe/knn": 0.912, "probe/linear": 0.9344}, tracker)
         shown = p.bar.postfix

@@ -213,7 +213,12 @@ class DataConfig:
 class TrainConfig:
     output_dir: str = option("runs/default", "the run folder: checkpoints, metrics, export")
     batch_size: int = option(128, "images per process per micro-batch")
-    max_steps: int = option(1000, "optimizer steps of the whole run")
+    max_steps: int = option(1000, "optimizer steps of the whole run (with max_minutes: at most)")
+    max_minutes: float = option(
+        0.0,
+        "time budget of the run in minutes (0: none): the run plans its length from its own "
+        "pace, at most max_steps, and its cosine schedule ends with the budget",
+    )
     lr: float = option(1e-3, "peak learning rate")
     weight_decay: float = option(1e-5, "decoupled weight decay (not on norms and biases)")
     warmup_steps: int = option(100, "linear warm-up steps before the cosine decay")
@@ -255,6 +260,7 @@ class TrainConfig:
             positive=("lr", "batch_size", "max_steps", "grad_accum", "log_every", "save_every"),
             non_negative=(
                 "weight_decay",
+                "max_minutes",
                 "warmup_steps",
                 "grad_clip",
                 "keep_last",

@@ -138,6 +138,22 @@ def plan_rows(
                 "grows with the nodes, so the time does not shrink; linear scaling assumed",
             )
         )
+    if cfg.train.max_minutes:
+        per_step = cfg.train.batch_size * cfg.train.grad_accum * devices
+        steps = min(cfg.train.max_steps, int(cfg.train.max_minutes * 60 * node_ips / per_step))
+        rows.append(
+            Row(
+                "speed",
+                "steps in train.max_minutes on 1 node",
+                f"{steps:,}",
+                steps,
+                "steps",
+                "info",
+                f"{cfg.train.max_minutes:g} min x node img/s / images per step, at most "
+                "train.max_steps; the run plans its own from its pace, compiling and probes "
+                "included (docs/training.md, A time budget)",
+            )
+        )
     if not epoch:
         rows.append(
             Row(

@@ -58,7 +58,7 @@ def short_run(
     extra: tuple[str, ...] = (),
 ) -> ShortRun:
     """``launcher pretrain.py`` with the user's configuration on ``shards`` for ``steps``
-    steps into a temporary folder, without validation, online probe or W&B. It runs in
+    steps into a temporary folder, without validation, online probe, time budget or W&B. It runs in
     the caller's folder: the config and shard paths are relative to it."""
     with tempfile.TemporaryDirectory(prefix="dim-doctor-") as out:
         cmd = [
@@ -71,6 +71,7 @@ def short_run(
             *extra,
             f"train.output_dir={out}",
             f"train.max_steps={steps}",
+            "train.max_minutes=0",  # the steps asked for, whatever the user's budget
             "train.warmup_steps=0",
             f"train.log_every={log_every}",
             "train.eval_every=0",

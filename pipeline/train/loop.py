@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -36,6 +37,7 @@ from pipeline.share.card import render_card
 from pipeline.share.export import EXPORT_CONFIG, EXPORT_DIR, export_encoder, remove_partial_export
 from pipeline.share.plots import plot_metrics
 from pipeline.train.batches import StopFlag, open_batches
+from pipeline.train.budget import TimeBudget
 from pipeline.train.checkpoint import clean_partial_checkpoints, load_checkpoint, save_checkpoint
 from pipeline.train.lock import one_writer
 from pipeline.train.optim import build_optimizer, build_scheduler
@@ -70,8 +72,11 @@ def train(cfg: Config, force_config: bool = False) -> int:
     Nothing is written into ``train.output_dir`` until the whole input has been checked:
     the config, the folder, the shards, the backbone, the folder's saved config and the
     first batch of data; only the folder's lock (``pipeline.train.lock``) comes first, and
-    goes again on any refusal. A run that is complete says so and returns.
+    goes again on any refusal. A run that is complete says so and returns. With
+    ``train.max_minutes`` the run's length is re-planned at every logged row
+    (``pipeline.train.budget``).
     """
+    started = time.monotonic()  # a time budget counts from here
     preflight(cfg)  # before any set-up: a wrong path is reported in a blink
     keep_freed_memory(cfg.train.keep_freed_memory)  # before the loader workers fork
     threads = use_threads(cfg)  # intra-op threads from the cores this process may use
@@ -82,6 +87,10 @@ def train(cfg: Config, force_config: bool = False) -> int:
     # The lock before the folder is read or written; signals stop at a step boundary.
     with one_writer(accelerator, tc.output_dir), StopFlag() as stop:
         state = inspect_output_dir(accelerator, cfg, force_config)
+        budget = TimeBudget.of_run(tc.max_minutes, tc.max_steps, state.meta)
+        if budget:
+            tc.max_steps = budget.planned  # a resumed run keeps its plan
+            accelerator.print(budget.line())
         if state.complete(tc.max_steps) and state.exported:
             return end_complete_run(accelerator, cfg, state)
         # Trained, but killed before the export: only the export is left to do.
@@ -97,14 +106,20 @@ def train(cfg: Config, force_config: bool = False) -> int:
         save_run_config(accelerator, cfg)  # after the restore: a misfit never replaces it
         train_step = TrainStep(accelerator, cfg, model, optimizer, scheduler)
         tracker = open_tracker(accelerator, cfg, state.step)  # also when only the export is left
-        with batches, Progress(accelerator, tc, state, hidden=finishing) as progress:
+        progress = Progress(accelerator, tc, state, hidden=finishing, started=started)
+        with batches, progress:
             while progress.step < tc.max_steps:
                 result = train_step(batches, progress.step)
                 progress.advance()
-                vote = agree(accelerator, stop.raised, result.skipped, result.sums)
+                seconds = progress.seconds()
+                vote = agree(accelerator, stop.raised, result.skipped, result.sums, seconds)
                 raise_if_nonfinite(vote.means, progress.step)
+                if budget and log_due(tc, progress.step):
+                    tc.max_steps = budget.replan(progress.step, vote.seconds)
+                    progress.bar.total = tc.max_steps
                 if log_due(tc, progress.step) or probe_due(accelerator, cfg, progress.step):
                     row = log_row(vote, result.lr, result.grad_norm, progress)
+                    row |= budget.row(vote.seconds) if budget else {}
                     row |= probe_if_due(accelerator, model, cfg, progress.step)
                     progress.log(row, tracker)
                 progress.bar.update(1)
@@ -187,10 +202,16 @@ def inspect_output_dir(accelerator, cfg: Config, force_config: bool):
 
 def end_complete_run(accelerator, cfg: Config, state) -> int:
     """A run already trained to ``train.max_steps`` and exported: say so, end, return its step."""
+    tc = cfg.train
+    if tc.max_minutes:
+        length = f"the steps its {tc.max_minutes:g}-minute budget planned"
+        further = "a budgeted run keeps its plan: train longer in another train.output_dir"
+    else:
+        length = f"train.max_steps={tc.max_steps}"
+        further = "raise train.max_steps to train further"
     accelerator.print(
-        f"{Path(cfg.train.output_dir)} is complete: trained to step {state.step} "
-        f"(train.max_steps={cfg.train.max_steps}) and exported; raise "
-        f"train.max_steps to train further"
+        f"{Path(tc.output_dir)} is complete: trained to step {state.step} ({length}) and "
+        f"exported; {further}"
     )
     accelerator.end_training()
     return state.step
@@ -306,7 +327,10 @@ def save(accelerator, model, cfg: Config, progress: Progress, tracker, tag: str)
         "world_size": accelerator.num_processes,
         "tag": tag,
         "wandb_id": tracker.run_id if tracker else None,
+        "train_seconds": progress.train_seconds(),
     }
+    if cfg.train.max_minutes:  # the plan a resume keeps (pipeline.train.budget)
+        meta["planned_steps"] = cfg.train.max_steps
     out = Path(cfg.train.output_dir)
     path = save_checkpoint(accelerator, out, progress.step, meta, cfg.train.keep_last)
     if accelerator.is_main_process:

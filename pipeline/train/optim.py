@@ -59,6 +59,8 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """Warmup then cosine to ``cfg.max_steps``, read at every step: a time budget that
+    re-plans the run's length (``pipeline.train.budget``) moves the cosine's end with it."""
     warmup = min(cfg.warmup_steps, max(0, cfg.max_steps - 1))
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup, cfg.max_steps)

@@ -35,13 +35,16 @@ def open_tracker(accelerator, cfg: Config, step: int):
 
 
 class Progress:
-    """Where the run is (step, samples seen), its throughput since the last logged row,
-    and the progress bar (main process). As a context manager, warnings print above the
-    bar rather than through it, and the bar closes on leaving."""
+    """Where the run is (step, samples seen, seconds since ``started``, a
+    ``time.monotonic()``), its throughput since the last logged row, and the progress bar
+    (main process). As a context manager, warnings print above the bar rather than
+    through it, and the bar closes on leaving."""
 
-    def __init__(self, accelerator, tc, state, *, hidden: bool):
+    def __init__(self, accelerator, tc, state, *, hidden: bool, started: float):
 
         self.step, self.samples_seen = state.step, state.samples_seen
+        self.started = started
+        self.seconds_before = float(state.meta.get("train_seconds", 0.0))  # earlier processes
         self.world = accelerator.num_processes
         self.per_step = tc.batch_size * tc.grad_accum  # samples per process
         self.bar = tqdm(
@@ -68,6 +71,14 @@ class Progress:
         self.step += 1
         self.samples_seen += self.per_step * self.world
         self.steps += 1
+
+    def seconds(self) -> float:
+        """Seconds this process has run."""
+        return time.monotonic() - self.started
+
+    def train_seconds(self) -> float:
+        """Seconds the run has taken, over all its processes (resumes)."""
+        return self.seconds_before + self.seconds()
 
     def samples_per_s(self) -> float:
         """Samples per second of this process since the last logged row."""

@@ -22,7 +22,7 @@ changes what is being trained (model, objective, data, optimiser, batch, seed);
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,7 @@ class RunState:
     samples_seen: int = 0
     exported: bool = False  # an export newer than the latest checkpoint exists
     changed: tuple[str, ...] = ()  # differing keys, accepted with force
+    meta: dict = field(default_factory=dict)  # the latest checkpoint's meta.json
 
     def complete(self, max_steps: int) -> bool:
         return self.checkpoint is not None and self.step >= max_steps
@@ -141,5 +142,5 @@ def inspect_run(
     marker = output_dir / export_marker
     exported = marker.is_file() and marker.stat().st_mtime >= (ckpt / "meta.json").stat().st_mtime
     return RunState(
-        ckpt, int(meta["step"]), int(meta.get("samples_seen", 0)), exported, tuple(changed)
+        ckpt, int(meta["step"]), int(meta.get("samples_seen", 0)), exported, tuple(changed), meta
     )

@@ -155,20 +155,22 @@ class Vote(NamedTuple):
     stopping: bool  # some rank got a stop signal
     skipped: int  # skipped samples, all ranks
     means: dict[str, float]  # the loss terms, averaged over ranks
+    seconds: float = 0.0  # the ranks' clocks (seconds into the run), averaged
 
 
-def agree(accelerator, stop: bool, skipped: int, sums: dict) -> Vote:
+def agree(accelerator, stop: bool, skipped: int, sums: dict, seconds: float = 0.0) -> Vote:
     """The one all-reduce of a step. Every rank gets the same answers, so all stop at the
-    same step, and all see a NaN or inf that any rank's terms hold."""
+    same step, all see a NaN or inf that any rank's terms hold, and all read one clock
+    (what a time budget plans from: ``pipeline.train.budget``)."""
 
     keys = sorted(sums)
-    flags = torch.tensor([float(stop), float(skipped)], device=accelerator.device)
-    vec = torch.cat([flags, torch.stack([sums[k].detach().float() for k in keys])])
+    head = torch.tensor([float(stop), float(skipped), seconds], device=accelerator.device)
+    vec = torch.cat([head.float(), torch.stack([sums[k].detach().float() for k in keys])])
     world = accelerator.num_processes
     vec = accelerator.reduce(vec, reduction="sum") if world > 1 else vec
-    flag, skipped_total, *values = vec.tolist()
+    flag, skipped_total, clock, *values = vec.tolist()
     means = {k: v / world for k, v in zip(keys, values, strict=True)}
-    return Vote(flag > 0, int(skipped_total), means)
+    return Vote(flag > 0, int(skipped_total), means, clock / world)
 
 
 def raise_if_nonfinite(means: dict[str, float], step: int) -> None:
