@@ -116,8 +116,10 @@ def test_a_budgeted_run_stops_at_its_budget_and_keeps_its_plan(shards, tmp_path)
     out = tmp_path / "budget"
     cmd = _budget_run(shards, out)
     proc = run(cmd)
-    assert proc.returncode == 0 and "time budget: 0.2 min" in proc.stdout + proc.stderr
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "time budget: 0.2 min" in said
     meta = _check_stopped_at_its_budget(out)
+    assert f"time budget 0.2 min: {meta['step']:,} steps in 0.2 min" in said
     again = run(cmd)  # complete by its plan: no more steps, although max_steps is far off
     assert again.returncode == 0 and "is complete" in again.stdout, again.stderr[-2000:]
     assert f"trained to step {meta['step']}" in again.stdout

@@ -400,6 +400,11 @@ def finish(accelerator, model, cfg: Config, progress: Progress, tracker) -> int:
         )
         if accelerator.is_main_process:
             plot(out)
+        if cfg.train.max_minutes:
+            accelerator.print(
+                f"time budget {cfg.train.max_minutes:g} min: {step:,} steps in "
+                f"{progress.train_seconds() / 60:.1f} min"
+            )
         accelerator.print(f"exported the encoder to {path}")
     else:
         accelerator.print(f"stop signal: saved at step {step}; run again to resume")
