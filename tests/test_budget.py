@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from torch import nn
 from train_helpers import ACCELERATE_LAUNCH, TINY, metrics, pretrain_cmd, run, write_shards
 
@@ -124,6 +126,12 @@ def test_a_budgeted_run_stops_at_its_budget_and_keeps_its_plan(shards, tmp_path)
     assert again.returncode == 0 and "is complete" in again.stdout, again.stderr[-2000:]
     assert f"trained to step {meta['step']}" in again.stdout
     assert metrics(out)[-1]["step"] == meta["step"]
+    # Killed before its export: the resume restores the plan, trains nothing, exports,
+    # and the saved config keeps the configured ceiling, not the plan.
+    shutil.rmtree(out / "export")
+    assert run(cmd).returncode == 0 and (out / "export" / "model.safetensors").is_file()
+    assert metrics(out)[-1]["step"] == meta["step"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == CAP
 
 
 @pytest.mark.slow  # two processes

@@ -89,12 +89,12 @@ def train(cfg: Config, force_config: bool = False) -> int:
         state = inspect_output_dir(accelerator, cfg, force_config)
         budget = TimeBudget.of_run(tc.max_minutes, tc.max_steps, state.meta)
         if budget:
-            tc.max_steps = budget.planned  # a resumed run keeps its plan
             accelerator.print(budget.line())
-        if state.complete(tc.max_steps) and state.exported:
+        length = budget.planned if budget else tc.max_steps  # a resume keeps its plan
+        if state.complete(length) and state.exported:
             return end_complete_run(accelerator, cfg, state)
         # Trained, but killed before the export: only the export is left to do.
-        finishing = state.complete(tc.max_steps)
+        finishing = state.complete(length)
         batches = nullcontext() if finishing else open_batches(accelerator, cfg, state, stop)
         prepare_output_dir(accelerator, cfg)
         model = build_seeded_model(cfg)
@@ -106,6 +106,7 @@ def train(cfg: Config, force_config: bool = False) -> int:
         save_run_config(accelerator, cfg)  # after the restore: a misfit never replaces it
         train_step = TrainStep(accelerator, cfg, model, optimizer, scheduler)
         tracker = open_tracker(accelerator, cfg, state.step)  # also when only the export is left
+        tc.max_steps = length  # from here on, the run's length (config.yaml keeps the cap)
         progress = Progress(accelerator, tc, state, hidden=finishing, started=started)
         with batches, progress:
             while progress.step < tc.max_steps:
