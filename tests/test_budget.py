@@ -38,17 +38,18 @@ def test_replan_measures_the_pace_from_its_first_call():
     assert budget.replan(30, seconds=40.0) == 30 + 2 * 60  # 2 steps/s, 60 s left
     assert budget.replan(50, seconds=50.0) == 50 + 2 * 50
     assert budget.replan(70, seconds=70.0) == 70 + 45  # slower: 60 steps in 40 s, 30 s left
-    resumed = TimeBudget(seconds=100.0, cap=CAP, planned=170, spent_before=60.0)
-    resumed.replan(100, seconds=5.0)
-    assert resumed.replan(120, seconds=15.0) == 120 + 2 * 25  # 60 + 15 spent, 25 left
+    resumed = TimeBudget(seconds=100.0, cap=CAP, planned=170)  # a new process, 60 s spent
+    assert resumed.replan(100, seconds=65.0) == 170  # its first call keeps the saved plan
+    assert resumed.replan(120, seconds=75.0) == 120 + 2 * 25  # 75 s spent, 25 left
 
 
 def test_of_run_resumes_the_saved_plan():
     assert TimeBudget.of_run(0.0, CAP, {}) is None
     fresh = TimeBudget.of_run(2.0, CAP, {})
-    assert (fresh.seconds, fresh.planned, fresh.spent_before) == (120.0, CAP, 0.0)
+    assert (fresh.seconds, fresh.planned, fresh.left(20.0)) == (120.0, CAP, 100.0)
     resumed = TimeBudget.of_run(2.0, CAP, {"planned_steps": 700, "train_seconds": 31.5})
-    assert (resumed.planned, resumed.spent_before) == (700, 31.5)
+    assert resumed.planned == 700
+    assert "0.5 spent before this resume" in resumed.line(31.5)
     assert TimeBudget.of_run(2.0, 500, {"planned_steps": 700}).planned == 500  # a lower cap
 
 

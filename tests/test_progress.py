@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from train_helpers import TINY, pretrain_cmd, run, write_shards
 
 from pipeline.train.progress import Progress
+from pipeline.train.run_folder import RunState
 
 ROW = {"loss": 0.5, "samples_per_s_total": 100.0, "mi/local/infonce": 1.25}
 
@@ -29,7 +30,7 @@ def test_probe_accuracies_get_a_line_and_stay_in_the_bar(capsys):
     accelerator = SimpleNamespace(num_processes=1, is_main_process=True)
     tc = SimpleNamespace(batch_size=8, grad_accum=1, max_steps=10)
     tracker = Rows()
-    state = SimpleNamespace(step=0, samples_seen=0, meta={})
+    state = RunState()
     with Progress(accelerator, tc, state, hidden=False, started=time.monotonic()) as p:
         p.advance()
         p.log(ROW | {"probe/knn": 0.912, "probe/linear": 0.9344}, tracker)

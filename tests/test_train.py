@@ -225,7 +225,8 @@ def _deepspeed_weights(out: Path, step: int) -> dict:
     from pipeline.config import load_config
     from pipeline.train.loop import build_seeded_model
 
-    initial = dict(build_seeded_model(load_config(out / "config.yaml")).named_parameters())
+    model = build_seeded_model(load_config(out / "config.yaml"))
+    initial = {k: v.detach() for k, v in model.named_parameters()}
     if step == 0:
         return initial
     states = out / "checkpoints" / f"step_{step:07d}" / "pytorch_model"

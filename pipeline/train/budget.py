@@ -32,28 +32,26 @@ def steps_that_fit(step: int, pace: float, seconds_left: float, cap: int) -> int
 
 @dataclasses.dataclass
 class TimeBudget:
-    """The plan of one process of a budgeted run. ``seconds`` is the whole budget,
-    ``spent_before`` what earlier processes of the run used (a resume), ``cap``
-    ``train.max_steps``; ``planned`` is the current last step."""
+    """The plan of a budgeted run. ``seconds`` is the whole budget, ``cap``
+    ``train.max_steps``; ``planned`` is the current last step. Every clock it is given is
+    the run's own: seconds over all its processes, so a resume spends only what is left."""
 
     seconds: float
     cap: int
     planned: int
-    spent_before: float = 0.0
     since: tuple[int, float] | None = None  # (step, seconds) where the pace is measured from
 
     @classmethod
     def of_run(cls, minutes: float, cap: int, meta: dict) -> TimeBudget | None:
-        """The budget of ``train.max_minutes`` (None when 0), resumed from a checkpoint's
-        ``meta`` (its plan and the seconds spent) when there is one."""
+        """The budget of ``train.max_minutes`` (None when 0), keeping the plan of a
+        checkpoint's ``meta`` when there is one."""
         if minutes <= 0:
             return None
-        planned = min(cap, int(meta.get("planned_steps", cap)))
-        return cls(minutes * 60.0, cap, planned, float(meta.get("train_seconds", 0.0)))
+        return cls(minutes * 60.0, cap, min(cap, int(meta.get("planned_steps", cap))))
 
     def replan(self, step: int, seconds: float) -> int:
-        """The last step after ``step``, ``seconds`` into this process (the ranks' agreed
-        clock). The first call only starts the pace's clock."""
+        """The last step after ``step``, ``seconds`` into the run (the ranks' agreed clock).
+        The first call of a process only starts the pace's clock."""
         if self.since is None or step <= self.since[0]:
             self.since = (step, seconds)
             return self.planned
@@ -62,8 +60,8 @@ class TimeBudget:
         return self.planned
 
     def left(self, seconds: float) -> float:
-        """Budget seconds left, ``seconds`` into this process."""
-        return self.seconds - self.spent_before - seconds
+        """Budget seconds left, ``seconds`` into the run."""
+        return self.seconds - seconds
 
     def row(self, seconds: float) -> dict[str, float]:
         """What the metrics rows show of the plan."""
@@ -72,11 +70,9 @@ class TimeBudget:
             "budget/minutes_left": self.left(seconds) / 60,
         }
 
-    def line(self) -> str:
-        """The start-up line."""
-        spent = (
-            f", {self.spent_before / 60:.1f} spent before this resume" if self.spent_before else ""
-        )
+    def line(self, spent: float = 0.0) -> str:
+        """The start-up line of a process, ``spent`` seconds into the run."""
+        spent = f", {spent / 60:.1f} spent before this resume" if spent else ""
         return (
             f"time budget: {self.seconds / 60:g} min{spent}; the run's length is planned from "
             f"its pace, at most train.max_steps={self.cap:,}"

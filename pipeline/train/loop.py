@@ -89,7 +89,7 @@ def train(cfg: Config, force_config: bool = False) -> int:
         state = inspect_output_dir(accelerator, cfg, force_config)
         budget = TimeBudget.of_run(tc.max_minutes, tc.max_steps, state.meta)
         if budget:
-            accelerator.print(budget.line())
+            accelerator.print(budget.line(state.train_seconds))
         length = budget.planned if budget else tc.max_steps  # a resume keeps its plan
         if state.complete(length) and state.exported:
             return end_complete_run(accelerator, cfg, state)
@@ -112,7 +112,7 @@ def train(cfg: Config, force_config: bool = False) -> int:
             while progress.step < tc.max_steps:
                 result = train_step(batches, progress.step)
                 progress.advance()
-                seconds = progress.seconds()
+                seconds = progress.train_seconds()
                 vote = agree(accelerator, stop.raised, result.skipped, result.sums, seconds)
                 raise_if_nonfinite(vote.means, progress.step)
                 if budget and log_due(tc, progress.step):
@@ -389,6 +389,7 @@ def finish(accelerator, model, cfg: Config, progress: Progress, tracker) -> int:
     Returns the step reached."""
 
     out, step = Path(cfg.train.output_dir), progress.step
+    trained = progress.train_seconds()  # what the budget counts: the export is not in it
     if step >= cfg.train.max_steps:
         path = export(
             accelerator,
@@ -404,7 +405,7 @@ def finish(accelerator, model, cfg: Config, progress: Progress, tracker) -> int:
         if cfg.train.max_minutes:
             accelerator.print(
                 f"time budget {cfg.train.max_minutes:g} min: {step:,} steps in "
-                f"{progress.train_seconds() / 60:.1f} min"
+                f"{trained / 60:.1f} min"
             )
         accelerator.print(f"exported the encoder to {path}")
     else:

@@ -44,7 +44,7 @@ class Progress:
 
         self.step, self.samples_seen = state.step, state.samples_seen
         self.started = started
-        self.seconds_before = float(state.meta.get("train_seconds", 0.0))  # earlier processes
+        self.seconds_before = state.train_seconds  # earlier processes of the run
         self.world = accelerator.num_processes
         self.per_step = tc.batch_size * tc.grad_accum  # samples per process
         self.bar = tqdm(

@@ -110,6 +110,11 @@ class RunState:
     def complete(self, max_steps: int) -> bool:
         return self.checkpoint is not None and self.step >= max_steps
 
+    @property
+    def train_seconds(self) -> float:
+        """Seconds the run's earlier processes trained (0 for a new run)."""
+        return float(self.meta.get("train_seconds", 0.0))
+
 
 def inspect_run(
     output_dir: Path, config: dict, defaults: dict, *, force: bool, export_marker: str

@@ -155,7 +155,7 @@ class Vote(NamedTuple):
     stopping: bool  # some rank got a stop signal
     skipped: int  # skipped samples, all ranks
     means: dict[str, float]  # the loss terms, averaged over ranks
-    seconds: float = 0.0  # the ranks' clocks (seconds into the run), averaged
+    seconds: float = 0.0  # the ranks' clocks (seconds into the run, resumes included), averaged
 
 
 def agree(accelerator, stop: bool, skipped: int, sums: dict, seconds: float = 0.0) -> Vote:
