@@ -72,8 +72,8 @@ class TimeBudget:
 
     def line(self, spent: float = 0.0) -> str:
         """The start-up line of a process, ``spent`` seconds into the run."""
-        spent = f", {spent / 60:.1f} spent before this resume" if spent else ""
+        before = f", {spent / 60:.1f} spent before this resume" if spent else ""
         return (
-            f"time budget: {self.seconds / 60:g} min{spent}; the run's length is planned from "
+            f"time budget: {self.seconds / 60:g} min{before}; the run's length is planned from "
             f"its pace, at most train.max_steps={self.cap:,}"
         )
